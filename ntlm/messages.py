@@ -287,6 +287,9 @@ PROBE_NEGOTIATE_FLAGS = (
 
 def build_negotiate(flags: int = PROBE_NEGOTIATE_FLAGS) -> bytes:
     """A minimal NEGOTIATE_MESSAGE (no domain, no workstation, no version)."""
-    return SIGNATURE + struct.pack("<II", MessageType.NEGOTIATE, flags) + _FIELDS.pack(
-        0, 0, NEGOTIATE_MIN_LENGTH
-    ) + _FIELDS.pack(0, 0, NEGOTIATE_MIN_LENGTH)
+    return (
+        SIGNATURE
+        + struct.pack("<II", MessageType.NEGOTIATE, flags)
+        + _FIELDS.pack(0, 0, NEGOTIATE_MIN_LENGTH)
+        + _FIELDS.pack(0, 0, NEGOTIATE_MIN_LENGTH)
+    )

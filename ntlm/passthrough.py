@@ -240,7 +240,9 @@ class NtlmVerifier:
             await channel.send(rpc.build_bind(BIND_CALL_ID, self.interface, token, self.auth_level))
             pdu = await channel.read_pdu(self.reply_timeout)
         except TimeoutError:
-            raise NtlmServerUnavailable(f"NTLM server {host}:{port} did not answer the BIND") from None
+            raise NtlmServerUnavailable(
+                f"NTLM server {host}:{port} did not answer the BIND"
+            ) from None
         except (OSError, ConnectionError) as exc:
             raise NtlmServerUnavailable(
                 f"NTLM server {host}:{port} dropped the connection during BIND: {exc}"
