@@ -1,0 +1,164 @@
+"""DCE/RPC connection-oriented PDU header and stream framing.
+
+Theory of operation
+-------------------
+Every connection-oriented DCE/RPC PDU (C706 chapter 12, [MS-RPCE] 2.2.2) and
+every RTS PDU ([MS-RPCH] 2.2.3) starts with the same 16-byte common header::
+
+    0 rpc_vers(5) 1 rpc_vers_minor 2 PTYPE 3 pfc_flags 4 packed_drep[4]
+    8 frag_length u16 10 auth_length u16 12 call_id u32
+
+The proxy only ever needs the header: RPC PDUs are forwarded byte for byte, so
+``PduFramer`` cuts a byte stream into whole fragments by ``frag_length``
+(decoded in the byte order announced by ``drep[0]``) and hands out each
+fragment as ``bytes`` together with its parsed header. Bodies are never
+decoded here. Anything that cannot be a PDU (wrong version, a length shorter
+than the header, a buffer that grows past one maximal fragment) raises
+``ProtocolError`` with a reason; the caller closes the channel.
+
+No I/O happens here: callers feed bytes and get PDUs back.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import NamedTuple
+
+from rpcproxy.errors import ProtocolError
+
+HEADER_LEN = 16
+RPC_VERSION = 5
+RPC_VERSION_MINORS = (0, 1)  # C706 says 0; [MS-RPCE] and Wireshark accept 1
+MAX_FRAG_LENGTH = 0xFFFF  # frag_length is a u16 (C706 12.6.3.1)
+DREP_LITTLE_ENDIAN = 0x10  # drep[0] high nibble 1 = little-endian integers
+
+
+class PType(enum.IntEnum):
+    """PDU types (C706 12.6.3.1, [MS-RPCH] 2.2.3.1 for RTS)."""
+
+    REQUEST = 0
+    PING = 1
+    RESPONSE = 2
+    FAULT = 3
+    WORKING = 4
+    NOCALL = 5
+    REJECT = 6
+    ACK = 7
+    CL_CANCEL = 8
+    FACK = 9
+    CANCEL_ACK = 10
+    BIND = 11
+    BIND_ACK = 12
+    BIND_NAK = 13
+    ALTER_CONTEXT = 14
+    ALTER_CONTEXT_RESP = 15
+    AUTH3 = 16
+    SHUTDOWN = 17
+    CO_CANCEL = 18
+    ORPHANED = 19
+    RTS = 20
+
+
+# PDU types a client may send on a connection-oriented association.
+CLIENT_PTYPES = frozenset(
+    {PType.REQUEST, PType.BIND, PType.ALTER_CONTEXT, PType.AUTH3, PType.CO_CANCEL, PType.ORPHANED}
+)
+# PDU types a connection-oriented server may send.
+SERVER_PTYPES = frozenset(
+    {
+        PType.RESPONSE,
+        PType.FAULT,
+        PType.BIND_ACK,
+        PType.BIND_NAK,
+        PType.ALTER_CONTEXT_RESP,
+        PType.SHUTDOWN,
+    }
+)
+
+PFC_FIRST_FRAG = 0x01
+PFC_LAST_FRAG = 0x02
+
+
+class PduHeader(NamedTuple):
+    """The fields of the 16-byte common header the proxy cares about."""
+
+    ptype: int
+    pfc_flags: int
+    little_endian: bool
+    frag_length: int
+    auth_length: int
+    call_id: int
+
+
+_LE = struct.Struct("<HHI")
+_BE = struct.Struct(">HHI")
+
+
+def parse_header(data: bytes | bytearray | memoryview, offset: int = 0) -> PduHeader:
+    """Parse and sanity-check a common header at ``data[offset:offset+16]``."""
+    if len(data) - offset < HEADER_LEN:
+        raise ProtocolError(f"truncated PDU header: {len(data) - offset} of {HEADER_LEN} bytes")
+    vers = data[offset]
+    minor = data[offset + 1]
+    if vers != RPC_VERSION or minor not in RPC_VERSION_MINORS:
+        raise ProtocolError(f"not a DCE/RPC v5 PDU (version {vers}.{minor})")
+    drep0 = data[offset + 4]
+    little = bool(drep0 & 0xF0)
+    unpack = _LE if little else _BE
+    frag_length, auth_length, call_id = unpack.unpack_from(data, offset + 8)
+    if frag_length < HEADER_LEN:
+        raise ProtocolError(f"frag_length {frag_length} is shorter than the header")
+    if auth_length > frag_length - HEADER_LEN:
+        raise ProtocolError(f"auth_length {auth_length} does not fit in frag_length {frag_length}")
+    return PduHeader(data[offset + 2], data[offset + 3], little, frag_length, auth_length, call_id)
+
+
+class Pdu(NamedTuple):
+    """One whole fragment: its parsed header and its exact bytes."""
+
+    header: PduHeader
+    data: bytes
+
+
+class PduFramer:
+    """Cuts a byte stream into whole PDUs by frag_length.
+
+    ``feed()`` returns every PDU completed by the new bytes; a partial PDU
+    stays buffered. After a ``ProtocolError`` the framer is unusable (the
+    stream has lost its framing and the channel must close).
+    """
+
+    __slots__ = ("_buf", "_broken")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._broken = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet form a whole PDU."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Pdu]:
+        if self._broken:
+            raise ProtocolError("stream framing already lost")
+        buf = self._buf
+        buf += data
+        out: list[Pdu] = []
+        pos = 0
+        end = len(buf)
+        try:
+            while end - pos >= HEADER_LEN:
+                header = parse_header(buf, pos)
+                flen = header.frag_length
+                if end - pos < flen:
+                    break
+                out.append(Pdu(header, bytes(buf[pos : pos + flen])))
+                pos += flen
+        except ProtocolError:
+            self._broken = True
+            raise
+        if pos:
+            del buf[:pos]
+        return out
