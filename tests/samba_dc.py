@@ -96,7 +96,9 @@ def ensure_installed() -> None:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Nobody listens on host:port (TIME_WAIT leftovers do not count: samba sets SO_REUSEADDR)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
