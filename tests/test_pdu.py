@@ -1,0 +1,317 @@
+"""Unit tests for rpcproxy.pdu: the common header and the stream framer."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rpcproxy.errors import ProtocolError, RpcProxyError
+from rpcproxy.pdu import (
+    CLIENT_PTYPES,
+    HEADER_LEN,
+    SERVER_PTYPES,
+    Pdu,
+    PduFramer,
+    PduHeader,
+    PType,
+    parse_header,
+)
+
+
+def header(
+    *,
+    ptype: int = PType.REQUEST,
+    pfc: int = 0x03,
+    little: bool = True,
+    frag_length: int = HEADER_LEN,
+    auth_length: int = 0,
+    call_id: int = 1,
+    vers: int = 5,
+    minor: int = 0,
+) -> bytes:
+    drep = b"\x10\x00\x00\x00" if little else b"\x00\x00\x00\x00"
+    fmt = "<HHI" if little else ">HHI"
+    return bytes([vers, minor, ptype, pfc]) + drep + struct.pack(
+        fmt, frag_length, auth_length, call_id
+    )
+
+
+def pdu(body_len: int = 8, *, ptype: int = PType.REQUEST, little: bool = True,
+        call_id: int = 1, fill: int = 0xAB, auth_length: int = 0) -> bytes:
+    return header(ptype=ptype, little=little, frag_length=HEADER_LEN + body_len,
+                  call_id=call_id, auth_length=auth_length) + bytes([fill]) * body_len
+
+
+# --- parse_header ---------------------------------------------------------------------------
+
+
+def test_little_endian_header() -> None:
+    data = header(ptype=PType.BIND, pfc=0x07, frag_length=0x1234, auth_length=0x10,
+                  call_id=0xDEADBEEF)
+    h = parse_header(data)
+    assert h == PduHeader(PType.BIND, 0x07, True, 0x1234, 0x10, 0xDEADBEEF)
+
+
+def test_little_endian_header_exact_bytes() -> None:
+    raw = bytes.fromhex("05 00 00 03 10 00 00 00 20 00 04 00 07 00 00 00")
+    assert parse_header(raw) == PduHeader(0, 3, True, 32, 4, 7)
+
+
+def test_big_endian_header() -> None:
+    raw = bytes.fromhex("05 00 02 03 00 00 00 00 01 20 00 08 00 00 00 2a")
+    h = parse_header(raw)
+    assert h == PduHeader(PType.RESPONSE, 3, False, 0x0120, 8, 42)
+
+
+def test_big_endian_and_little_endian_differ() -> None:
+    # The same bytes give a different frag_length depending on drep[0].
+    le = header(frag_length=0x0118, little=True)
+    be = bytearray(le)
+    be[4] = 0x00
+    assert parse_header(le).frag_length == 0x0118
+    assert parse_header(bytes(be)).frag_length == 0x1801
+
+
+def test_version_5_1_accepted() -> None:
+    assert parse_header(header(minor=1)).frag_length == HEADER_LEN
+
+
+@pytest.mark.parametrize(("vers", "minor"), [(4, 0), (5, 2), (6, 0), (0, 0), (5, 0xFF), (0x14, 5)])
+def test_bad_version(vers: int, minor: int) -> None:
+    with pytest.raises(ProtocolError, match="version"):
+        parse_header(header(vers=vers, minor=minor))
+
+
+@pytest.mark.parametrize("frag_length", [0, 1, 15])
+@pytest.mark.parametrize("little", [True, False])
+def test_frag_length_shorter_than_header(frag_length: int, little: bool) -> None:
+    with pytest.raises(ProtocolError, match="shorter"):
+        parse_header(header(frag_length=frag_length, little=little))
+
+
+def test_frag_length_exactly_header_ok() -> None:
+    assert parse_header(header(frag_length=16)).frag_length == 16
+
+
+def test_max_frag_length() -> None:
+    assert parse_header(header(frag_length=0xFFFF)).frag_length == 0xFFFF
+    assert parse_header(header(frag_length=0xFFFF, little=False)).frag_length == 0xFFFF
+
+
+@pytest.mark.parametrize("little", [True, False])
+def test_auth_length_too_big(little: bool) -> None:
+    with pytest.raises(ProtocolError, match="auth_length"):
+        parse_header(header(frag_length=40, auth_length=25, little=little))
+    with pytest.raises(ProtocolError, match="auth_length"):
+        parse_header(header(frag_length=16, auth_length=1, little=little))
+
+
+def test_auth_length_fills_body_ok() -> None:
+    assert parse_header(header(frag_length=40, auth_length=24)).auth_length == 24
+
+
+@pytest.mark.parametrize("n", range(HEADER_LEN))
+def test_truncated_header(n: int) -> None:
+    with pytest.raises(ProtocolError, match="truncated"):
+        parse_header(header()[:n])
+
+
+def test_offset_and_buffer_types() -> None:
+    data = b"\xff" * 5 + header(frag_length=99, call_id=3)
+    for buf in (data, bytearray(data), memoryview(data)):
+        assert parse_header(buf, 5) == PduHeader(0, 3, True, 99, 0, 3)
+    with pytest.raises(ProtocolError, match="truncated"):
+        parse_header(data, 6)
+
+
+def test_protocol_error_is_rpcproxy_error() -> None:
+    with pytest.raises(RpcProxyError):
+        parse_header(b"")
+
+
+def test_ptype_sets() -> None:
+    assert PType.RTS not in CLIENT_PTYPES | SERVER_PTYPES
+    assert not CLIENT_PTYPES & SERVER_PTYPES
+    assert set(CLIENT_PTYPES) == {0, 11, 14, 16, 18, 19}
+    assert set(SERVER_PTYPES) == {2, 3, 12, 13, 15, 17}
+    # connectionless-only types are in neither set
+    for cl in range(1, 11):
+        if cl != 2 and cl != 3:
+            assert cl not in CLIENT_PTYPES and cl not in SERVER_PTYPES
+
+
+# --- PduFramer -------------------------------------------------------------------------------
+
+
+STREAM = [
+    pdu(0, call_id=1),
+    pdu(8, call_id=2, ptype=PType.BIND),
+    pdu(100, call_id=3, little=False, fill=0x05),
+    pdu(4, call_id=4, ptype=PType.RTS),
+    pdu(300, call_id=5, auth_length=16),
+]
+STREAM_BYTES = b"".join(STREAM)
+
+
+def test_one_pdu() -> None:
+    f = PduFramer()
+    out = f.feed(STREAM[1])
+    assert out == [Pdu(parse_header(STREAM[1]), STREAM[1])]
+    assert isinstance(out[0].data, bytes)
+    assert f.buffered == 0
+
+
+def test_empty_feed() -> None:
+    f = PduFramer()
+    assert f.feed(b"") == []
+    assert f.buffered == 0
+
+
+def test_many_pdus_in_one_chunk() -> None:
+    f = PduFramer()
+    out = f.feed(STREAM_BYTES)
+    assert [p.data for p in out] == STREAM
+    assert [p.header.call_id for p in out] == [1, 2, 3, 4, 5]
+    assert out[2].header.little_endian is False
+    assert f.buffered == 0
+
+
+def test_byte_at_a_time() -> None:
+    f = PduFramer()
+    got: list[bytes] = []
+    ends = set()
+    pos = 0
+    for p in STREAM:
+        pos += len(p)
+        ends.add(pos)
+    for i in range(len(STREAM_BYTES)):
+        out = f.feed(STREAM_BYTES[i : i + 1])
+        if i + 1 in ends:
+            assert len(out) == 1
+        else:
+            assert out == []
+        got.extend(p.data for p in out)
+        assert f.buffered == (i + 1) - sum(len(g) for g in got)
+    assert got == STREAM
+
+
+def test_split_everywhere_two_chunks() -> None:
+    for cut in range(len(STREAM_BYTES) + 1):
+        f = PduFramer()
+        got = [p.data for p in f.feed(STREAM_BYTES[:cut])]
+        got += [p.data for p in f.feed(STREAM_BYTES[cut:])]
+        assert got == STREAM, cut
+        assert f.buffered == 0
+
+
+def test_split_everywhere_three_chunks_small() -> None:
+    data = b"".join(STREAM[:3])
+    for a in range(0, len(data) + 1, 3):
+        for b in range(a, len(data) + 1, 7):
+            f = PduFramer()
+            got = [p.data for p in f.feed(data[:a])]
+            got += [p.data for p in f.feed(memoryview(data[a:b]))]
+            got += [p.data for p in f.feed(bytearray(data[b:]))]
+            assert got == STREAM[:3]
+
+
+def test_partial_stays_buffered() -> None:
+    f = PduFramer()
+    assert f.feed(STREAM[2][:20]) == []
+    assert f.buffered == 20
+    assert [p.data for p in f.feed(STREAM[2][20:] + STREAM[0][:3])] == [STREAM[2]]
+    assert f.buffered == 3
+
+
+def test_broken_framer_stays_broken() -> None:
+    f = PduFramer()
+    with pytest.raises(ProtocolError):
+        f.feed(header(vers=4))
+    with pytest.raises(ProtocolError, match="already lost"):
+        f.feed(STREAM[0])
+    with pytest.raises(ProtocolError):
+        f.feed(b"")
+
+
+def test_bad_pdu_after_good_ones_raises() -> None:
+    f = PduFramer()
+    with pytest.raises(ProtocolError, match="shorter"):
+        f.feed(STREAM[0] + header(frag_length=3))
+    with pytest.raises(ProtocolError):
+        f.feed(STREAM[1])
+
+
+def test_bad_header_split_across_chunks() -> None:
+    f = PduFramer()
+    bad = header(frag_length=40, auth_length=30)
+    assert f.feed(STREAM[0] + bad[:10]) == [Pdu(parse_header(STREAM[0]), STREAM[0])]
+    with pytest.raises(ProtocolError, match="auth_length"):
+        f.feed(bad[10:])
+
+
+def test_garbage_never_frames() -> None:
+    f = PduFramer()
+    with pytest.raises(ProtocolError):
+        f.feed(b"GET / HTTP/1.1\r\n\r\n")
+
+
+# --- property tests ---------------------------------------------------------------------------
+
+
+pdu_strategy = st.builds(
+    pdu,
+    st.integers(0, 600),
+    ptype=st.sampled_from(list(PType)),
+    little=st.booleans(),
+    call_id=st.integers(0, 2**32 - 1),
+    fill=st.integers(0, 255),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(pdus=st.lists(pdu_strategy, max_size=8), data=st.data())
+def test_random_splits_give_same_pdus(pdus: list[bytes], data: st.DataObject) -> None:
+    stream = b"".join(pdus)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    f = PduFramer()
+    got: list[Pdu] = []
+    prev = 0
+    for cut in [*cuts, len(stream)]:
+        got.extend(f.feed(stream[prev:cut]))
+        prev = cut
+    assert [p.data for p in got] == pdus
+    assert [p.header for p in got] == [parse_header(p) for p in pdus]
+    assert f.buffered == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=80), max_size=6))
+def test_random_bytes_only_protocol_error(chunks: list[bytes]) -> None:
+    f = PduFramer()
+    fed = b""
+    out: list[Pdu] = []
+    try:
+        for c in chunks:
+            fed += c
+            out.extend(f.feed(c))
+    except ProtocolError:
+        return
+    # Whatever came out is an exact prefix of the input, the rest is buffered.
+    joined = b"".join(p.data for p in out)
+    assert fed.startswith(joined)
+    assert f.buffered == len(fed) - len(joined)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=16, max_size=16))
+def test_random_header_only_protocol_error(raw: bytes) -> None:
+    try:
+        h = parse_header(raw)
+    except ProtocolError:
+        return
+    assert raw[0] == 5 and raw[1] in (0, 1)
+    assert HEADER_LEN <= h.frag_length <= 0xFFFF
+    assert h.auth_length <= h.frag_length - HEADER_LEN
