@@ -79,7 +79,7 @@ class Config:
         return parse_endpoint(self.ntlm_server or self.backend, "ntlm_server")
 
     def listen_endpoint(self) -> Endpoint:
-        return parse_endpoint(self.listen, "listen")
+        return parse_endpoint(self.listen, "listen", listen=True)
 
     def allow_list(self) -> AllowList:
         backend = self.backend_endpoint()
@@ -104,9 +104,9 @@ class Config:
         self.listen_endpoint()
         self.ntlm_endpoint()
         if self.http_listen:
-            parse_endpoint(self.http_listen, "http_listen")
+            parse_endpoint(self.http_listen, "http_listen", listen=True)
         if self.metrics_listen:
-            parse_endpoint(self.metrics_listen, "metrics_listen")
+            parse_endpoint(self.metrics_listen, "metrics_listen", listen=True)
         self.allow_list()
         self.vc_settings()
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -719,10 +719,19 @@ class VirtualConnection:
         return self._run(self._channel_closed, channel)
 
     def _channel_closed(self, channel: Channel) -> None:
-        live = [c for c in (self.out, self.in_, self.out_successor, self.in_successor,
-                            self.old_out) if c is not None]
-        if any(c.channel == channel for c in live):
-            raise ProtocolError("a channel of the virtual connection was closed by the client")
+        roles = (
+            (self.out, "OUT channel"),
+            (self.in_, "IN channel"),
+            (self.out_successor, "successor OUT channel"),
+            (self.in_successor, "successor IN channel"),
+            (self.old_out, "predecessor OUT channel before OUT_R2/B3"),
+        )
+        for ch, role in roles:
+            if ch is not None and ch.channel == channel:
+                # The client ending a live channel ends the VC (3.2.3.5.10): a normal
+                # close, not an error to report on the other channels.
+                self._teardown(f"client closed its {role}", None)
+                return
         # A predecessor closing after a completed recycle is normal.
 
     def on_timer(self, now: float) -> list[Action]:

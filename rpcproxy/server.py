@@ -63,7 +63,7 @@ from rpcproxy.errors import (
     TargetRefused,
 )
 from rpcproxy.pdu import HEADER_LEN, parse_header
-from rpcproxy.targets import AllowList, Endpoint, Target, parse_target_query
+from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
 
 log = logging.getLogger("rpcproxy")
 
@@ -417,7 +417,8 @@ class ConnectionGuard:
 
     Each new connection gets ``timeout`` seconds to complete HTTP
     authentication; at most ``limit`` may be unauthenticated at once (beyond
-    that a new connection is closed at once).
+    that a new connection is closed at once). This covers what aiohttp does
+    not: a peer that connects and never sends (or never finishes) a request.
     """
 
     def __init__(self, limit: int, timeout: float) -> None:
@@ -426,27 +427,31 @@ class ConnectionGuard:
         self.pending: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self.trusted: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self.rejected = 0
+        self.expired = 0
 
-    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+    def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory for ``loop.create_server`` that reports new connections here."""
         guard = self
+        loop = asyncio.get_running_loop()
+        kwargs = server._kwargs  # what web.Server.__call__ passes to its RequestHandler
 
-        def make() -> asyncio.Protocol:
-            proto = factory()
-            original = proto.connection_made
+        class GuardedRequestHandler(aiohttp.web_protocol.RequestHandler):
+            __slots__ = ()
 
-            def connection_made(transport: asyncio.BaseTransport) -> None:
-                original(transport)
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
                 guard.admit(transport)
 
-            proto.connection_made = connection_made  # type: ignore[method-assign]
-            return proto
+        def make() -> asyncio.Protocol:
+            return GuardedRequestHandler(server, loop=loop, **kwargs)
 
         return make
 
     def admit(self, transport: asyncio.BaseTransport) -> None:
         if len(self.pending) >= self.limit:
             self.rejected += 1
-            transport.abort()  # type: ignore[attr-defined]
+            log.warning("too many unauthenticated connections (%d): refusing one", self.limit)
+            transport.close()
             return
         self.pending.add(transport)
         asyncio.get_running_loop().call_later(self.timeout, self._expire, weakref.ref(transport))
@@ -462,6 +467,7 @@ class ConnectionGuard:
             return
         self.pending.discard(transport)
         if not transport.is_closing():
+            self.expired += 1
             transport.close()
 
 
@@ -510,7 +516,8 @@ class ProxyServer:
         )
         await self.runner.setup()
         loop = asyncio.get_running_loop()
-        factory = self.guard.wrap(self.runner.server)  # type: ignore[arg-type]
+        assert self.runner.server is not None
+        factory = self.guard.protocol_factory(self.runner.server)
         bound: list[tuple[str, int]] = []
         listeners: list[tuple[str, ssl.SSLContext | None]] = []
         if self.config.tls_cert:
@@ -520,10 +527,8 @@ class ProxyServer:
                 listeners.append((self.config.http_listen, None))
         else:
             listeners.append((self.config.listen, None))
-        from rpcproxy.targets import parse_endpoint
-
         for address, ctx in listeners:
-            ep = parse_endpoint(address, "listen")
+            ep = parse_endpoint(address, "listen", listen=True)
             server = await loop.create_server(factory, ep.host, ep.port, ssl=ctx, backlog=4096)
             self.servers.append(server)
             for sock in server.sockets:
@@ -765,7 +770,15 @@ class ProxyServer:
                     await backend.drain()
         except _ChannelClosedByProxy:
             pass
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
+            # The client went away: the VC decides what that means (teardown, or
+            # nothing for a predecessor). There is nobody left to answer.
+            if not reader.closed:
+                rt.execute(rt.vc.channel_closed(reader, rt.now()))
+            resp = web.Response(status=200, reason="Success")
+            resp.force_close()
+            return resp
+        except asyncio.CancelledError:
             if not reader.closed:
                 rt.execute(rt.vc.channel_closed(reader, rt.now()))
             raise

@@ -54,10 +54,12 @@ class Target:
         return f"{self.server}:{self.port}"
 
 
-def parse_endpoint(text: str, what: str = "endpoint") -> Endpoint:
+def parse_endpoint(text: str, what: str = "endpoint", *, listen: bool = False) -> Endpoint:
+    """Parse HOST:PORT (``[v6]:PORT`` too); a listen address may use port 0 (any free port)."""
     text = text.strip()
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not _PORT_RE.match(port) or not 0 < int(port) < 65536:
+    lowest = 0 if listen else 1
+    if not sep or not host or not _PORT_RE.match(port) or not lowest <= int(port) < 65536:
         raise ConfigError(f"{what} {text!r} is not HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
