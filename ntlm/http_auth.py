@@ -220,7 +220,14 @@ class HttpAuthenticator:
             state.timer = None
         generation = state.generation
         try:
-            # complete() refuses anonymous messages itself, without sending them to Samba.
+            # Anonymous logons never reach Samba (it accepts them).  complete() checks this
+            # too; checking here keeps the rule independent of the verifier implementation.
+            try:
+                anonymous = messages.parse_authenticate(token).is_anonymous
+            except NtlmError as exc:
+                raise AuthenticationFailed(f"malformed NTLM AUTHENTICATE: {exc.reason}") from None
+            if anonymous:
+                raise AuthenticationFailed("anonymous NTLM logon refused")
             identity = await handshake.complete(token)
         finally:
             handshake.close()
