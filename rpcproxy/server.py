@@ -62,6 +62,7 @@ from rpcproxy.errors import (
     RpcProxyError,
     TargetRefused,
 )
+from rpcproxy.metrics import ServerMetrics
 from rpcproxy.pdu import HEADER_LEN, parse_header
 from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
 
@@ -273,6 +274,7 @@ class VcRuntime:
     backend_read_paused: bool = False  # by the VC (flow control)
     backend_read_throttled: bool = False  # by a full OUT writer queue
     closed: bool = False
+    opened_at: float | None = None  # loop time CONN/A3 went out (metrics)
 
     @property
     def label(self) -> str:
@@ -294,6 +296,9 @@ class VcRuntime:
                 writer = action.channel
                 assert isinstance(writer, OutChannelWriter)
                 writer.start(action.content_length)
+                if self.opened_at is None:  # the first A3: the VC is open
+                    self.opened_at = self.now()
+                    self.server.metrics.vc_opened(self.opened_at - self.vc.created)
             elif isinstance(action, CloseChannel):
                 ch = action.channel
                 assert isinstance(ch, OutChannelWriter | InChannelReader)
@@ -407,6 +412,8 @@ class VcRuntime:
             self.label, user, vc.target, self.client, time.time() - self.started_wall,
             vc.traffic.client_to_backend, vc.traffic.backend_to_client, action.reason,
         )
+        self.server.metrics.vc_closed(action.reason, action.error, vc.traffic.client_to_backend,
+                                      vc.traffic.backend_to_client)
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -499,6 +506,7 @@ class ProxyServer:
         self.runner: web.AppRunner | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.ssl_context: ssl.SSLContext | None = None
+        self.metrics = ServerMetrics()  # event counters; rpcproxy.metrics reads the rest
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -513,6 +521,7 @@ class ProxyServer:
         self.runner = web.AppRunner(
             self.make_app(), access_log=None, handle_signals=False,
             keepalive_timeout=self.config.handshake_timeout,
+            lingering_time=0,  # an unread channel-sized body: answer, then close at once
         )
         await self.runner.setup()
         loop = asyncio.get_running_loop()
@@ -537,11 +546,10 @@ class ProxyServer:
         return bound
 
     def make_ssl_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        from rpcproxy.certs import server_ssl_context  # TLS 1.2+, AEAD ciphers only
+
         assert self.config.tls_cert and self.config.tls_key
-        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
-        return ctx
+        return server_ssl_context(self.config.tls_cert, self.config.tls_key)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, close every VC cleanly, then stop the HTTP machinery."""
@@ -615,9 +623,12 @@ class ProxyServer:
     async def _authenticate(self, request: web.Request) -> Identity | web.StreamResponse:
         tls = request.transport is not None and request.transport.get_extra_info(
             "sslcontext") is not None
+        started = time.monotonic()
         outcome = await self.authenticator.authenticate(
             request.transport, request.headers.get("Authorization"), tls=tls
         )
+        self.metrics.auth_outcome(outcome, time.monotonic() - started,
+                                  had_credentials=bool(request.headers.get("Authorization")))
         if isinstance(outcome, Authenticated):
             self.guard.authenticated(request.transport)
             return outcome.identity

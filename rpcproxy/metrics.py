@@ -1,0 +1,331 @@
+"""Observability: event counters the server updates, a Prometheus collector, /metrics, /health.
+
+Theory of operation: the data path pays nothing for metrics it is not asked for.
+``ServerMetrics`` is a handful of plain integers and two fixed-bucket histograms that
+``rpcproxy.server`` bumps at four places (an authentication outcome, a virtual connection
+opened, a virtual connection closed, plus its existing ``stats`` dict). Gauges such as
+"virtual connections open" are not counted at all: ``ProxyCollector`` reads them from the
+live registry ``server.vcs`` at scrape time, and bytes each way are the totals of closed
+VCs plus the live ``vc.traffic`` counters. prometheus_client is only imported when the
+metrics listener starts, so it stays an optional dependency (``rpcproxy[metrics]``).
+
+The listener (``metrics_listen`` / ``--metrics-listen``) is a separate plain-HTTP aiohttp
+site serving:
+
+* ``/metrics``  the Prometheus text format;
+* ``/health``   ``200 ok`` while the proxy listens, ``503`` before that and while stopping
+  (the container HEALTHCHECK and load balancers use it).
+
+Bind it to loopback or a management network: it is unauthenticated.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
+    from rpcproxy.server import ProxyServer
+
+log = logging.getLogger("rpcproxy")
+
+# Seconds. Auth goes to Samba and back (ms when healthy); a VC handshake additionally waits
+# for the client's second channel and the backend connect.
+AUTH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+HANDSHAKE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+PAIRING_TIMEOUT_MARK = "waiting for the other channel"  # rpcproxy.connection setup timeout
+
+
+class FixedHistogram:
+    """Cumulative-bucket histogram without locks (the event loop is single-threaded)."""
+
+    def __init__(self, buckets: Iterable[float]) -> None:
+        self.bounds = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.bounds) + 1)  # last slot: above every bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        running = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            running += n
+            out.append((_float_str(bound), running))
+        out.append(("+Inf", self.count))
+        return out
+
+
+def _float_str(value: float) -> str:
+    return repr(float(value))
+
+
+def classify_denial(reason: str) -> str:
+    """A bounded label for an authentication denial (the full reason goes to the log)."""
+    text = reason.lower()
+    if "anonymous" in text:
+        return "anonymous"
+    if "basic authentication" in text:
+        return "basic_not_allowed"
+    if "unsupported authentication scheme" in text or "kerberos" in text:
+        return "unsupported_scheme"
+    if "pending handshake" in text or "superseded" in text or "already completed" in text:
+        return "out_of_order"
+    if "rejected the credentials" in text or "did not accept" in text:
+        return "bad_credentials"
+    if ("malformed" in text or "base64" in text or "not an ntlmssp" in text or "empty" in text
+            or "lacks" in text or "challenge message" in text):
+        return "malformed"
+    return "rejected"
+
+
+def classify_unavailable(reason: str) -> str:
+    return "too_many_pending" if "too many" in reason.lower() else "ntlm_server_unavailable"
+
+
+def classify_close(reason: str, error: object) -> str:
+    """How a VC ended, as a bounded label."""
+    from rpcproxy.errors import BackendUnavailable
+
+    if error is None:
+        return "shutdown" if "shutting down" in reason else "closed"
+    if isinstance(error, BackendUnavailable):
+        return "backend"
+    if PAIRING_TIMEOUT_MARK in reason:
+        return "pairing_timeout"
+    if "timed out" in reason or "did not complete" in reason:
+        return "timeout"
+    if "closed by the client" in reason:
+        return "client_closed"
+    return "protocol_error"
+
+
+class ServerMetrics:
+    """What the server counts as events happen; read by ``ProxyCollector`` at scrape time."""
+
+    def __init__(self) -> None:
+        self.auth_results: Counter[tuple[str, str]] = Counter()  # (result, reason)
+        self.auth_seconds = FixedHistogram(AUTH_BUCKETS)
+        self.handshake_seconds = FixedHistogram(HANDSHAKE_BUCKETS)
+        self.vcs_closed: Counter[str] = Counter()  # how
+        self.closed_bytes_client_to_backend = 0
+        self.closed_bytes_backend_to_client = 0
+        self.reloads: Counter[str] = Counter()  # ok / failed
+
+    @property
+    def pairing_timeouts(self) -> int:
+        return self.vcs_closed["pairing_timeout"]
+
+    def auth_outcome(self, outcome: object, seconds: float, *, had_credentials: bool) -> None:
+        """One HTTP request went through authentication (``ntlm.http_auth`` outcome)."""
+        from ntlm.http_auth import Authenticated, Challenge, Denied, Unavailable
+
+        if isinstance(outcome, Authenticated):
+            if not had_credentials:
+                return  # a request on an already authenticated connection
+            key = ("accepted", "ok")
+        elif isinstance(outcome, Challenge):
+            key = ("challenged", "ntlm_challenge" if had_credentials else "no_credentials")
+        elif isinstance(outcome, Denied):
+            key = ("denied", classify_denial(outcome.reason))
+        elif isinstance(outcome, Unavailable):
+            key = ("unavailable", classify_unavailable(outcome.reason))
+        else:
+            key = ("unknown", type(outcome).__name__)
+        self.auth_results[key] += 1
+        if had_credentials:
+            self.auth_seconds.observe(seconds)
+
+    def vc_opened(self, seconds: float) -> None:
+        """CONN/A3 went out: both channels paired and the backend connected."""
+        self.handshake_seconds.observe(seconds)
+
+    def vc_closed(self, reason: str, error: object, client_to_backend: int,
+                  backend_to_client: int) -> None:
+        self.vcs_closed[classify_close(reason, error)] += 1
+        self.closed_bytes_client_to_backend += client_to_backend
+        self.closed_bytes_backend_to_client += backend_to_client
+
+
+# --- Prometheus ------------------------------------------------------------------------------
+
+
+class ProxyCollector:
+    """A prometheus_client collector reading one ProxyServer's state at scrape time."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+
+    def describe(self) -> list[Any]:
+        return []  # no registration-time name checks; our registry is private
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        server = self.server
+        m: ServerMetrics = server.metrics
+        stats = server.stats
+
+        phases: Counter[str] = Counter()
+        channels: Counter[str] = Counter()
+        live_up = live_down = 0
+        for rt in list(server.vcs.values()):
+            vc = rt.vc
+            phases[vc.phase.name.lower()] += 1
+            channels["out"] += sum(c is not None for c in (vc.out, vc.out_successor, vc.old_out))
+            channels["in"] += sum(c is not None for c in (vc.in_, vc.in_successor))
+            live_up += vc.traffic.client_to_backend
+            live_down += vc.traffic.backend_to_client
+
+        g = GaugeMetricFamily("rpcproxy_virtual_connections",
+                              "Virtual connections currently open, by phase", labels=["phase"])
+        for phase in ("wait_pair", "wait_backend", "opened"):
+            g.add_metric([phase], phases.get(phase, 0))
+        yield g
+
+        g = GaugeMetricFamily("rpcproxy_channels", "HTTP channels currently attached to a "
+                              "virtual connection", labels=["direction"])
+        for direction in ("in", "out"):
+            g.add_metric([direction], channels.get(direction, 0))
+        yield g
+
+        c = CounterMetricFamily("rpcproxy_bytes", "RPC bytes relayed", labels=["direction"])
+        c.add_metric(["client_to_backend"], m.closed_bytes_client_to_backend + live_up)
+        c.add_metric(["backend_to_client"], m.closed_bytes_backend_to_client + live_down)
+        yield c
+
+        c = CounterMetricFamily("rpcproxy_virtual_connections_opened",
+                                "Virtual connections created (first channel arrived)")
+        c.add_metric([], stats.get("vcs_opened", 0))
+        yield c
+
+        c = CounterMetricFamily("rpcproxy_virtual_connections_closed",
+                                "Virtual connections ended, by how", labels=["how"])
+        for how, n in sorted(m.vcs_closed.items()):
+            c.add_metric([how], n)
+        yield c
+
+        c = CounterMetricFamily("rpcproxy_pairing_timeouts",
+                                "Virtual connections whose second channel never arrived")
+        c.add_metric([], m.pairing_timeouts)
+        yield c
+
+        c = CounterMetricFamily("rpcproxy_auth_results", "HTTP authentication outcomes",
+                                labels=["result", "reason"])
+        for (result, reason), n in sorted(m.auth_results.items()):
+            c.add_metric([result, reason], n)
+        yield c
+
+        c = CounterMetricFamily("rpcproxy_backend_connect_failures",
+                                "Backend connections that failed after all retries")
+        c.add_metric([], stats.get("backend_connect_failures", 0))
+        yield c
+
+        c = CounterMetricFamily("rpcproxy_targets_refused",
+                                "Channel requests for a server:port not on the allow-list")
+        c.add_metric([], stats.get("targets_refused", 0))
+        yield c
+
+        c = CounterMetricFamily("rpcproxy_unauthenticated_connections_rejected",
+                                "TCP connections closed at once: too many unauthenticated")
+        c.add_metric([], getattr(server.guard, "rejected", 0))
+        yield c
+
+        g = GaugeMetricFamily("rpcproxy_ntlm_handshakes_pending",
+                              "NTLM handshakes holding a connection to the NTLM server")
+        g.add_metric([], server.authenticator.pending_count())
+        yield g
+
+        c = CounterMetricFamily("rpcproxy_config_reloads", "SIGHUP reloads", labels=["result"])
+        for result in ("ok", "failed"):
+            c.add_metric([result], m.reloads.get(result, 0))
+        yield c
+
+        yield _histogram(HistogramMetricFamily, "rpcproxy_vc_handshake_seconds",
+                         "First channel to CONN/A3: pairing plus backend connect",
+                         m.handshake_seconds)
+        yield _histogram(HistogramMetricFamily, "rpcproxy_auth_seconds",
+                         "Time to authenticate one HTTP request carrying credentials "
+                         "(round trip to the NTLM server)", m.auth_seconds)
+
+
+def _histogram(family: Callable[..., Any], name: str, doc: str, h: FixedHistogram) -> Any:
+    return family(name, doc, buckets=h.cumulative(), sum_value=h.sum)
+
+
+def make_registry(server: ProxyServer) -> CollectorRegistry:
+    """A private registry (several servers may live in one test process)."""
+    try:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.process_collector import ProcessCollector
+    except ModuleNotFoundError:
+        raise RuntimeError(
+            "metrics_listen needs the prometheus-client package "
+            "(pip install 'rpcproxy[metrics]')"
+        ) from None
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(server))  # type: ignore[arg-type]
+    ProcessCollector(registry=registry)
+    return registry
+
+
+class MetricsListener:
+    """The /metrics + /health aiohttp site; ``healthy`` is decided by the caller."""
+
+    def __init__(self, server: ProxyServer, healthy: Callable[[], bool]) -> None:
+        self.server = server
+        self.healthy = healthy
+        self.registry = make_registry(server)
+        self.runner: web.AppRunner | None = None
+        self.bound: list[tuple[str, int]] = []
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        body = generate_latest(self.registry)
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if self.healthy():
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text="not serving\n")
+
+    async def start(self, host: str, port: int) -> list[tuple[str, int]]:
+        import asyncio
+
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/health", self._health)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(self.runner.server, host, port)  # type: ignore[arg-type]
+        self._srv = srv
+        self.bound = [tuple(s.getsockname()[:2]) for s in srv.sockets]  # type: ignore[misc]
+        return self.bound
+
+    async def stop(self) -> None:
+        srv = getattr(self, "_srv", None)
+        if srv is not None:
+            srv.close()
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
