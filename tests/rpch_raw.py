@@ -114,10 +114,14 @@ async def open_vc(port: int, auth: str, *, path: str = "/rpc/rpcproxy.dll?srv:60
     inp = await RawChannel.connect(port)
     out = await RawChannel.connect(port)
     raw = RawVc(inp, out, vc, in_c, out_c)
-    in_req = (lambda: inp.request("RPC_IN_DATA", path, content_length=GIB, headers=hdr,
-                                  body=rts.conn_b1(vc, in_c, group)))
-    out_req = (lambda: out.request("RPC_OUT_DATA", path, content_length=76, headers=hdr,
-                                   body=rts.conn_a1(vc, out_c, window)))
+    def in_req() -> None:
+        inp.request("RPC_IN_DATA", path, content_length=GIB, headers=hdr,
+                    body=rts.conn_b1(vc, in_c, group))
+
+    def out_req() -> None:
+        out.request("RPC_OUT_DATA", path, content_length=76, headers=hdr,
+                    body=rts.conn_a1(vc, out_c, window))
+
     for step in ((in_req, out_req) if in_first else (out_req, in_req)):
         step()
     head = await out.head()
