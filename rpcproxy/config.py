@@ -102,7 +102,9 @@ class Config:
     def validate(self) -> None:
         """Raise ConfigError with a readable reason for the first bad value."""
         self.listen_endpoint()
-        self.ntlm_endpoint()
+        self.backend_endpoint()
+        if self.ntlm_server:
+            parse_endpoint(self.ntlm_server, "ntlm_server")
         if self.http_listen:
             parse_endpoint(self.http_listen, "http_listen", listen=True)
         if self.metrics_listen:

@@ -435,6 +435,7 @@ class ConnectionGuard:
         self.trusted: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self.rejected = 0
         self.expired = 0
+        self.on_lost: Callable[[asyncio.BaseTransport], None] | None = None
 
     def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
         """A protocol factory for ``loop.create_server`` that reports new connections here."""
@@ -448,6 +449,12 @@ class ConnectionGuard:
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 super().connection_made(transport)
                 guard.admit(transport)
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                transport = self.transport
+                super().connection_lost(exc)
+                if transport is not None and guard.on_lost is not None:
+                    guard.on_lost(transport)
 
         def make() -> asyncio.Protocol:
             return GuardedRequestHandler(server, loop=loop, **kwargs)
@@ -496,6 +503,8 @@ class ProxyServer:
         )
         self.guard = ConnectionGuard(config.max_unauthenticated_connections,
                                      config.handshake_timeout)
+        # NTLM state is per TCP connection: drop it (and any Samba socket) on close.
+        self.guard.on_lost = self.authenticator.forget
         self.vcs: dict[bytes, VcRuntime] = {}
         self.stats: dict[str, int] = {
             "backend_connect_failures": 0,

@@ -348,3 +348,14 @@ async def test_silent_connections_are_bounded() -> None:
     finally:
         await e.server.stop()
         await e.backend.stop()
+
+
+async def test_closed_connection_forgets_its_auth_state(env: Env) -> None:
+    auth = env.server.authenticator
+    assert isinstance(auth, TableAuthenticator)
+    before = auth.forgotten
+    ch = await RawChannel.connect(env.port)
+    ch.request("RPC_IN_DATA", PATH, content_length=0, headers={"Authorization": ALICE})
+    assert (await ch.head()).status == 200
+    ch.close()
+    assert await wait_for(lambda: auth.forgotten > before)
