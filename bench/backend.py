@@ -29,6 +29,7 @@ import asyncio
 import signal
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 from bench import dcerpc, protocol
 from rpcproxy.errors import ProtocolError
@@ -53,8 +54,9 @@ class _Conn(asyncio.Protocol):
         self.assoc_group = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not derive from asyncio.Transport: no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         self.server.connections.add(self)
         self.server.accepted += 1
@@ -264,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
     args = p.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
+    from bench.limits import raise_nofile
+
+    raise_nofile(1 << 20)
     try:
         import uvloop
 

@@ -1,0 +1,274 @@
+"""``rpcproxy-bench``: measure rpcproxy against the direct ncacn_ip_tcp path in one run.
+
+Self-contained by default: starts the DCE/RPC backend stub (``python -m bench.backend``) and
+the proxy (``python -m bench.proxyproc``, ProxyServer with a permissive Basic authenticator)
+as child processes on 127.0.0.1, then runs each scenario over the proxy and directly against
+the backend. With ``--ntlm-server HOST:PORT --user U --password P [--domain D]`` the proxy
+child uses the real authenticator and the clients authenticate with NTLM against that Samba.
+
+Against a real deployment::
+
+    rpcproxy-bench --url https://host/rpc/rpcproxy.dll --target NAME:6001 \\
+        --user U --password P [--auth ntlm|basic] [--direct HOST:PORT] [--insecure]
+
+(the backend behind NAME:6001 must serve the bench interface, e.g. ``python -m bench.backend``
+on that host, except for the ``setup`` scenario which works with any DCE/RPC server; the direct
+figures need ``--direct``).
+
+Exit status: 0 when every scenario ran and every byte checked out; 1 when a scenario failed
+(data lost, reordered or corrupted, a stall, a protocol error); 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import ssl
+import sys
+import time
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any
+
+from bench import report
+from bench.client import BasicAuth, NtlmAuth, RpchError
+from bench.limits import raise_nofile
+from bench.procs import ChildProcess
+from bench.protocol import IntegrityError
+from bench.scenarios import SCENARIOS, Bench, ProxyTarget
+from bench.session import RpcFault
+
+DEFAULT_SCENARIOS = ("throughput", "latency", "concurrency", "setup", "soak")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rpcproxy-bench",
+        description="Load harness for rpcproxy: every figure as proxy vs direct, every byte "
+                    "checked.")
+    p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                   help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
+    p.add_argument("--duration", type=float, default=5.0, metavar="SECONDS",
+                   help="measuring time of each scenario, shared by the proxy and direct runs "
+                        "(default 5)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
+    p.add_argument("--connections", type=int, default=1000,
+                   help="idle virtual connections in the concurrency scenario (default 1000)")
+    p.add_argument("--clients", type=int, default=32,
+                   help="concurrent clients at the top latency level (default 32)")
+    p.add_argument("--active", type=int, default=10,
+                   help="measured VCs in the concurrency scenario (default 10)")
+    p.add_argument("--streams", type=int, default=None,
+                   help="streaming VCs in the concurrency scenario (default min(100, N/10))")
+    p.add_argument("--depth", type=int, default=4,
+                   help="calls in flight in the throughput scenario (default 4)")
+    p.add_argument("--setup-workers", type=int, default=8,
+                   help="parallel openers in the setup scenario (default 8)")
+    p.add_argument("--soak-connections", type=int, default=16)
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds before any single wait counts as a stall (default 10)")
+    p.add_argument("--out-content-length", type=int, default=1 << 30,
+                   help="the bench proxy's OUT channel Content-Length (default 1 GiB)")
+    p.add_argument("--proxy-loop", choices=["uvloop", "asyncio"], default="uvloop",
+                   help="event loop of the bench's proxy process (default uvloop, as "
+                        "rpcproxy serve)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="keep the child processes' log files (their paths are printed)")
+    g = p.add_argument_group("real deployment")
+    g.add_argument("--url", help="https://host[:port]/rpc/rpcproxy.dll of an existing proxy")
+    g.add_argument("--target", default="bench:6001", help="NAME:PORT for the URL query")
+    g.add_argument("--user")
+    g.add_argument("--password")
+    g.add_argument("--domain", default="")
+    g.add_argument("--auth", choices=["basic", "ntlm"], default=None,
+                   help="HTTP authentication (default: ntlm with --url or --ntlm-server)")
+    g.add_argument("--direct", metavar="HOST:PORT",
+                   help="the backend's ncacn_ip_tcp address for the direct figures")
+    g.add_argument("--insecure", action="store_true", help="do not verify the TLS certificate")
+    g.add_argument("--ntlm-server", metavar="HOST:PORT",
+                   help="self-contained mode, but HTTP auth verified by this Samba")
+    return p
+
+
+class Progress:
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.t0 = time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.monotonic() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"rpcproxy-bench: {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _auth(args: argparse.Namespace) -> BasicAuth | NtlmAuth:
+    if not args.user or args.password is None:
+        raise SystemExit("rpcproxy-bench: --user and --password are required here")
+    kind = args.auth or "ntlm"
+    if kind == "ntlm":
+        return NtlmAuth(args.user, args.password, args.domain)
+    return BasicAuth(args.user, args.password, args.domain)
+
+
+def scenario_limit(name: str, args: argparse.Namespace) -> float:
+    base = 3 * args.duration + 60 + 4 * args.timeout
+    if name == "concurrency":
+        base += (args.connections + args.active + (args.streams or 100)) * 2 / 50
+    if name == "latency":
+        base += args.clients * 0.2
+    return float(base)
+
+
+async def amain(args: argparse.Namespace) -> int:
+    progress = Progress(args.quiet)
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        print(f"rpcproxy-bench: unknown scenario(s) {', '.join(unknown)}; "
+              f"choose from {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    if args.duration <= 0 or args.connections < 1 or args.clients < 1 or args.depth < 1:
+        print("rpcproxy-bench: --duration, --connections, --clients, --depth must be positive",
+              file=sys.stderr)
+        return 2
+    streams = args.streams if args.streams is not None else 100
+    need = 2 * (args.connections + args.active + streams) + 2 * args.clients + 1024
+    limit = raise_nofile(need)
+    if limit < need:
+        progress(f"warning: only {limit} file descriptors allowed, {need} wanted")
+
+    children: list[ChildProcess] = []
+    doc: dict[str, Any] = {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "config": {k: v for k, v in vars(args).items() if k not in ("password",)},
+        "machine": report.machine_info(),
+        "scenarios": {},
+        "errors": [],
+        "ok": True,
+    }
+
+    async def spawn_proxy(out_cl: int, backend: str) -> ChildProcess:
+        argv = ["-m", "bench.proxyproc", "--backend", backend,
+                "--out-content-length", str(out_cl), "--loop", args.proxy_loop]
+        if args.ntlm_server:
+            argv += ["--ntlm-server", args.ntlm_server]
+        child = ChildProcess("proxy", argv)
+        children.append(child)
+        await child.start()
+        return child
+
+    try:
+        if args.url:
+            u = urllib.parse.urlsplit(args.url)
+            if u.scheme not in ("http", "https") or not u.hostname:
+                print("rpcproxy-bench: --url must be http(s)://host[:port]/path", file=sys.stderr)
+                return 2
+            ctx = None
+            if u.scheme == "https":
+                ctx = ssl.create_default_context()
+                if args.insecure:
+                    ctx.check_hostname = False
+                    ctx.verify_mode = ssl.CERT_NONE
+            proxy = ProxyTarget(u.hostname, u.port or (443 if ctx else 80), args.target,
+                                u.path or "/rpc/rpcproxy.dll", _auth(args), ctx, u.hostname)
+            direct = _endpoint(args.direct) if args.direct else None
+            bench = Bench(proxy, direct, args.duration, progress, timeout=args.timeout)
+            progress(f"driving {args.url}?{args.target}" + (
+                f", direct {args.direct}" if direct else ", no direct path (--direct)"))
+        else:
+            backend = ChildProcess("backend", ["-m", "bench.backend"])
+            children.append(backend)
+            bhost, bport = await backend.start()
+            backend_addr = f"{bhost}:{bport}"
+            proxy_proc = await spawn_proxy(args.out_content_length, backend_addr)
+            auth: BasicAuth | NtlmAuth = (_auth(args) if args.ntlm_server
+                                          else BasicAuth("bench", "bench"))
+            proxy = ProxyTarget(proxy_proc.host, proxy_proc.port, "bench:6001", auth=auth)
+            bench = Bench(proxy, (bhost, bport), args.duration, progress,
+                          proxy_proc=proxy_proc, backend_proc=backend, timeout=args.timeout)
+
+            async def spawn_soak_proxy(out_cl: int) -> ChildProcess:
+                return await spawn_proxy(out_cl, backend_addr)
+
+            bench.spawn_proxy = spawn_soak_proxy
+            progress(f"backend stub pid {backend.pid} on {backend_addr}, proxy pid "
+                     f"{proxy_proc.pid} on {proxy_proc.host}:{proxy_proc.port}")
+        bench.connections = args.connections
+        bench.clients = args.clients
+        bench.active = args.active
+        bench.streams = args.streams
+        bench.depth = args.depth
+        bench.setup_workers = args.setup_workers
+        bench.soak_connections = args.soak_connections
+
+        for name in names:
+            progress(f"--- {name}")
+            try:
+                async with asyncio.timeout(scenario_limit(name, args)):
+                    result = await SCENARIOS[name](bench)
+            except (IntegrityError, RpchError, RpcFault, TimeoutError, OSError,
+                    RuntimeError) as exc:
+                kind = type(exc).__name__
+                msg = f"{name}: {kind}: {exc}" if str(exc) else f"{name}: {kind} (time limit)"
+                progress(f"FAILED {msg}")
+                doc["errors"].append(msg)
+                doc["ok"] = False
+                result = {"error": msg, "proxy": None, "direct": None, "ratio": None}
+            for child in children:
+                if child.proc is not None and child.proc.returncode not in (None, 0):
+                    msg = (f"{child.name} process exited with {child.proc.returncode}:\n"
+                           f"{child.log_tail()}")
+                    if msg not in doc["errors"]:
+                        doc["errors"].append(msg)
+                        doc["ok"] = False
+            doc["scenarios"][name] = result
+            if not bench.proxy_proc or bench.proxy_proc.alive():
+                continue
+            doc["errors"].append("the proxy process died; remaining scenarios skipped")
+            doc["ok"] = False
+            break
+    finally:
+        for child in reversed(children):
+            await child.stop()
+        for child in children:
+            if args.keep_logs or not doc["ok"]:
+                progress(f"{child.name} log: {child.log_path}")
+            else:
+                child.remove_log()
+
+    print(report.table(doc))
+    if args.json:
+        report.write_json(doc, args.json)
+        progress(f"JSON written to {args.json}")
+    if args.html:
+        report.write_html(doc, args.html)
+        progress(f"HTML report written to {args.html}")
+    if not doc["ok"]:
+        print("rpcproxy-bench: FAILED:\n  " + "\n  ".join(doc["errors"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvloop
+
+        return uvloop.run(amain(args))
+    except ImportError:
+        return asyncio.run(amain(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Bench output: the terminal table, the JSON document and a self-contained HTML report.
+
+The HTML has no external assets: styles inline, plots as inline SVG drawn here.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal"):
+                    info["mem_mib"] = int(line.split()[1]) // 1024
+                    break
+    except OSError:
+        pass
+    try:
+        import uvloop
+
+        info["uvloop"] = str(getattr(uvloop, "__version__", "?"))
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        info["aiohttp"] = aiohttp.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if abs(v) >= 100:
+            return f"{v:,.0f}"
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def rows(doc: dict[str, Any]) -> list[list[str]]:
+    """(scenario, figure, proxy, direct, ratio, unit) rows, headline plus notable details."""
+    out: list[list[str]] = []
+    for name, r in doc["scenarios"].items():
+        if "error" in r and r.get("proxy") is None:
+            out.append([name, "FAILED", r["error"][:60], "", "", ""])
+            continue
+        out.append([name, r.get("metric", ""), _fmt(r.get("proxy")), _fmt(r.get("direct")),
+                    _fmt(r.get("ratio")), r.get("unit", "")])
+        if name == "throughput":
+            for phase in ("down", "up"):
+                d = r.get("phases", {}).get(phase, {})
+                out.append(["", f"  {phase} only", _fmt(d.get("proxy")), _fmt(d.get("direct")),
+                            _fmt(d.get("ratio")), "MB/s"])
+        elif name == "latency":
+            for level, row in r.get("levels", {}).items():
+                p, d = row.get("proxy", {}), row.get("direct", {})
+                for key, label in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
+                    if level == "1" and key == "p50_us":
+                        continue
+                    out.append(["", f"  {label} at {level} client(s)", _fmt(p.get(key)),
+                                _fmt(d.get(key)), _fmt(row.get("ratio", {}).get(key)), "us"])
+        elif name == "concurrency":
+            det = r.get("details", {}).get("proxy", {})
+            out.append(["", f"  proxy RSS at {r['details'].get('connections')} VCs",
+                        _fmt(det.get("rss_mib")), "", "", "MiB"])
+            out.append(["", "  proxy RSS per VC", _fmt(det.get("rss_per_vc_kib")), "", "",
+                        "KiB"])
+            out.append(["", "  proxy fds", _fmt(det.get("fds")), "", "", ""])
+        elif name == "soak":
+            out.append(["", "  proxy RSS start/max/end", "/".join(
+                _fmt(r.get(k)) for k in ("rss_start_mib", "rss_max_mib", "rss_end_mib")),
+                "", "", "MiB"])
+        if r.get("bottleneck") and r["bottleneck"] != "no process CPU-bound":
+            out.append(["", f"  note: {r['bottleneck']}", "", "", "", ""])
+    return out
+
+
+def table(doc: dict[str, Any]) -> str:
+    header = ["scenario", "figure", "proxy", "direct", "ratio", "unit"]
+    body = rows(doc)
+    widths = [max(len(header[i]), *(len(r[i]) for r in body)) if body else len(header[i])
+              for i in range(len(header))]
+    widths[1] = min(widths[1], 70)
+
+    def line(r: list[str]) -> str:
+        cells = []
+        for i, c in enumerate(r):
+            c = c[: widths[i]]
+            cells.append(c.rjust(widths[i]) if i in (2, 3, 4) else c.ljust(widths[i]))
+        return "  ".join(cells).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep, *(line(r) for r in body)])
+
+
+def write_json(doc: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+
+
+# --- SVG --------------------------------------------------------------------------------------
+
+_COLORS = {"proxy": "#d9480f", "direct": "#1864ab", "p50": "#2b8a3e", "p99": "#e67700",
+           "p99.9": "#862e9c", "rss": "#d9480f", "fds": "#1864ab"}
+
+
+def _nice_max(v: float) -> float:
+    if v <= 0:
+        return 1.0
+    mag = 10.0 ** len(str(int(v)))
+    for step in (0.1, 0.2, 0.25, 0.5, 1.0):
+        if v <= mag * step:
+            return float(mag * step)
+    return mag
+
+
+def bar_chart(title: str, groups: list[str], series: dict[str, list[float | None]],
+              unit: str) -> str:
+    w, h, left, bottom, top = 560, 260, 60, 40, 30
+    vmax = _nice_max(max((v for vs in series.values() for v in vs if v is not None),
+                         default=1.0))
+    plot_w, plot_h = w - left - 20, h - bottom - top
+    gw = plot_w / max(1, len(groups))
+    bw = gw * 0.8 / max(1, len(series))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             f'font-family="sans-serif" font-size="11">',
+             f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">'
+             f'{html.escape(title)}</text>']
+    for i in range(5):
+        y = top + plot_h - plot_h * i / 4
+        parts.append(f'<line x1="{left}" x2="{w - 20}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">'
+                     f'{_fmt(vmax * i / 4)}</text>')
+    for gi, g in enumerate(groups):
+        for si, (name, vals) in enumerate(series.items()):
+            v = vals[gi]
+            if v is None:
+                continue
+            bh = plot_h * v / vmax
+            x = left + gi * gw + gw * 0.1 + si * bw
+            y = top + plot_h - bh
+            color = _COLORS.get(name, "#888")
+            parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bw - 2:.1f}" height="{bh:.1f}" '
+                         f'fill="{color}"><title>{html.escape(name)} {html.escape(g)}: '
+                         f'{_fmt(v)} {unit}</title></rect>')
+            parts.append(f'<text x="{x + bw / 2:.1f}" y="{y - 3:.1f}" text-anchor="middle">'
+                         f'{_fmt(v)}</text>')
+        parts.append(f'<text x="{left + gi * gw + gw / 2:.1f}" y="{h - bottom + 16}" '
+                     f'text-anchor="middle">{html.escape(g)}</text>')
+    parts.append(_legend(list(series), left, h - 8))
+    parts.append(f'<text x="12" y="{top + plot_h / 2}" transform="rotate(-90 12 '
+                 f'{top + plot_h / 2})" text-anchor="middle">{html.escape(unit)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _legend(names: list[str], x: float, y: float) -> str:
+    out = []
+    for i, n in enumerate(names):
+        xx = x + i * 110
+        out.append(f'<rect x="{xx}" y="{y - 9}" width="10" height="10" '
+                   f'fill="{_COLORS.get(n, "#888")}"/><text x="{xx + 14}" y="{y}">'
+                   f'{html.escape(n)}</text>')
+    return "".join(out)
+
+
+def line_chart(title: str, xs: list[float], series: dict[str, list[float | None]],
+               xlabel: str, ylabel: str, *, log_x: bool = False) -> str:
+    import math
+
+    w, h, left, bottom, top = 560, 260, 60, 44, 30
+    plot_w, plot_h = w - left - 20, h - bottom - top
+    vals = [v for vs in series.values() for v in vs if v is not None]
+    vmax = _nice_max(max(vals, default=1.0))
+    if not xs:
+        return ""
+
+    def fx(x: float) -> float:
+        lo, hi = min(xs), max(xs)
+        if log_x and lo > 0:
+            lo, hi, x = math.log10(lo), math.log10(hi), math.log10(x)
+        return left + (plot_w * (x - lo) / (hi - lo) if hi > lo else plot_w / 2)
+
+    def fy(v: float) -> float:
+        return top + plot_h - plot_h * v / vmax
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             f'font-family="sans-serif" font-size="11">',
+             f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">'
+             f'{html.escape(title)}</text>']
+    for i in range(5):
+        y = top + plot_h - plot_h * i / 4
+        parts.append(f'<line x1="{left}" x2="{w - 20}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">'
+                     f'{_fmt(vmax * i / 4)}</text>')
+    for x in sorted(set(xs)):
+        parts.append(f'<text x="{fx(x):.1f}" y="{top + plot_h + 14}" text-anchor="middle">'
+                     f'{_fmt(x)}</text>')
+    for name, ys in series.items():
+        pts = [(fx(x), fy(y)) for x, y in zip(xs, ys, strict=False) if y is not None]
+        if not pts:
+            continue
+        color = _COLORS.get(name.split()[-1], _COLORS.get(name.split()[0], "#888"))
+        dash = ' stroke-dasharray="5,3"' if name.startswith("direct") else ""
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="'
+                     + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>')
+        for x, y in pts:
+            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>')
+    legend_y = h - 6
+    for i, name in enumerate(series):
+        color = _COLORS.get(name.split()[-1], _COLORS.get(name.split()[0], "#888"))
+        xx = left + i * 100
+        dash = ' stroke-dasharray="5,3"' if name.startswith("direct") else ""
+        parts.append(f'<line x1="{xx}" x2="{xx + 16}" y1="{legend_y - 4}" y2="{legend_y - 4}" '
+                     f'stroke="{color}" stroke-width="2"{dash}/>'
+                     f'<text x="{xx + 20}" y="{legend_y}">{html.escape(name)}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h + 28}" text-anchor="middle">'
+                 f'{html.escape(xlabel)}</text>')
+    parts.append(f'<text x="12" y="{top + plot_h / 2}" transform="rotate(-90 12 '
+                 f'{top + plot_h / 2})" text-anchor="middle">{html.escape(ylabel)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _plots(doc: dict[str, Any]) -> list[str]:
+    sc = doc["scenarios"]
+    plots: list[str] = []
+    t = sc.get("throughput")
+    if t and "phases" in t:
+        groups = [g for g in ("both", "down", "up") if g in t["phases"]]
+        plots.append(bar_chart(
+            "Throughput of one virtual connection (64 KiB PDUs)", groups,
+            {p: [t["phases"][g].get(p) for g in groups] for p in ("proxy", "direct")},
+            "MB/s"))
+    lat = sc.get("latency")
+    if lat and "levels" in lat:
+        levels = sorted(int(k) for k in lat["levels"])
+        series: dict[str, list[float | None]] = {}
+        for path in ("proxy", "direct"):
+            for key, label in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
+                vals = [lat["levels"][str(n)].get(path, {}).get(key) for n in levels]
+                if any(v is not None for v in vals):
+                    series[f"{path} {label}"] = vals
+        plots.append(line_chart("Small-call round trip vs concurrent clients", [float(x) for x in
+                                levels], series, "clients", "us", log_x=True))
+    conc = sc.get("concurrency")
+    if conc and conc.get("rss_curve"):
+        curve = conc["rss_curve"]
+        plots.append(line_chart("Proxy RSS vs idle virtual connections",
+                                [float(c["vcs"]) for c in curve],
+                                {"rss": [c["rss_mib"] for c in curve]}, "virtual connections",
+                                "MiB"))
+    soak = sc.get("soak")
+    if soak and soak.get("samples"):
+        s = soak["samples"]
+        plots.append(line_chart("Soak: proxy RSS over time", [float(x["t"]) for x in s],
+                                {"rss": [x["rss_mib"] for x in s]}, "seconds", "MiB"))
+        plots.append(line_chart("Soak: proxy open fds over time", [float(x["t"]) for x in s],
+                                {"fds": [float(x["fds"]) for x in s]}, "seconds", "fds"))
+    return [p for p in plots if p]
+
+
+def write_html(doc: dict[str, Any], path: str | Path) -> None:
+    head = ["scenario", "figure", "proxy", "direct", "ratio", "unit"]
+    trs = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows(doc))
+    machine = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                      for k, v in doc.get("machine", {}).items())
+    errors = "".join(f"<li>{html.escape(e)}</li>" for e in doc.get("errors", []))
+    status = ("<p class=ok>All data verified end to end.</p>" if doc.get("ok")
+              else f"<p class=bad>FAILED:</p><ul>{errors}</ul>")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>rpcproxy-bench report</title>
+<style>
+body{{font-family:sans-serif;margin:2em;max-width:1200px;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}
+td:nth-child(3),td:nth-child(4),td:nth-child(5){{text-align:right}}
+.ok{{color:#2b8a3e;font-weight:bold}} .bad{{color:#c92a2a;font-weight:bold}}
+.plots svg{{margin:8px;border:1px solid #eee}}
+</style></head><body>
+<h1>rpcproxy-bench</h1>
+<p>Started {html.escape(str(doc.get("started", "")))}, duration per scenario
+{html.escape(str(doc.get("config", {}).get("duration")))} s. Ratio = proxy / direct.</p>
+{status}
+<table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>{trs}</table>
+<div class="plots">{"".join(_plots(doc))}</div>
+<h2>Machine</h2><table>{machine}</table>
+<h2>Raw data</h2><pre>{html.escape(json.dumps(doc, indent=1))}</pre>
+</body></html>
+"""
+    Path(path).write_text(page)

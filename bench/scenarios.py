@@ -1,0 +1,562 @@
+"""The bench scenarios. Each runs the same load over the proxy and directly against the backend.
+
+A scenario is ``async def run_x(bench: Bench) -> dict``; the dict carries at least ``proxy``,
+``direct``, ``ratio`` (always proxy / direct, ``None`` without a direct path) and ``unit``, plus
+details and the CPU each process used while it was measured (``cpu``), from which
+``bottleneck`` says whether the load generator itself was the limit.
+
+Time: ``bench.duration`` is the measuring time of one scenario, shared between the paths (and
+within a path between its phases); ramps, warm-ups and checks come on top but are bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench import dcerpc
+from bench.client import BasicAuth, NtlmAuth, RpchClient
+from bench.direct import DirectClient
+from bench.procs import ChildProcess, ProcSample
+from bench.session import BenchSession, PduTransport
+
+PDU = 0xFFF8  # "64 KiB PDUs": the largest 8-aligned fragment under 65535
+BIG = PDU - dcerpc.REQUEST_HEADER_LEN - 24  # stub payload filling one fragment exactly
+SMALL = 16
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ProxyTarget:
+    host: str
+    port: int
+    target: str
+    path: str = "/rpc/rpcproxy.dll"
+    auth: BasicAuth | NtlmAuth | None = None
+    ssl: Any = None
+    server_hostname: str | None = None
+
+
+@dataclass
+class Bench:
+    proxy: ProxyTarget
+    direct: tuple[str, int] | None
+    duration: float
+    progress: Progress
+    proxy_proc: ChildProcess | None = None
+    backend_proc: ChildProcess | None = None
+    timeout: float = 10.0
+    connections: int = 1000
+    clients: int = 32
+    active: int = 10
+    streams: int | None = None
+    depth: int = 4
+    setup_workers: int = 8
+    soak_connections: int = 16
+    seed: int = 1
+    # set by the CLI for the soak's own proxy (self-contained mode)
+    spawn_proxy: Callable[[int], Awaitable[ChildProcess]] | None = None
+    samples: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[str]:
+        return ["proxy", "direct"] if self.direct is not None else ["proxy"]
+
+    async def open(self, path: str, *, proxy: ProxyTarget | None = None,
+                   in_content_length: int | None = None) -> PduTransport:
+        if path == "direct":
+            assert self.direct is not None
+            return await DirectClient.connect(*self.direct, timeout=self.timeout)
+        p = proxy or self.proxy
+        kwargs: dict[str, Any] = {}
+        if in_content_length is not None:
+            kwargs["in_content_length"] = in_content_length
+        return await RpchClient.connect(
+            p.host, p.port, target=p.target, path=p.path, auth=p.auth, ssl=p.ssl,
+            server_hostname=p.server_hostname, timeout=self.timeout, **kwargs)
+
+    async def session(self, path: str, **kw: Any) -> BenchSession:
+        t = await self.open(path, **kw)
+        s = BenchSession(t, timeout=self.timeout)
+        try:
+            await s.bind()
+        except BaseException:
+            await t.close()
+            raise
+        return s
+
+    async def sessions(self, path: str, n: int, *, concurrency: int = 64,
+                       label: str = "", **kw: Any) -> list[BenchSession]:
+        """Open and bind ``n`` sessions, ``concurrency`` at a time, with progress."""
+        out: list[BenchSession] = []
+        sem = asyncio.Semaphore(concurrency)
+        step = max(1, n // 10)
+
+        async def one() -> None:
+            async with sem:
+                out.append(await self.session(path, **kw))
+                if label and n >= 100 and len(out) % step == 0:
+                    self.progress(f"{label}: {len(out)}/{n} {path} connections open")
+
+        try:
+            await asyncio.gather(*(one() for _ in range(n)))
+        except BaseException:
+            await close_all(out)
+            raise
+        return out
+
+    def proc_sample(self, which: str) -> ProcSample | None:
+        proc = self.proxy_proc if which == "proxy" else self.backend_proc
+        if proc is None or not proc.alive():
+            return None
+        return proc.sample()
+
+
+async def close_all(sessions: list[BenchSession], concurrency: int = 200) -> None:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(s: BenchSession) -> None:
+        async with sem:
+            await s.t.close()
+
+    await asyncio.gather(*(one(s) for s in sessions), return_exceptions=True)
+
+
+# --- measuring helpers ------------------------------------------------------------------------
+
+
+class CpuMeter:
+    """CPU used by the load generator, the proxy and the backend between start and stop."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.t0 = time.perf_counter()
+        self.me0 = time.process_time()
+        self.proxy0 = bench.proc_sample("proxy")
+        self.backend0 = bench.proc_sample("backend")
+
+    def stop(self) -> dict[str, float | None]:
+        wall = time.perf_counter() - self.t0
+        me = time.process_time() - self.me0
+        out: dict[str, float | None] = {"wall_s": round(wall, 3),
+                                        "loadgen_cpu": round(me / wall, 3) if wall else None}
+        for name, first in (("proxy", self.proxy0), ("backend", self.backend0)):
+            now = self.bench.proc_sample(name)
+            out[f"{name}_cpu"] = (round((now.cpu - first.cpu) / wall, 3)
+                                  if now is not None and first is not None and wall else None)
+        return out
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, int(round(q / 100.0 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[k]
+
+
+def ratio(proxy: float | None, direct: float | None) -> float | None:
+    if proxy is None or direct is None or direct == 0:
+        return None
+    return round(proxy / direct, 3)
+
+
+def bottleneck(cpu: dict[str, dict[str, float | None]]) -> str:
+    """Which processes were (nearly) CPU-bound while each path was measured."""
+    import os
+
+    cores = os.cpu_count() or 1
+    notes = []
+    for path in ("proxy", "direct"):
+        c = cpu.get(path)
+        if not c:
+            continue
+        busy = [f"{name} {c[f'{name}_cpu']:.0%}" for name in ("loadgen", "proxy", "backend")
+                if (c.get(f"{name}_cpu") or 0.0) >= 0.85]
+        total = sum(v for k, v in c.items() if k.endswith("_cpu") and v is not None)
+        parts = []
+        if busy:
+            parts.append("CPU-bound: " + ", ".join(busy) + " of a core")
+        if (c.get("loadgen_cpu") or 0.0) >= 0.85:
+            parts.append("the load generator itself limits this figure")
+        if total >= 0.9 * cores:
+            parts.append(f"all {cores} cores busy ({total:.2f} used)")
+        if parts:
+            notes.append(f"{path} run: " + "; ".join(parts))
+    return " | ".join(notes) if notes else "no process CPU-bound"
+
+
+def _phase_time(bench: Bench, parts: int) -> float:
+    return max(0.2, bench.duration / parts)
+
+
+# --- throughput -------------------------------------------------------------------------------
+
+THROUGHPUT_PHASES = (
+    ("both", BIG, BIG),  # (name, request payload, response payload)
+    ("down", SMALL, BIG),
+    ("up", BIG, SMALL),
+)
+
+
+async def run_throughput(bench: Bench) -> dict[str, Any]:
+    """One VC, 64 KiB PDUs, calls pipelined ``depth`` deep: MB/s of payload."""
+    per = _phase_time(bench, 2 * len(THROUGHPUT_PHASES))
+    details: dict[str, dict[str, Any]] = {}
+    cpu: dict[str, dict[str, float | None]] = {}
+    for path in bench.paths:
+        s = await bench.session(path)
+        try:
+            await s.stream(want=BIG, length=BIG, depth=bench.depth, count=8)  # warm-up
+            meter = CpuMeter(bench)
+            for name, length, want in THROUGHPUT_PHASES:
+                r = await s.stream(want=want, length=length, depth=bench.depth,
+                                   deadline=time.perf_counter() + per)
+                mbs = (r.bytes_up + r.bytes_down) / r.seconds / 1e6
+                details.setdefault(name, {})[path] = round(mbs, 1)
+                bench.progress(f"throughput {name:>4} {path:>6}: {mbs:8.1f} MB/s "
+                               f"({r.calls} calls in {r.seconds:.2f}s)")
+            cpu[path] = meter.stop()
+            if isinstance(s.t, RpchClient):
+                details.setdefault("recycles", {})[path] = {
+                    "out": s.t.out_recycles, "in": s.t.in_recycles}
+        finally:
+            await s.t.close()
+    for name, _, _ in THROUGHPUT_PHASES:
+        d = details[name]
+        d["ratio"] = ratio(d.get("proxy"), d.get("direct"))
+    both = details["both"]
+    return {
+        "metric": "payload MB/s, one VC, 64 KiB PDUs both ways",
+        "proxy": both.get("proxy"), "direct": both.get("direct"), "ratio": both["ratio"],
+        "unit": "MB/s", "phases": details, "depth": bench.depth, "pdu_bytes": PDU,
+        "cpu": cpu, "bottleneck": bottleneck(cpu),
+    }
+
+
+# --- latency ----------------------------------------------------------------------------------
+
+
+async def _closed_loop(s: BenchSession, deadline: float, out: list[float]) -> None:
+    while time.perf_counter() < deadline:
+        out.append(await s.call(SMALL, SMALL))
+
+
+def _lat_summary(values: list[float]) -> dict[str, float]:
+    v = sorted(values)
+    return {"calls": len(v), "p50_us": round(percentile(v, 50) * 1e6, 1),
+            "p99_us": round(percentile(v, 99) * 1e6, 1),
+            "p999_us": round(percentile(v, 99.9) * 1e6, 1)}
+
+
+async def run_latency(bench: Bench) -> dict[str, Any]:
+    """Round trip of small calls, closed loop, at 1 client and at ``clients`` clients."""
+    many = max(2, bench.clients)
+    levels = sorted({1, max(2, many // 4), many})
+    per = _phase_time(bench, 2 * len(levels))
+    table: dict[str, dict[str, Any]] = {}
+    cpu: dict[str, dict[str, float | None]] = {}
+    for path in bench.paths:
+        for n in levels:
+            sessions = await bench.sessions(path, n, label=f"latency x{n}")
+            try:
+                for s in sessions:  # warm-up
+                    for _ in range(20):
+                        await s.call(SMALL, SMALL)
+                lats: list[list[float]] = [[] for _ in sessions]
+                meter = CpuMeter(bench)
+                deadline = time.perf_counter() + per
+                await asyncio.gather(*(_closed_loop(s, deadline, lat)
+                                       for s, lat in zip(sessions, lats, strict=True)))
+                c = meter.stop()
+                if n == many:
+                    cpu[path] = c
+            finally:
+                await close_all(sessions)
+            summary = _lat_summary([x for lat in lats for x in lat])
+            summary["calls_per_s"] = round(summary["calls"] / per, 1)
+            table.setdefault(str(n), {})[path] = summary
+            bench.progress(f"latency x{n:<4} {path:>6}: p50 {summary['p50_us']:8.1f} us  "
+                           f"p99 {summary['p99_us']:8.1f} us  p99.9 {summary['p999_us']:8.1f} us"
+                           f"  ({summary['calls']} calls)")
+    for row in table.values():
+        p, d = row.get("proxy"), row.get("direct")
+        if p and d:
+            row["added_us"] = {k: round(p[k] - d[k], 1) for k in ("p50_us", "p99_us", "p999_us")}
+            row["ratio"] = {k: ratio(p[k], d[k]) for k in ("p50_us", "p99_us", "p999_us")}
+    one = table["1"]
+    return {
+        "metric": "median round trip of a small call, 1 client",
+        "proxy": one["proxy"]["p50_us"], "direct": one.get("direct", {}).get("p50_us"),
+        "ratio": ratio(one["proxy"]["p50_us"], one.get("direct", {}).get("p50_us")),
+        "unit": "us", "levels": table, "cpu_at_max_clients": cpu,
+        "bottleneck": bottleneck(cpu),
+    }
+
+
+# --- concurrency ------------------------------------------------------------------------------
+
+
+async def _streamer(s: BenchSession, deadline: float, moved: list[int]) -> None:
+    r = await s.stream(want=BIG, length=SMALL, depth=2, deadline=deadline)
+    moved.append(r.bytes_down)
+
+
+async def run_concurrency(bench: Bench) -> dict[str, Any]:
+    """``connections`` idle VCs, then ``active`` ones measured while ``streams`` stream."""
+    n = bench.connections
+    streams = bench.streams if bench.streams is not None else min(100, max(1, n // 10))
+    per = _phase_time(bench, 2)
+    result: dict[str, Any] = {"connections": n, "active": bench.active, "streams": streams}
+    cpu: dict[str, dict[str, float | None]] = {}
+    rss_curve: list[dict[str, float]] = []
+    for path in bench.paths:
+        base = bench.proc_sample("proxy") if path == "proxy" else None
+        idle: list[BenchSession] = []
+        busy: list[BenchSession] = []
+        try:
+            step = max(1, n // 10)
+            t_ramp = time.perf_counter()
+            while len(idle) < n:
+                k = min(step, n - len(idle))
+                idle.extend(await bench.sessions(path, k, concurrency=100))
+                if path == "proxy":
+                    smp = bench.proc_sample("proxy")
+                    if smp is not None:
+                        rss_curve.append({"vcs": len(idle), "rss_mib": round(smp.rss / 2**20, 1),
+                                          "fds": smp.fds})
+                bench.progress(f"concurrency {path:>6}: {len(idle)}/{n} idle connections")
+            ramp_s = time.perf_counter() - t_ramp
+            busy = await bench.sessions(path, bench.active + streams, concurrency=100)
+            actives, streamers = busy[: bench.active], busy[bench.active :]
+            lats: list[list[float]] = [[] for _ in actives]
+            moved: list[int] = []
+            meter = CpuMeter(bench)
+            deadline = time.perf_counter() + per
+            peak: ProcSample | None = None
+
+            async def sampler(deadline: float = deadline, path: str = path) -> None:
+                nonlocal peak
+                while time.perf_counter() < deadline:
+                    await asyncio.sleep(min(0.25, per / 4))
+                    smp = bench.proc_sample("proxy") if path == "proxy" else None
+                    if smp is not None and (peak is None or smp.rss > peak.rss):
+                        peak = smp
+
+            await asyncio.gather(
+                *(_closed_loop(s, deadline, lat) for s, lat in zip(actives, lats, strict=True)),
+                *(_streamer(s, deadline, moved) for s in streamers),
+                sampler(),
+            )
+            cpu[path] = meter.stop()
+            # Every idle VC must still work: one small call each.
+            sem = asyncio.Semaphore(100)
+
+            async def check(s: BenchSession, sem: asyncio.Semaphore = sem) -> None:
+                async with sem:
+                    await s.call(SMALL, SMALL)
+
+            await asyncio.gather(*(check(s) for s in idle))
+            summary = _lat_summary([x for lat in lats for x in lat])
+            entry: dict[str, Any] = {
+                "active_latency": summary,
+                "stream_mb_s": round(sum(moved) / per / 1e6, 1),
+                "ramp_s": round(ramp_s, 2),
+                "ramp_per_s": round(n / ramp_s, 1) if ramp_s else None,
+            }
+            if path == "proxy" and base is not None:
+                at_n = bench.proc_sample("proxy")
+                if at_n is not None:
+                    entry["rss_mib"] = round(at_n.rss / 2**20, 1)
+                    entry["rss_peak_mib"] = round(max(at_n.rss, peak.rss if peak else 0) / 2**20,
+                                                  1)
+                    entry["rss_base_mib"] = round(base.rss / 2**20, 1)
+                    entry["rss_per_vc_kib"] = round((at_n.rss - base.rss) / max(1, len(idle)
+                                                    + len(busy)) / 1024, 1)
+                    entry["fds"] = at_n.fds
+            result[path] = entry
+            bench.progress(
+                f"concurrency {path:>6}: {n} idle + {streams} streaming "
+                f"({entry['stream_mb_s']} MB/s): active p50 {summary['p50_us']:.0f} us, "
+                f"p99 {summary['p99_us']:.0f} us" + (
+                    f"; proxy RSS {entry['rss_mib']} MiB, {entry['fds']} fds"
+                    if "rss_mib" in entry else ""))
+        finally:
+            await close_all(idle + busy)
+    proxy_p99 = result["proxy"]["active_latency"]["p99_us"] / 1000
+    direct_p99 = (result["direct"]["active_latency"]["p99_us"] / 1000
+                  if "direct" in result else None)
+    details = result
+    return {
+        "metric": f"p99 round trip (ms) of {bench.active} active VCs among {n} idle "
+                  f"while {streams} stream",
+        "proxy": round(proxy_p99, 3), "direct": round(direct_p99, 3) if direct_p99 else None,
+        "ratio": ratio(proxy_p99, direct_p99), "unit": "ms",
+        "rss_mib": result["proxy"].get("rss_mib"), "fds": result["proxy"].get("fds"),
+        "rss_curve": rss_curve, "details": details, "cpu": cpu, "bottleneck": bottleneck(cpu),
+    }
+
+
+# --- set-up rate ------------------------------------------------------------------------------
+
+
+async def run_setup(bench: Bench) -> dict[str, Any]:
+    """Open, BIND, close, ``setup_workers`` at a time: connections per second."""
+    per = _phase_time(bench, 2)
+    out: dict[str, Any] = {}
+    cpu: dict[str, dict[str, float | None]] = {}
+    for path in bench.paths:
+        lat: list[float] = []
+        deadline = time.perf_counter() + per
+
+        async def worker(lat: list[float] = lat, path: str = path,
+                         deadline: float = deadline) -> None:
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                t = await bench.open(path)
+                try:
+                    s = BenchSession(t, timeout=bench.timeout)
+                    # Any BIND answer completes set-up (a real Samba rejects the bench
+                    # interface, which still proves the path works end to end).
+                    await t.send_pdu(dcerpc.build_bind(1, _bench_syntax()))
+                    dcerpc.parse_bind_ack(await t.recv_pdu(bench.timeout))
+                    del s
+                finally:
+                    await t.close()
+                lat.append(time.perf_counter() - t0)
+
+        meter = CpuMeter(bench)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(bench.setup_workers)))
+        wall = time.perf_counter() - t0
+        cpu[path] = meter.stop()
+        lat.sort()
+        out[path] = {"per_s": round(len(lat) / wall, 1), "count": len(lat),
+                     "p50_ms": round(percentile(lat, 50) * 1e3, 2),
+                     "p99_ms": round(percentile(lat, 99) * 1e3, 2)}
+        bench.progress(f"setup {path:>6}: {out[path]['per_s']:8.1f} connections/s "
+                       f"(p50 {out[path]['p50_ms']} ms, {bench.setup_workers} in parallel)")
+    return {
+        "metric": "connections opened + bound + closed per second",
+        "proxy": out["proxy"]["per_s"], "direct": out.get("direct", {}).get("per_s"),
+        "ratio": ratio(out["proxy"]["per_s"], out.get("direct", {}).get("per_s")),
+        "unit": "conn/s", "details": out, "workers": bench.setup_workers, "cpu": cpu,
+        "bottleneck": bottleneck(cpu),
+    }
+
+
+def _bench_syntax() -> bytes:
+    from bench import protocol
+
+    return protocol.BENCH_SYNTAX
+
+
+# --- soak -------------------------------------------------------------------------------------
+
+SOAK_SIZES = (16, 512, 4096, 30_000, BIG, 3 * BIG + 1000)  # last one spans fragments
+
+
+async def _soak_worker(s: BenchSession, rng: random.Random, deadline: float,
+                       totals: list[int]) -> None:
+    while time.perf_counter() < deadline:
+        want = rng.choice(SOAK_SIZES)
+        length = rng.choice(SOAK_SIZES)
+        await s.call(want, length)
+        totals[0] += 1
+        totals[1] += want + length
+
+
+async def run_soak(bench: Bench) -> dict[str, Any]:
+    """``soak_connections`` VCs doing mixed calls for the duration; RSS and fds sampled.
+
+    In self-contained mode the soak gets its own proxy with a 1 MiB OUT Content-Length and
+    clients with a 1 MiB IN Content-Length, so both channel recyclings happen all the time."""
+    per = _phase_time(bench, 2)
+    own: ChildProcess | None = None
+    proxy_target = bench.proxy
+    if bench.spawn_proxy is not None:
+        own = await bench.spawn_proxy(1 << 20)
+        proxy_target = ProxyTarget(own.host, own.port, bench.proxy.target, bench.proxy.path,
+                                   bench.proxy.auth)
+    saved = bench.proxy_proc
+    if own is not None:
+        bench.proxy_proc = own
+    out: dict[str, Any] = {}
+    samples: list[dict[str, float]] = []
+    cpu: dict[str, dict[str, float | None]] = {}
+    try:
+        for path in bench.paths:
+            kw: dict[str, Any] = {}
+            if path == "proxy":
+                kw = {"proxy": proxy_target, "in_content_length": 1 << 20}
+            sessions = await bench.sessions(path, bench.soak_connections, **kw)
+            totals = [0, 0]
+            meter = CpuMeter(bench)
+            t0 = time.perf_counter()
+            deadline = t0 + per
+            interval = max(0.1, per / 40)
+
+            async def sampler(path: str = path, t0: float = t0, deadline: float = deadline,
+                              interval: float = interval) -> None:
+                while time.perf_counter() < deadline:
+                    smp = bench.proc_sample("proxy") if path == "proxy" else None
+                    if smp is not None:
+                        samples.append({"t": round(time.perf_counter() - t0, 2),
+                                        "rss_mib": round(smp.rss / 2**20, 2), "fds": smp.fds})
+                    await asyncio.sleep(interval)
+
+            try:
+                await asyncio.gather(
+                    *(_soak_worker(s, random.Random(bench.seed * 1000 + i), deadline, totals)
+                      for i, s in enumerate(sessions)),
+                    sampler())
+                wall = time.perf_counter() - t0
+                cpu[path] = meter.stop()
+                recycles = {"out": 0, "in": 0}
+                for s in sessions:
+                    if isinstance(s.t, RpchClient):
+                        recycles["out"] += s.t.out_recycles
+                        recycles["in"] += s.t.in_recycles
+            finally:
+                await close_all(sessions)
+            out[path] = {"calls": totals[0], "mb_s": round(totals[1] / wall / 1e6, 1),
+                         "calls_per_s": round(totals[0] / wall, 1)}
+            if path == "proxy":
+                out[path]["recycles"] = recycles
+            bench.progress(f"soak {path:>6}: {out[path]['calls']} calls, "
+                           f"{out[path]['mb_s']} MB/s" + (
+                               f", recycles OUT {recycles['out']} IN {recycles['in']}"
+                               if path == "proxy" else ""))
+    finally:
+        bench.proxy_proc = saved
+        if own is not None:
+            await own.stop()
+            if own.proc is not None and own.proc.returncode not in (0, None):
+                out["proxy_exit_code"] = own.proc.returncode
+    rss = [x["rss_mib"] for x in samples]
+    fds = [x["fds"] for x in samples]
+    summary = {
+        "rss_start_mib": rss[0] if rss else None, "rss_end_mib": rss[-1] if rss else None,
+        "rss_max_mib": max(rss) if rss else None,
+        "fds_start": fds[0] if fds else None, "fds_end": fds[-1] if fds else None,
+    }
+    return {
+        "metric": f"payload MB/s of {bench.soak_connections} VCs doing mixed calls",
+        "proxy": out["proxy"]["mb_s"], "direct": out.get("direct", {}).get("mb_s"),
+        "ratio": ratio(out["proxy"]["mb_s"], out.get("direct", {}).get("mb_s")),
+        "unit": "MB/s", "details": out, "samples": samples, **summary, "cpu": cpu,
+        "bottleneck": bottleneck(cpu),
+    }
+
+
+SCENARIOS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
+    "throughput": run_throughput,
+    "latency": run_latency,
+    "concurrency": run_concurrency,
+    "setup": run_setup,
+    "soak": run_soak,
+}
