@@ -181,6 +181,8 @@ class VcSettings:
             raise ValueError("connection_timeout_ms must be 120000..14400000")
         if self.out_content_length < 8 * self.out_reserve:
             raise ValueError("out_content_length is too small")
+        if self.out_reserve < 128:  # A2 + A6 + B3 (84 bytes) and a ping must always fit
+            raise ValueError("out_reserve must be at least 128 bytes")
 
 
 class Phase(enum.Enum):
@@ -278,7 +280,7 @@ class VirtualConnection:
     def channels(self) -> list[Channel]:
         found = []
         for ch in (self.out, self.old_out, self.out_successor, self.in_, self.in_successor):
-            if ch is not None:
+            if ch is not None and ch.channel not in found:  # out is old_out before B3
                 found.append(ch.channel)
         return found
 
@@ -299,6 +301,18 @@ class VirtualConnection:
             self._teardown(exc.reason, exc)
         return self._flush()
 
+    def _run_opening(self, channel: Channel, fn: object, *args: object) -> list[Action]:
+        """``_run`` for a channel's first PDU: if the VC ends, that channel must close too,
+        even though the VC had not adopted it yet (else its request would hang)."""
+        actions = self._run(fn, *args)
+        if self.phase is Phase.CLOSED and not any(
+            isinstance(a, CloseChannel) and a.channel == channel for a in actions
+        ):
+            error = next((a.error for a in actions if isinstance(a, VcClosed)), None)
+            actions.insert(0, CloseChannel(
+                channel, error or ProtocolError("virtual connection is closed")))
+        return actions
+
     def ping_interval(self) -> float:
         # Ping before any intermediary's idle timer (our own ConnectionTimeout, the
         # client's keep-alive) can fire: half of the smaller, capped.
@@ -310,12 +324,12 @@ class VirtualConnection:
     def open_out(self, channel: Channel, a1: rts.RtsPdu, *, identity: Hashable,
                  target: Hashable, now: float) -> list[Action]:
         """A new OUT channel request whose body started with CONN/A1."""
-        return self._run(self._open_out, channel, a1, identity, target, now)
+        return self._run_opening(channel, self._open_out, channel, a1, identity, target, now)
 
     def open_in(self, channel: Channel, b1: rts.RtsPdu, *, identity: Hashable,
                 target: Hashable, now: float) -> list[Action]:
         """A new IN channel request whose body started with CONN/B1."""
-        return self._run(self._open_in, channel, b1, identity, target, now)
+        return self._run_opening(channel, self._open_in, channel, b1, identity, target, now)
 
     def open_out_successor(self, channel: Channel, a3: rts.RtsPdu, *, identity: Hashable,
                            target: Hashable, now: float) -> list[Action]:
@@ -325,7 +339,7 @@ class VirtualConnection:
         refusal = self._refuse_foreign(channel, identity, target)
         if refusal:
             return refusal
-        return self._run(self._open_out_successor, channel, a3, now)
+        return self._run_opening(channel, self._open_out_successor, channel, a3, now)
 
     def open_in_successor(self, channel: Channel, a1: rts.RtsPdu, *, identity: Hashable,
                           target: Hashable, now: float) -> list[Action]:
@@ -335,7 +349,7 @@ class VirtualConnection:
         refusal = self._refuse_foreign(channel, identity, target)
         if refusal:
             return refusal
-        return self._run(self._open_in_successor, channel, a1, now)
+        return self._run_opening(channel, self._open_in_successor, channel, a1, now)
 
     def _refuse_foreign(self, channel: Channel, identity: Hashable,
                         target: Hashable) -> list[Action] | None:
@@ -477,10 +491,16 @@ class VirtualConnection:
         self.last_out_write = now
         self._emit(SendToClient(out.channel, data))
 
+    # Room an OUT channel keeps for the recycling PDUs still due on it (A2, A6, B3).
+    _CLOSING_ROOM = len(rts.OUT_R2_A2) + len(rts.OUT_R2_A6) + len(rts.OUT_R2_B3)
+
     def _send_rts_to_client(self, data: bytes, now: float) -> None:
-        """RTS for the client: on the channel the client reads now, or held for the next."""
+        """RTS for the client: on the channel the client reads now, or held for the next
+        (also when it would eat the room that channel's own A2/A6/B3 need)."""
         target = self.old_out if self.old_out is not None else self.out
-        if target is not None and target.started:
+        if target is not None and target.started and (
+            target.bytes_left - len(data) >= self._CLOSING_ROOM
+        ):
             self._write_rts(target, data, now)
         else:
             self.pending_rts.append(data)
@@ -561,6 +581,8 @@ class VirtualConnection:
 
     def _out_request_data(self, channel: Channel, data: bytes, now: float) -> None:
         succ = self.out_successor
+        if succ is None and self.out_recycle is OutRecycle.A7_C1W and self.old_out is None:
+            succ = self.out  # OUT_R2/A7 came first and already made the successor default
         if succ is None or succ.channel != channel or succ.c1_seen:
             raise ProtocolError("unexpected bytes in an OUT channel request body")
         pdu = rts.decode_rts(data)
@@ -750,7 +772,7 @@ class VirtualConnection:
         if self.phase is Phase.OPENED and now - self.last_out_write >= self.ping_interval():
             target = self.old_out if self.old_out is not None else self.out
             if target is not None and target.started:
-                if target.bytes_left - len(rts.PING) < rts.RTS_HEADER_LEN:
+                if target.bytes_left - len(rts.PING) < self._CLOSING_ROOM:
                     raise ProtocolError("OUT channel exhausted its Content-Length")
                 if target is self.out and self.out_recycle is OutRecycle.NONE and (
                     target.bytes_left - len(rts.PING) < s.out_reserve
