@@ -756,6 +756,10 @@ class VirtualConnection:
                 return
         # A predecessor closing after a completed recycle is normal.
 
+    def channel_failed(self, channel: Channel, error: RpcProxyError, now: float) -> list[Action]:
+        """A channel's own transport saw bad input (e.g. a body past its Content-Length)."""
+        return self._run(self._raise, error)
+
     def on_timer(self, now: float) -> list[Action]:
         return self._run(self._on_timer, now)
 

@@ -27,10 +27,8 @@ import ssl
 import time
 import uuid
 import weakref
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp.http_parser
 import aiohttp.web_protocol
@@ -63,7 +61,7 @@ from rpcproxy.errors import (
     TargetRefused,
 )
 from rpcproxy.metrics import ServerMetrics
-from rpcproxy.pdu import HEADER_LEN, parse_header
+from rpcproxy.pdu import HEADER_LEN, PduFramer, parse_header
 from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
 
 log = logging.getLogger("rpcproxy")
@@ -86,8 +84,6 @@ OUT_NEW_CONTENT_LENGTH = 76  # CONN/A1
 OUT_SUCCESSOR_CONTENT_LENGTH = 120  # OUT_R2/A3 (96) + OUT_R2/C1 (24)
 MAX_OPENING_PDU = 256  # the largest first PDU of a channel body is 104 bytes
 
-OUT_QUEUE_HIGH = 1 << 20  # bytes queued on an OUT writer before the backend pauses
-OUT_QUEUE_LOW = 256 << 10
 BACKEND_READ_SIZE = 256 << 10
 
 
@@ -106,109 +102,117 @@ def rpc_error_response(error: RpcProxyError, *, close: bool = True) -> web.Respo
 # --- channel adapters ------------------------------------------------------------------------
 
 
-class OutChannelWriter:
-    """The HTTP response side of one OUT channel: an ordered queue and its writer loop."""
+def raw_error_response(error: RpcProxyError) -> bytes:
+    """``503 RPC Error`` written straight to a transport that aiohttp no longer owns."""
+    body = f"RPC Error: {error.rpc_error:X}: {error.reason}\r\n".encode("utf-8", "replace")
+    head = (
+        f"HTTP/1.1 503 RPC Error: {error.rpc_error:X}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
 
-    def __init__(self, request: web.Request, label: str) -> None:
-        self.request = request
+
+class ChannelProtocol(asyncio.Protocol):
+    """One IN or OUT channel after its HTTP request was accepted.
+
+    aiohttp parses the request line, headers and the first RTS PDU and runs
+    authentication; then the connection's transport is switched to this
+    protocol (``transport.set_protocol``), the way an HTTP upgrade hands a
+    connection over. From here on bytes go straight between the transport and
+    the VC: the IN body into ``VirtualConnection.in_data`` (at most
+    Content-Length bytes), the OUT response (status line, then PDUs) written
+    synchronously in the order the VC chose. TCP back-pressure is plain
+    asyncio flow control: an OUT transport that cannot keep up pauses the
+    backend's reading; a backend that cannot keep up pauses IN reading.
+    """
+
+    def __init__(self, kind: str, transport: asyncio.Transport, http_protocol: asyncio.Protocol,
+                 body_left: int, label: str) -> None:
+        self.kind = kind  # "IN" or "OUT"
+        self.transport = transport
+        self.http_protocol = http_protocol  # aiohttp's, told when the connection ends
+        self.body_left = body_left  # request body bytes still allowed
         self.label = label
-        self._items: deque[bytes | tuple[str, Any]] = deque()
-        self._wakeup = asyncio.Event()
-        self.queued = 0
-        self._low = asyncio.Event()
-        self._low.set()
+        self.runtime: VcRuntime | None = None
+        self.started = False  # OUT: 200 Success written
         self.closed = False
-        self.started = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._out_body = PduFramer() if kind == "OUT" else None
 
     def __repr__(self) -> str:
-        return f"<OUT {self.label}>"
+        return f"<{self.kind} {self.label}>"
+
+    # ---- from the VC (actions) -----------------------------------------------------------
 
     def start(self, content_length: int) -> None:
-        self._items.append(("start", content_length))
-        self._wakeup.set()
+        self.started = True
+        self.transport.write(
+            b"HTTP/1.1 200 Success\r\nContent-Type: application/rpc\r\n"
+            b"Content-Length: %d\r\nCache-Control: private\r\n\r\n" % content_length
+        )
 
     def send(self, data: bytes) -> None:
-        if self.closed:
-            return
-        self._items.append(data)
-        self.queued += len(data)
-        if self.queued > OUT_QUEUE_HIGH:
-            self._low.clear()
-        self._wakeup.set()
+        if not self.closed:
+            self.transport.write(data)
 
     def close(self, error: RpcProxyError | None) -> None:
         if self.closed:
             return
         self.closed = True
-        self._items.append(("close", error))
-        self._wakeup.set()
+        if error is not None and not self.started:
+            self.transport.write(raw_error_response(error))
+        self.transport.close()  # after what was written is flushed
 
-    async def wait_low(self) -> None:
-        await self._low.wait()
+    # ---- from the transport --------------------------------------------------------------
 
-    async def run(self) -> web.StreamResponse:
-        resp: web.StreamResponse | None = None
-        items = self._items
+    def feed(self, data: bytes) -> None:
+        """Body bytes, from aiohttp's buffer at hand-over or from the socket."""
+        rt = self.runtime
+        if rt is None or self.closed or not data:
+            return
+        if len(data) > self.body_left:
+            rt.execute(rt.vc.channel_failed(
+                self, ProtocolError(f"{self.kind} request body runs past its Content-Length"),
+                rt.now()))
+            return
+        self.body_left -= len(data)
+        if self._out_body is None:
+            rt.on_in_data(self, data)
+        else:
+            for pdu in self._out_body.feed(data):
+                rt.execute(rt.vc.out_request_data(self, pdu.data, rt.now()))
+
+    def data_received(self, data: bytes) -> None:
         try:
-            while True:
-                if not items:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                item = items.popleft()
-                if isinstance(item, bytes):
-                    if resp is None:
-                        continue  # nothing may precede the status line
-                    self.queued -= len(item)
-                    await resp.write(item)
-                    if self.queued < OUT_QUEUE_LOW:
-                        self._low.set()
-                    continue
-                verb, arg = item
-                if verb == "start":
-                    resp = web.StreamResponse(status=200, reason="Success")
-                    resp.content_type = "application/rpc"
-                    resp.content_length = int(arg)
-                    resp.headers["Cache-Control"] = "private"
-                    resp.force_close()
-                    await resp.prepare(self.request)
-                    self.started = True
-                else:  # close
-                    self._low.set()
-                    if resp is None:
-                        if isinstance(arg, RpcProxyError):
-                            return rpc_error_response(arg)
-                        return rpc_error_response(ProtocolError("channel closed"))
-                    return resp
-        except (ConnectionError, asyncio.CancelledError):
-            self.closed = True
-            self._low.set()
-            raise
+            self.feed(data)
+        except ProtocolError as exc:  # framing of the OUT body
+            rt = self.runtime
+            if rt is not None:
+                rt.execute(rt.vc.channel_failed(self, exc, rt.now()))
 
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
 
-class InChannelReader:
-    """The HTTP request side of one IN channel."""
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_closed, self.closed = self.closed, True
+        rt = self.runtime
+        if rt is not None and not was_closed:
+            rt.execute(rt.vc.channel_closed(self, rt.now()))
+        if rt is not None:
+            rt.channel_lost(self)
+        self.http_protocol.connection_lost(exc)
+        if not self.done.done():
+            self.done.set_result(None)
 
-    def __init__(self, request: web.Request, label: str) -> None:
-        self.request = request
-        self.label = label
-        self.closed = False
-        self.error: RpcProxyError | None = None
+    def pause_writing(self) -> None:
+        if self.runtime is not None:
+            self.runtime.throttle_backend(self, True)
 
-    def __repr__(self) -> str:
-        return f"<IN {self.label}>"
-
-    def close(self, error: RpcProxyError | None) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.error = error
-        # Wake the body pump; it then answers 503 (error) or just closes.
-        self.request.content.set_exception(_ChannelClosedByProxy())
-
-
-class _ChannelClosedByProxy(Exception):
-    pass
+    def resume_writing(self) -> None:
+        if self.runtime is not None:
+            self.runtime.throttle_backend(self, False)
 
 
 class BackendProtocol(asyncio.Protocol):
@@ -217,13 +221,11 @@ class BackendProtocol(asyncio.Protocol):
     def __init__(self, runtime: VcRuntime) -> None:
         self.runtime = runtime
         self.transport: asyncio.Transport | None = None
-        self._can_write = asyncio.Event()
-        self._can_write.set()
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCPTransport does not subclass asyncio.Transport: no isinstance check.
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.runtime.on_backend_data(data)
@@ -232,18 +234,14 @@ class BackendProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._can_write.set()
         if not self.closing:
             self.runtime.on_backend_lost()
 
     def pause_writing(self) -> None:
-        self._can_write.clear()
+        self.runtime.pause_in_reading(True)
 
     def resume_writing(self) -> None:
-        self._can_write.set()
-
-    async def drain(self) -> None:
-        await self._can_write.wait()
+        self.runtime.pause_in_reading(False)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closing:
@@ -272,7 +270,8 @@ class VcRuntime:
     timer: asyncio.TimerHandle | None = None
     timer_at: float | None = None
     backend_read_paused: bool = False  # by the VC (flow control)
-    backend_read_throttled: bool = False  # by a full OUT writer queue
+    throttled_by: set[ChannelProtocol] = field(default_factory=set)  # OUTs that can't keep up
+    in_paused: bool = False  # IN reading paused because the backend can't keep up
     closed: bool = False
     opened_at: float | None = None  # loop time CONN/A3 went out (metrics)
 
@@ -286,22 +285,22 @@ class VcRuntime:
     def execute(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, SendToClient):
-                writer = action.channel
-                assert isinstance(writer, OutChannelWriter)
-                writer.send(action.data)
+                channel = action.channel
+                assert isinstance(channel, ChannelProtocol)
+                channel.send(action.data)
             elif isinstance(action, SendToBackend):
                 if self.backend is not None:
                     self.backend.write(action.data)
             elif isinstance(action, StartResponse):
-                writer = action.channel
-                assert isinstance(writer, OutChannelWriter)
-                writer.start(action.content_length)
+                channel = action.channel
+                assert isinstance(channel, ChannelProtocol)
+                channel.start(action.content_length)
                 if self.opened_at is None:  # the first A3: the VC is open
                     self.opened_at = self.now()
                     self.server.metrics.vc_opened(self.opened_at - self.vc.created)
             elif isinstance(action, CloseChannel):
                 ch = action.channel
-                assert isinstance(ch, OutChannelWriter | InChannelReader)
+                assert isinstance(ch, ChannelProtocol)
                 ch.close(action.error)
             elif isinstance(action, ConnectBackend):
                 self.connect_task = asyncio.create_task(self._connect_backend())
@@ -324,7 +323,7 @@ class VcRuntime:
         backend = self.backend
         if backend is None or backend.transport is None or backend.closing:
             return
-        if self.backend_read_paused or self.backend_read_throttled:
+        if self.backend_read_paused or self.throttled_by:
             backend.transport.pause_reading()
         else:
             backend.transport.resume_reading()
@@ -360,18 +359,33 @@ class VcRuntime:
 
     def on_backend_data(self, data: bytes) -> None:
         self.execute(self.vc.backend_data(data, self.now()))
-        out = self.vc.out
-        if out is not None and isinstance(out.channel, OutChannelWriter):
-            writer = out.channel
-            if writer.queued > OUT_QUEUE_HIGH and not self.backend_read_throttled:
-                self.backend_read_throttled = True
-                self._apply_backend_reading()
-                asyncio.get_running_loop().create_task(self._unthrottle(writer))
 
-    async def _unthrottle(self, writer: OutChannelWriter) -> None:
-        await writer.wait_low()
-        self.backend_read_throttled = False
+    def on_in_data(self, channel: ChannelProtocol, data: bytes) -> None:
+        self.execute(self.vc.in_data(channel, data, self.now()))
+        if self.in_paused and not channel.closed:
+            channel.transport.pause_reading()
+
+    def throttle_backend(self, channel: ChannelProtocol, paused: bool) -> None:
+        """An OUT transport's write buffer crossed its high (low) water mark."""
+        if paused:
+            self.throttled_by.add(channel)
+        else:
+            self.throttled_by.discard(channel)
         self._apply_backend_reading()
+
+    def pause_in_reading(self, paused: bool) -> None:
+        """The backend's write buffer crossed its high (low) water mark."""
+        self.in_paused = paused
+        for ch in self.vc.channels():
+            if isinstance(ch, ChannelProtocol) and ch.kind == "IN" and not ch.closed:
+                if paused:
+                    ch.transport.pause_reading()
+                else:
+                    ch.transport.resume_reading()
+
+    def channel_lost(self, channel: ChannelProtocol) -> None:
+        if channel in self.throttled_by:
+            self.throttle_backend(channel, False)
 
     def on_backend_lost(self) -> None:
         self.execute(self.vc.backend_closed(self.now()))
@@ -621,9 +635,7 @@ class ProxyServer:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
         try:
-            if method == RPC_IN_DATA:
-                return await self._in_channel(request, identity, target, endpoint, length)
-            return await self._out_channel(request, identity, target, endpoint, length)
+            return await self._channel(request, identity, target, endpoint, length)
         except RpcProxyError as exc:
             log.warning("%s from %s user=%s refused: %s", method, _peer(request),
                         identity.principal, exc.reason)
@@ -687,10 +699,10 @@ class ProxyServer:
         return pdu, rts.identify(pdu)
 
     def _runtime_for(self, cookie: bytes, identity: Identity, target: Target,
-                     endpoint: Endpoint, request: web.Request) -> tuple[VcRuntime, bool]:
+                     endpoint: Endpoint, request: web.Request) -> VcRuntime:
         rt = self.vcs.get(cookie)
         if rt is not None and not rt.closed:
-            return rt, False
+            return rt
         vc = VirtualConnection(
             cookie, identity=identity, target=target, settings=self.settings,
             now=asyncio.get_running_loop().time(),
@@ -698,115 +710,83 @@ class ProxyServer:
         rt = VcRuntime(self, vc, endpoint, _peer(request))
         self.vcs[cookie] = rt
         self.stats["vcs_opened"] += 1
-        return rt, True
+        return rt
 
-    async def _out_channel(self, request: web.Request, identity: Identity, target: Target,
-                           endpoint: Endpoint, length: int) -> web.StreamResponse:
-        if length not in (OUT_NEW_CONTENT_LENGTH, OUT_SUCCESSOR_CONTENT_LENGTH):
-            raise ProtocolError(f"RPC_OUT_DATA with Content-Length {length} (want 76 or 120)")
-        pdu, kind = await self._read_opening_pdu(request)
-        now = asyncio.get_running_loop().time()
-        vc_cookie = rts.cookies(pdu)[0] if kind in (rts.Kind.CONN_A1, rts.Kind.OUT_R2_A3) else b""
-        if kind is rts.Kind.CONN_A1 and length == OUT_NEW_CONTENT_LENGTH:
-            rt, _ = self._runtime_for(vc_cookie, identity, target, endpoint, request)
-            writer = OutChannelWriter(request, rt.label)
-            rt.execute(rt.vc.open_out(writer, pdu, identity=identity, target=target, now=now))
-            return await self._run_out(writer)
-        if kind is rts.Kind.OUT_R2_A3 and length == OUT_SUCCESSOR_CONTENT_LENGTH:
-            rt_or_none = self.vcs.get(vc_cookie)
-            if rt_or_none is None:
-                raise ProtocolError("OUT_R2/A3 for an unknown virtual connection "
-                                    "(R1 recycling to another proxy is not supported)")
-            rt = rt_or_none
-            writer = OutChannelWriter(request, rt.label)
-            rt.execute(rt.vc.open_out_successor(writer, pdu, identity=identity,
-                                                target=target, now=now))
-            if not writer.closed:
-                asyncio.get_running_loop().create_task(self._read_c1(request, rt, writer))
-            return await self._run_out(writer)
-        raise ProtocolError(f"{kind.value} cannot open an OUT channel of Content-Length {length}")
-
-    async def _read_c1(self, request: web.Request, rt: VcRuntime,
-                       writer: OutChannelWriter) -> None:
-        try:
-            data = await request.content.readexactly(len(rts.OUT_R2_C1))
-        except (asyncio.IncompleteReadError, ConnectionError, _ChannelClosedByProxy):
-            if not writer.closed:
-                rt.execute(rt.vc.channel_closed(writer, rt.now()))
-            return
-        except Exception:  # noqa: BLE001 - a closed request may raise anything aiohttp has
-            return
-        rt.execute(rt.vc.out_request_data(writer, data, rt.now()))
-
-    async def _run_out(self, writer: OutChannelWriter) -> web.StreamResponse:
-        try:
-            return await writer.run()
-        except (ConnectionError, asyncio.CancelledError):
-            self._channel_gone(writer)
-            raise
-
-    def _channel_gone(self, channel: OutChannelWriter | InChannelReader) -> None:
-        for rt in list(self.vcs.values()):
-            if channel in rt.vc.channels():
-                rt.execute(rt.vc.channel_closed(channel, rt.now()))
-                return
-
-    async def _in_channel(self, request: web.Request, identity: Identity, target: Target,
-                          endpoint: Endpoint, length: int) -> web.StreamResponse:
-        if not IN_MIN_CONTENT_LENGTH <= length <= IN_MAX_CONTENT_LENGTH:
+    async def _channel(self, request: web.Request, identity: Identity, target: Target,
+                       endpoint: Endpoint, length: int) -> web.StreamResponse:
+        """Validate the opening of an IN or OUT channel, hand its transport over, serve it."""
+        inbound = request.method == RPC_IN_DATA
+        if inbound and not IN_MIN_CONTENT_LENGTH <= length <= IN_MAX_CONTENT_LENGTH:
             raise ProtocolError(f"RPC_IN_DATA with Content-Length {length} "
                                 "(want 128 KiB..2 GiB)")
+        if not inbound and length not in (OUT_NEW_CONTENT_LENGTH, OUT_SUCCESSOR_CONTENT_LENGTH):
+            raise ProtocolError(f"RPC_OUT_DATA with Content-Length {length} (want 76 or 120)")
         pdu, kind = await self._read_opening_pdu(request)
-        now = asyncio.get_running_loop().time()
-        if kind is rts.Kind.CONN_B1:
-            rt, _ = self._runtime_for(rts.cookies(pdu)[0], identity, target, endpoint, request)
-            reader = InChannelReader(request, rt.label)
-            rt.execute(rt.vc.open_in(reader, pdu, identity=identity, target=target, now=now))
-        elif kind is rts.Kind.IN_R2_A1:
-            rt_or_none = self.vcs.get(rts.cookies(pdu)[0])
-            if rt_or_none is None:
-                raise ProtocolError("IN_R2/A1 for an unknown virtual connection "
-                                    "(R1 recycling to another proxy is not supported)")
-            rt = rt_or_none
-            reader = InChannelReader(request, rt.label)
-            rt.execute(rt.vc.open_in_successor(reader, pdu, identity=identity,
-                                               target=target, now=now))
+        opening = {
+            (True, rts.Kind.CONN_B1): "new",
+            (True, rts.Kind.IN_R2_A1): "successor",
+            (False, rts.Kind.CONN_A1): "new" if length == OUT_NEW_CONTENT_LENGTH else None,
+            (False, rts.Kind.OUT_R2_A3): (
+                "successor" if length == OUT_SUCCESSOR_CONTENT_LENGTH else None),
+        }.get((inbound, kind))
+        if opening is None:
+            raise ProtocolError(f"{kind.value} cannot open an {request.method} channel "
+                                f"of Content-Length {length}")
+        vc_cookie = rts.cookies(pdu)[0]
+        if opening == "new":
+            rt = self._runtime_for(vc_cookie, identity, target, endpoint, request)
         else:
-            raise ProtocolError(f"{kind.value} cannot open an IN channel")
-        return await self._pump_in(request, rt, reader)
-
-    async def _pump_in(self, request: web.Request, rt: VcRuntime,
-                       reader: InChannelReader) -> web.StreamResponse:
-        content = request.content
-        try:
-            while not reader.closed:
-                data = await content.readany()
-                if not data:
-                    rt.execute(rt.vc.channel_closed(reader, rt.now()))
-                    break
-                rt.execute(rt.vc.in_data(reader, data, rt.now()))
-                backend = rt.backend
-                if backend is not None and not backend._can_write.is_set():
-                    await backend.drain()
-        except _ChannelClosedByProxy:
-            pass
-        except ConnectionError:
-            # The client went away: the VC decides what that means (teardown, or
-            # nothing for a predecessor). There is nobody left to answer.
-            if not reader.closed:
-                rt.execute(rt.vc.channel_closed(reader, rt.now()))
-            resp = web.Response(status=200, reason="Success")
-            resp.force_close()
-            return resp
-        except asyncio.CancelledError:
-            if not reader.closed:
-                rt.execute(rt.vc.channel_closed(reader, rt.now()))
-            raise
-        if reader.error is not None:
-            return rpc_error_response(reader.error)
-        resp = web.Response(status=200, reason="Success")
+            found = self.vcs.get(vc_cookie)
+            if found is None or found.closed:
+                raise ProtocolError(f"{kind.value} for an unknown virtual connection "
+                                    "(R1 recycling to another proxy is not supported)")
+            rt = found
+        channel, leftover = self._take_over(request, "IN" if inbound else "OUT",
+                                            length - len(pdu.encode()), rt.label)
+        now = rt.now()
+        vc = rt.vc
+        opener = {
+            (True, "new"): vc.open_in, (True, "successor"): vc.open_in_successor,
+            (False, "new"): vc.open_out, (False, "successor"): vc.open_out_successor,
+        }[(inbound, opening)]
+        actions = opener(channel, pdu, identity=identity, target=target, now=now)
+        channel.runtime = rt
+        rt.execute(actions)
+        if leftover:
+            channel.data_received(leftover)
+        await channel.done
+        # The connection is gone; aiohttp was told. Nothing of this reaches the wire.
+        resp = web.Response(status=204)
         resp.force_close()
         return resp
+
+    @staticmethod
+    def _take_over(request: web.Request, kind: str, body_left: int,
+                   label: str) -> tuple[ChannelProtocol, bytes]:
+        """Switch the request's transport to a ChannelProtocol (see its docstring).
+
+        Returns the channel and the body bytes aiohttp had already buffered.
+        """
+        transport = request.transport
+        http_protocol = request.protocol
+        assert transport is not None
+        leftover = b""
+        while True:  # what aiohttp's body reader already holds
+            try:
+                chunk = request.content.read_nowait(-1)
+            except RuntimeError:
+                break
+            if not chunk:
+                break
+            leftover += chunk
+        channel = ChannelProtocol(kind, transport, http_protocol, body_left, label)
+        transport.set_protocol(channel)
+        if transport.is_closing():
+            channel.closed = True
+            channel.done.set_result(None)
+        else:
+            transport.resume_reading()
+        return channel, leftover
 
 
 async def _no_expect_handler(request: web.Request) -> None:
