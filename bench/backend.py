@@ -241,8 +241,10 @@ class BenchBackend:
             self.server = None
 
 
-async def _serve(host: str, port: int) -> None:
-    backend = BenchBackend(host, port)
+async def _serve(host: str, port: int, corrupt_response: int | None,
+                 stall_after: int | None) -> None:
+    backend = BenchBackend(host, port, corrupt_response=corrupt_response,
+                           stall_after=stall_after)
     bound = await backend.start()
     print(f"LISTENING {host} {bound}", flush=True)
     loop = asyncio.get_running_loop()
@@ -264,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.backend",
                                 description="DCE/RPC (ncacn_ip_tcp) backend stub for the bench")
     p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
+    p.add_argument("--corrupt-response", type=int, metavar="N",
+                   help="flip one payload byte of the N-th response (harness self-test)")
+    p.add_argument("--stall-after", type=int, metavar="N",
+                   help="stop answering after N responses (harness self-test)")
     args = p.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     from bench.limits import raise_nofile
@@ -272,9 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import uvloop
 
-        uvloop.run(_serve(host, int(port)))
+        uvloop.run(_serve(host, int(port), args.corrupt_response, args.stall_after))
     except ImportError:
-        asyncio.run(_serve(host, int(port)))
+        asyncio.run(_serve(host, int(port), args.corrupt_response, args.stall_after))
     return 0
 
 

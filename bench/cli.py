@@ -36,6 +36,7 @@ from bench.client import BasicAuth, NtlmAuth, RpchError
 from bench.limits import raise_nofile
 from bench.procs import ChildProcess
 from bench.protocol import IntegrityError
+from bench.proxyproc import LOCAL_NTLM_PASSWORD, LOCAL_NTLM_USER
 from bench.scenarios import SCENARIOS, Bench, ProxyTarget
 from bench.session import RpcFault
 
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="event loop of the bench's proxy process (default uvloop, as "
                         "rpcproxy serve)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    # Self-tests of the harness: make the backend stub damage or stall the stream.
+    p.add_argument("--inject-corrupt", type=int, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument("--inject-stall", type=int, metavar="N", help=argparse.SUPPRESS)
     p.add_argument("--keep-logs", action="store_true",
                    help="keep the child processes' log files (their paths are printed)")
     g = p.add_argument_group("real deployment")
@@ -84,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--password")
     g.add_argument("--domain", default="")
     g.add_argument("--auth", choices=["basic", "ntlm"], default=None,
-                   help="HTTP authentication (default: ntlm with --url or --ntlm-server)")
+                   help="HTTP authentication (default: ntlm with --url or --ntlm-server; "
+                        "self-contained: basic, or ntlm verified locally in the proxy child)")
     g.add_argument("--direct", metavar="HOST:PORT",
                    help="the backend's ncacn_ip_tcp address for the direct figures")
     g.add_argument("--insecure", action="store_true", help="do not verify the TLS certificate")
@@ -161,6 +166,8 @@ async def amain(args: argparse.Namespace) -> int:
                 "--out-content-length", str(out_cl), "--loop", args.proxy_loop]
         if args.ntlm_server:
             argv += ["--ntlm-server", args.ntlm_server]
+        elif args.auth == "ntlm":
+            argv += ["--local-ntlm"]
         child = ChildProcess("proxy", argv)
         children.append(child)
         await child.start()
@@ -185,13 +192,23 @@ async def amain(args: argparse.Namespace) -> int:
             progress(f"driving {args.url}?{args.target}" + (
                 f", direct {args.direct}" if direct else ", no direct path (--direct)"))
         else:
-            backend = ChildProcess("backend", ["-m", "bench.backend"])
+            argv = ["-m", "bench.backend"]
+            if args.inject_corrupt is not None:
+                argv += ["--corrupt-response", str(args.inject_corrupt)]
+            if args.inject_stall is not None:
+                argv += ["--stall-after", str(args.inject_stall)]
+            backend = ChildProcess("backend", argv)
             children.append(backend)
             bhost, bport = await backend.start()
             backend_addr = f"{bhost}:{bport}"
             proxy_proc = await spawn_proxy(args.out_content_length, backend_addr)
-            auth: BasicAuth | NtlmAuth = (_auth(args) if args.ntlm_server
-                                          else BasicAuth("bench", "bench"))
+            auth: BasicAuth | NtlmAuth
+            if args.ntlm_server:
+                auth = _auth(args)
+            elif args.auth == "ntlm":  # NTLM handshakes verified locally in the proxy child
+                auth = NtlmAuth(LOCAL_NTLM_USER, LOCAL_NTLM_PASSWORD, "BENCH")
+            else:
+                auth = BasicAuth("bench", "bench")
             proxy = ProxyTarget(proxy_proc.host, proxy_proc.port, "bench:6001", auth=auth)
             bench = Bench(proxy, (bhost, bport), args.duration, progress,
                           proxy_proc=proxy_proc, backend_proc=backend, timeout=args.timeout)

@@ -10,9 +10,10 @@ CPU time must be measured apart from the load generator's, and the two must not 
 core's event loop (that would make the generator's work look like proxy latency).
 
 Authentication: by default ``bench.auth.BenchAuthenticator`` (Basic with any password; no
-Samba needed). With ``--ntlm-server HOST:PORT`` the real ``HttpAuthenticator`` is used and NTLM
-(and Basic over plain HTTP) is verified by that Samba, so set-up figures include NTLM
-pass-through.
+Samba needed; with ``--local-ntlm`` also NTLM for ``BENCH\\bench``/``bench``, verified
+locally by pyspnego). With ``--ntlm-server HOST:PORT`` the real ``HttpAuthenticator`` is
+used and NTLM (and Basic over plain HTTP) is verified by that Samba, so set-up figures
+include NTLM pass-through.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from bench.limits import raise_nofile
 
 BENCH_TARGET_NAME = "bench"
 BENCH_TARGET_PORT = 6001
+LOCAL_NTLM_USER = "bench"  # --local-ntlm account (domain BENCH), verified by pyspnego
+LOCAL_NTLM_PASSWORD = "bench"
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -48,7 +51,10 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.ntlm_server:
         overrides["ntlm_server"] = args.ntlm_server
     cfg = config_mod.load(None, overrides)
-    authenticator = None if args.ntlm_server else BenchAuthenticator()
+    authenticator = None
+    if not args.ntlm_server:
+        users = {("BENCH", LOCAL_NTLM_USER): LOCAL_NTLM_PASSWORD} if args.local_ntlm else None
+        authenticator = BenchAuthenticator(ntlm_users=users)
     server = ProxyServer(cfg, authenticator=authenticator)  # type: ignore[arg-type]
     bound = await server.start()
     host, port = bound[0]
@@ -69,6 +75,8 @@ async def _serve(args: argparse.Namespace) -> None:
             await server.stop()
     except TimeoutError:
         pass
+    if authenticator is not None:
+        authenticator.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out-content-length", type=int, default=0x40000000)
     p.add_argument("--receive-window", type=int, default=0x40000)
     p.add_argument("--ntlm-server", metavar="HOST:PORT")
+    p.add_argument("--local-ntlm", action="store_true",
+                   help="also accept NTLM for BENCH\\bench (password bench), checked locally")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                    help="event loop (rpcproxy serve uses uvloop)")

@@ -66,7 +66,7 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
     out: list[list[str]] = []
     for name, r in doc["scenarios"].items():
         if "error" in r and r.get("proxy") is None:
-            out.append([name, "FAILED", r["error"][:60], "", "", ""])
+            out.append([name, "FAILED: " + r["error"][:100], "", "", "", ""])
             continue
         out.append([name, r.get("metric", ""), _fmt(r.get("proxy")), _fmt(r.get("direct")),
                     _fmt(r.get("ratio")), r.get("unit", "")])

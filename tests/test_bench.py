@@ -1,0 +1,283 @@
+"""The bench harness itself: its client through a real in-process ProxyServer, its integrity
+checks (a flipped byte, a stalled stream: fail, never hang) and a short CLI run's JSON.
+
+No timing assertions here: speed is judged by rpcproxy-bench, these only check correctness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bench import dcerpc
+from bench import protocol as bp
+from bench.auth import BenchAuthenticator
+from bench.backend import BenchBackend
+from bench.client import BasicAuth, HttpStatusError, NtlmAuth, RpchClient, RpchTimeout
+from bench.direct import DirectClient
+from bench.protocol import IntegrityError
+from bench.session import BenchSession
+from rpcproxy import config as config_mod
+from rpcproxy.server import ProxyServer
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = "bench:6001"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Stack:
+    backend: BenchBackend
+    server: ProxyServer
+    auth: BenchAuthenticator
+    host: str
+    port: int
+
+    async def client(self, **kw: object) -> RpchClient:
+        kw.setdefault("auth", BasicAuth("alice", "pw"))
+        kw.setdefault("timeout", 5.0)
+        return await RpchClient.connect(self.host, self.port, target=TARGET, **kw)  # type: ignore[arg-type]
+
+
+async def _stack(backend: BenchBackend, *, auth: BenchAuthenticator | None = None,
+                 **overrides: object) -> Stack:
+    bport = await backend.start()
+    cfg = config_mod.load(None, {
+        "listen": "127.0.0.1:0", "backend": f"127.0.0.1:{bport}",
+        "targets": [f"{TARGET}=127.0.0.1:{bport}"], **overrides})
+    authenticator = auth or BenchAuthenticator()
+    server = ProxyServer(cfg, authenticator=authenticator)  # type: ignore[arg-type]
+    (host, port), *_ = await server.start()
+    return Stack(backend, server, authenticator, host, port)
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    # Small Content-Lengths so that both channel recyclings happen within a test.
+    s = await _stack(BenchBackend(), out_content_length=1 << 20)
+    try:
+        yield s
+    finally:
+        await s.server.stop()
+        await s.backend.stop()
+        s.auth.close()
+
+
+async def test_client_calls_through_proxy_with_recycling(stack: Stack) -> None:
+    conn = await stack.client(in_content_length=256 << 10)
+    try:
+        session = BenchSession(conn, timeout=5.0)
+        ack = await session.bind()
+        assert ack.accepted and ack.max_xmit == 0xFFF8
+        for want, length in ((0, 0), (16, 16), (70_000, 16), (16, 200_000), (65_480, 65_480)):
+            await session.call(want, length)  # multi-fragment both ways included
+        result = await session.stream(want=65_480, length=65_480, depth=4, count=40)
+        assert result.calls == 40
+        assert conn.out_recycles >= 2  # 5 MiB down through 1 MiB OUT channels
+        assert conn.in_recycles >= 2  # 5 MiB up through 256 KiB IN channels
+        await conn.recycle_in()  # on demand as well
+        await session.call(1000, 1000)
+        assert conn.acks_sent > 0 and conn.acks_received > 0
+    finally:
+        await conn.close()
+    assert stack.backend.calls == 46 and stack.backend.faults == 0
+    assert stack.backend.accepted == 1  # recycling never reconnects the backend
+
+
+async def test_out_recycling_with_a7_before_c1(stack: Stack) -> None:
+    conn = await stack.client()
+    conn.a7_before_c1 = True
+    try:
+        session = BenchSession(conn, timeout=5.0)
+        await session.bind()
+        await session.stream(want=65_480, length=16, depth=4, count=40)
+        assert conn.out_recycles >= 2
+    finally:
+        await conn.close()
+
+
+async def test_direct_client_same_api(stack: Stack) -> None:
+    conn = await DirectClient.connect("127.0.0.1", stack.backend.port, timeout=5.0)
+    try:
+        session = BenchSession(conn, timeout=5.0)
+        await session.bind()
+        await session.call(200_000, 200_000)
+    finally:
+        await conn.close()
+
+
+async def test_corrupted_byte_is_detected_on_both_paths() -> None:
+    backend = BenchBackend(corrupt_response=3)
+    s = await _stack(backend)
+    try:
+        conn = await s.client()
+        session = BenchSession(conn, timeout=5.0)
+        await session.bind()
+        await session.call(1000, 10)
+        await session.call(1000, 10)
+        with pytest.raises(IntegrityError, match="corrupted"):
+            await session.call(1000, 10)
+        await conn.close()
+        backend.corrupt_response = backend.calls + 2
+        direct = await DirectClient.connect("127.0.0.1", backend.port)
+        session = BenchSession(direct, timeout=5.0)
+        await session.bind()
+        await session.call(100, 100)
+        with pytest.raises(IntegrityError, match="corrupted"):
+            await session.call(100, 100)
+        await direct.close()
+    finally:
+        await s.server.stop()
+        await backend.stop()
+
+
+async def test_damaged_request_is_reported_by_the_backend(stack: Stack) -> None:
+    conn = await stack.client()
+    try:
+        session = BenchSession(conn, timeout=5.0)
+        await session.bind()
+        await session.call(10, 10)
+        session.seq += 1  # skip a sequence number: the backend sees a gap
+        with pytest.raises(IntegrityError, match="damaged request"):
+            await session.call(10, 10)
+        # A flipped payload byte in a request.
+        session.seq += 1
+        raw = bytearray(bp.build_request_stub(session.seq, 10, 100))
+        raw[-1] ^= 0xFF
+        await conn.send_pdu(dcerpc.build_request(99, bp.OPNUM_EXCHANGE, bytes(raw)))
+        reply = await conn.recv_pdu(5.0)
+        assert dcerpc.parse_fault(reply) == bp.FAULT_BAD_CRC
+    finally:
+        await conn.close()
+
+
+async def test_stalled_stream_fails_instead_of_hanging() -> None:
+    backend = BenchBackend(stall_after=2)
+    s = await _stack(backend)
+    try:
+        conn = await s.client(timeout=1.0)
+        session = BenchSession(conn, timeout=1.0)
+        await session.bind()
+        async with asyncio.timeout(10):
+            with pytest.raises(RpchTimeout):
+                await session.stream(want=1000, length=1000, depth=2, count=100)
+        assert conn.error is not None
+        with pytest.raises(RpchTimeout):  # the connection stays failed
+            await conn.send_pdu(b"")
+        await conn.close()
+    finally:
+        await s.server.stop()
+        await backend.stop()
+
+
+async def test_in_window_that_never_reopens_times_out() -> None:
+    """A fake proxy that opens the VC but never acknowledges IN traffic."""
+    from rpcproxy import rts
+
+    async def fake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"RPC_OUT_DATA"):
+            await reader.readexactly(76)
+            writer.write(b"HTTP/1.1 200 Success\r\nContent-Type: application/rpc\r\n"
+                         b"Content-Length: 1073741824\r\n\r\n"
+                         + rts.conn_a3(120_000) + rts.conn_c2(0x2000, 120_000))
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(fake, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        conn = await RpchClient.connect("127.0.0.1", port, target=TARGET, timeout=1.0)
+        await conn.send_pdu(b"x" * 0x2000)  # fills the 8 KiB window exactly
+        async with asyncio.timeout(10):
+            with pytest.raises(RpchTimeout, match="window"):
+                await conn.send_pdu(b"y" * 100)
+        await conn.close()
+    finally:
+        server.close()
+
+
+async def test_http_errors_raise_with_status_and_code() -> None:
+    s = await _stack(BenchBackend(), auth=BenchAuthenticator(password="right"))
+    try:
+        with pytest.raises(HttpStatusError) as info:
+            await s.client(auth=BasicAuth("alice", "wrong"))
+        assert info.value.status == 401
+        with pytest.raises(HttpStatusError) as info:
+            await RpchClient.connect(s.host, s.port, target="elsewhere:6001",
+                                     auth=BasicAuth("alice", "right"), timeout=5.0)
+        assert info.value.status == 503 and info.value.rpc_error == 0x6BA
+        conn = await s.client(auth=BasicAuth("alice", "right"), expect_continue=True,
+                              http_version="1.0")
+        await conn.close()
+    finally:
+        await s.server.stop()
+        await s.backend.stop()
+
+
+async def test_ntlm_handshake_over_keep_alive_connections() -> None:
+    auth = BenchAuthenticator(ntlm_users={("BENCH", "bob"): "secret"})
+    s = await _stack(BenchBackend(), auth=auth, out_content_length=1 << 20)
+    try:
+        conn = await s.client(auth=NtlmAuth("bob", "secret", "BENCH"))
+        session = BenchSession(conn, timeout=5.0)
+        await session.bind()
+        await session.stream(want=65_480, length=16, depth=4, count=20)  # OUT successor too
+        assert conn.out_recycles >= 1
+        await conn.recycle_in()  # IN successor authenticates with NTLM as well
+        await session.call(10, 10)
+        await conn.close()
+        with pytest.raises(HttpStatusError) as info:
+            await s.client(auth=NtlmAuth("bob", "wrong", "BENCH"))
+        assert info.value.status == 401
+    finally:
+        await s.server.stop()
+        await s.backend.stop()
+        auth.close()
+
+
+def _run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
+                                     if env.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_short_run_writes_json_with_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    html = tmp_path / "bench.html"
+    proc = _run_cli("--duration", "1", "--scenarios", "throughput,latency", "--clients", "4",
+                    "--json", str(out), "--html", str(html))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["ok"] is True and doc["errors"] == []
+    assert set(doc["scenarios"]) == {"throughput", "latency"}
+    for name in ("throughput", "latency"):
+        r = doc["scenarios"][name]
+        assert r["proxy"] > 0 and r["direct"] > 0
+        assert r["ratio"] == pytest.approx(r["proxy"] / r["direct"], rel=0.01)
+    assert doc["scenarios"]["throughput"]["unit"] == "MB/s"
+    assert doc["machine"]["cores"] >= 1
+    page = html.read_text()
+    assert "<svg" in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert "throughput" in proc.stdout  # the terminal table
+
+
+def test_cli_fails_loudly_on_corruption(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = _run_cli("--duration", "0.5", "--scenarios", "throughput", "--inject-corrupt", "5",
+                    "--timeout", "2", "--json", str(out))
+    assert proc.returncode == 1
+    doc = json.loads(out.read_text())
+    assert doc["ok"] is False
+    assert "IntegrityError" in doc["scenarios"]["throughput"]["error"]
+    assert "FAILED" in proc.stderr
