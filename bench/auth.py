@@ -78,7 +78,12 @@ class BenchAuthenticator:
         key = id(conn)
         st = self._states.get(key)
         if st is None or st.ref() is not conn:
-            st = _State(weakref.ref(conn, lambda _r, key=key: self._states.pop(key, None)))
+            states = self._states
+
+            def gone(_ref: weakref.ref[object], key: int = key) -> None:
+                states.pop(key, None)
+
+            st = _State(weakref.ref(conn, gone))
             self._states[key] = st
         return st
 
