@@ -120,7 +120,9 @@ class ChannelProtocol(asyncio.Protocol):
     aiohttp parses the request line, headers and the first RTS PDU and runs
     authentication; then the connection's transport is switched to this
     protocol (``transport.set_protocol``), the way an HTTP upgrade hands a
-    connection over. From here on bytes go straight between the transport and
+    connection over, and aiohttp is told the connection is gone, so its request
+    objects and handler task are freed at once (an idle channel costs only this
+    object and its transport). From here on bytes go straight between the transport and
     the VC: the IN body into ``VirtualConnection.in_data`` (at most
     Content-Length bytes), the OUT response (status line, then PDUs) written
     synchronously in the order the VC chose. TCP back-pressure is plain
@@ -128,17 +130,18 @@ class ChannelProtocol(asyncio.Protocol):
     backend's reading; a backend that cannot keep up pauses IN reading.
     """
 
-    def __init__(self, kind: str, transport: asyncio.Transport, http_protocol: asyncio.Protocol,
-                 body_left: int, label: str) -> None:
+    __slots__ = ("kind", "transport", "body_left", "label", "runtime", "started", "closed",
+                 "_out_body")
+
+    def __init__(self, kind: str, transport: asyncio.Transport, body_left: int,
+                 label: str) -> None:
         self.kind = kind  # "IN" or "OUT"
         self.transport = transport
-        self.http_protocol = http_protocol  # aiohttp's, told when the connection ends
         self.body_left = body_left  # request body bytes still allowed
         self.label = label
         self.runtime: VcRuntime | None = None
         self.started = False  # OUT: 200 Success written
         self.closed = False
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._out_body = PduFramer() if kind == "OUT" else None
 
     def __repr__(self) -> str:
@@ -202,9 +205,6 @@ class ChannelProtocol(asyncio.Protocol):
             rt.execute(rt.vc.channel_closed(self, rt.now()))
         if rt is not None:
             rt.channel_lost(self)
-        self.http_protocol.connection_lost(exc)
-        if not self.done.done():
-            self.done.set_result(None)
 
     def pause_writing(self) -> None:
         if self.runtime is not None:
@@ -743,6 +743,7 @@ class ProxyServer:
             rt = found
         channel, leftover = self._take_over(request, "IN" if inbound else "OUT",
                                             length - len(pdu.encode()), rt.label)
+        self.authenticator.forget(request.transport)  # this connection carries no more requests
         now = rt.now()
         vc = rt.vc
         opener = {
@@ -754,11 +755,8 @@ class ProxyServer:
         rt.execute(actions)
         if leftover:
             channel.data_received(leftover)
-        await channel.done
-        # The connection is gone; aiohttp was told. Nothing of this reaches the wire.
-        resp = web.Response(status=204)
-        resp.force_close()
-        return resp
+        # aiohttp no longer has a transport for this request: this response is dropped.
+        return web.Response(status=204)
 
     @staticmethod
     def _take_over(request: web.Request, kind: str, body_left: int,
@@ -779,11 +777,14 @@ class ProxyServer:
             if not chunk:
                 break
             leftover += chunk
-        channel = ChannelProtocol(kind, transport, http_protocol, body_left, label)
+        channel = ChannelProtocol(kind, transport, body_left, label)
         transport.set_protocol(channel)
+        # Detach aiohttp: without a transport it can neither write nor close it, and
+        # connection_lost makes it drop the request, its timers and its handler task.
+        http_protocol.transport = None
+        http_protocol.connection_lost(None)
         if transport.is_closing():
             channel.closed = True
-            channel.done.set_result(None)
         else:
             transport.resume_reading()
         return channel, leftover
