@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-loop", choices=["uvloop", "asyncio"], default="uvloop",
                    help="event loop of the bench's proxy process (default uvloop, as "
                         "rpcproxy serve)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="record py-spy flame graphs of the proxy and the load generator per "
+                        "scenario into DIR (needs py-spy on PATH; root or ptrace rights)")
+    p.add_argument("--profile-format", choices=["flamegraph", "raw", "speedscope"],
+                   default="flamegraph", help="py-spy output format (raw = collapsed stacks)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     # Self-tests of the harness: make the backend stub damage or stall the stream.
     p.add_argument("--inject-corrupt", type=int, metavar="N", help=argparse.SUPPRESS)
@@ -122,6 +127,57 @@ def _auth(args: argparse.Namespace) -> BasicAuth | NtlmAuth:
     if kind == "ntlm":
         return NtlmAuth(args.user, args.password, args.domain)
     return BasicAuth(args.user, args.password, args.domain)
+
+
+async def start_profilers(directory: str | None, scenario: str, bench: Bench,
+                          progress: Progress, fmt: str = "flamegraph",
+                          ) -> list[tuple[asyncio.subprocess.Process, str]]:
+    """py-spy on the proxy process tree and on ourselves, until stop_profilers."""
+    if not directory:
+        return []
+    import os
+    import shutil
+
+    spy = shutil.which("py-spy")
+    if spy is None:
+        progress("--profile: py-spy not found on PATH (pip install py-spy); not profiling")
+        return []
+    os.makedirs(directory, exist_ok=True)
+    targets = [("loadgen", os.getpid())]
+    if bench.proxy_proc is not None:
+        targets.append(("proxy", bench.proxy_proc.pid))
+    spies = []
+    for label, pid in targets:
+        ext = {"flamegraph": "svg", "raw": "txt", "speedscope": "json"}[fmt]
+        out = os.path.join(directory, f"{scenario}-{label}.{ext}")
+        # The proxy's workers are its subprocesses; ours are the proxy and the backend.
+        sub = ["--subprocesses"] if label == "proxy" else []
+        proc = await asyncio.create_subprocess_exec(
+            spy, "record", "--pid", str(pid), *sub, "--nonblocking", "--rate", "250",
+            "--format", fmt, "--output", out,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        spies.append((proc, out))
+    await asyncio.sleep(0.5)  # let py-spy attach before the load starts
+    return spies
+
+
+async def stop_profilers(spies: list[tuple[asyncio.subprocess.Process, str]],
+                         progress: Progress) -> None:
+    import contextlib
+    import signal
+
+    for proc, _ in spies:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+    for proc, out in spies:
+        try:
+            async with asyncio.timeout(20):
+                await proc.wait()
+            progress(f"profile written to {out}")
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
 
 
 def scenario_limit(name: str, args: argparse.Namespace) -> float:
@@ -229,6 +285,8 @@ async def amain(args: argparse.Namespace) -> int:
 
         for name in names:
             progress(f"--- {name}")
+            spies = await start_profilers(args.profile, name, bench, progress,
+                                          args.profile_format)
             try:
                 async with asyncio.timeout(scenario_limit(name, args)):
                     result = await SCENARIOS[name](bench)
@@ -240,6 +298,8 @@ async def amain(args: argparse.Namespace) -> int:
                 doc["errors"].append(msg)
                 doc["ok"] = False
                 result = {"error": msg, "proxy": None, "direct": None, "ratio": None}
+            finally:
+                await stop_profilers(spies, progress)
             for child in children:
                 if child.proc is not None and child.proc.returncode not in (None, 0):
                     msg = (f"{child.name} process exited with {child.proc.returncode}:\n"

@@ -12,6 +12,7 @@ within a path between its phases); ramps, warm-ups and checks come on top but ar
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ from bench.direct import DirectClient
 from bench.procs import ChildProcess, ProcSample
 from bench.session import BenchSession, PduTransport
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 PDU = 0xFFF8  # "64 KiB PDUs": the largest 8-aligned fragment under 65535
 BIG = PDU - dcerpc.REQUEST_HEADER_LEN - 24  # stub payload filling one fragment exactly
 SMALL = 16
@@ -131,25 +133,82 @@ async def close_all(sessions: list[BenchSession], concurrency: int = 200) -> Non
 
 
 class CpuMeter:
-    """CPU used by the load generator, the proxy and the backend between start and stop."""
+    """CPU used by the load generator, the proxy and the backend while measuring.
 
-    def __init__(self, bench: Bench) -> None:
+    ``start()`` / ``pause()`` may alternate (interleaved rounds); ``result()`` gives each
+    process's CPU as a fraction of one core over the measured wall time."""
+
+    def __init__(self, bench: Bench, *, started: bool = True) -> None:
         self.bench = bench
-        self.t0 = time.perf_counter()
-        self.me0 = time.process_time()
-        self.proxy0 = bench.proc_sample("proxy")
-        self.backend0 = bench.proc_sample("backend")
+        self.wall = 0.0
+        self.cpu = {"loadgen": 0.0, "proxy": 0.0, "backend": 0.0, "machine": 0.0}
+        self.seen = {"loadgen": True, "proxy": False, "backend": False, "machine": False}
+        self._t0: float | None = None
+        self._c0: dict[str, float | None] = {}
+        if started:
+            self.start()
+
+    def _now(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {"loadgen": time.process_time(),
+                                        "machine": machine_busy_seconds()}
+        for name in ("proxy", "backend"):
+            smp = self.bench.proc_sample(name)
+            out[name] = smp.cpu if smp is not None else None
+        return out
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+        self._c0 = self._now()
+
+    def pause(self) -> None:
+        if self._t0 is None:
+            return
+        self.wall += time.perf_counter() - self._t0
+        now = self._now()
+        for name, v in now.items():
+            first = self._c0.get(name)
+            if v is not None and first is not None:
+                self.cpu[name] += v - first
+                self.seen[name] = True
+        self._t0 = None
 
     def stop(self) -> dict[str, float | None]:
-        wall = time.perf_counter() - self.t0
-        me = time.process_time() - self.me0
-        out: dict[str, float | None] = {"wall_s": round(wall, 3),
-                                        "loadgen_cpu": round(me / wall, 3) if wall else None}
-        for name, first in (("proxy", self.proxy0), ("backend", self.backend0)):
-            now = self.bench.proc_sample(name)
-            out[f"{name}_cpu"] = (round((now.cpu - first.cpu) / wall, 3)
-                                  if now is not None and first is not None and wall else None)
+        self.pause()
+        return self.result()
+
+    def result(self) -> dict[str, float | None]:
+        """Cores used (1.0 = one core busy): per process, and ``other_cpu`` for everything
+        else on the machine (other processes, the kernel's softirq work included)."""
+        out: dict[str, float | None] = {"wall_s": round(self.wall, 3)}
+        for name in ("loadgen", "proxy", "backend"):
+            v = self.cpu[name]
+            out[f"{name}_cpu"] = (round(v / self.wall, 3) if self.seen[name] and self.wall
+                                  else None)
+        if self.seen["machine"] and self.wall:
+            ours = sum(self.cpu[n] for n in ("loadgen", "proxy", "backend"))
+            out["other_cpu"] = round(max(0.0, self.cpu["machine"] - ours) / self.wall, 3)
         return out
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine spent not idle (from /proc/stat)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    values = [int(x) for x in fields[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    busy = sum(values[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / _CLK_TCK
+
+
+def _rounds(bench: Bench) -> int:
+    """How many proxy/direct alternations a scenario makes (noise on a busy machine hits
+    both paths alike)."""
+    return max(1, min(6, int(bench.duration)))
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -167,8 +226,6 @@ def ratio(proxy: float | None, direct: float | None) -> float | None:
 
 def bottleneck(cpu: dict[str, dict[str, float | None]]) -> str:
     """Which processes were (nearly) CPU-bound while each path was measured."""
-    import os
-
     cores = os.cpu_count() or 1
     notes = []
     for path in ("proxy", "direct"):
@@ -177,14 +234,19 @@ def bottleneck(cpu: dict[str, dict[str, float | None]]) -> str:
             continue
         busy = [f"{name} {c[f'{name}_cpu']:.0%}" for name in ("loadgen", "proxy", "backend")
                 if (c.get(f"{name}_cpu") or 0.0) >= 0.85]
-        total = sum(v for k, v in c.items() if k.endswith("_cpu") and v is not None)
+        total = sum(v for k, v in c.items()
+                    if k.endswith("_cpu") and k != "other_cpu" and v is not None)
         parts = []
         if busy:
             parts.append("CPU-bound: " + ", ".join(busy) + " of a core")
         if (c.get("loadgen_cpu") or 0.0) >= 0.85:
             parts.append("the load generator itself limits this figure")
-        if total >= 0.9 * cores:
-            parts.append(f"all {cores} cores busy ({total:.2f} used)")
+        other = c.get("other_cpu") or 0.0
+        if other >= 0.25:
+            parts.append(f"other processes used {other:.2f} cores (a shared machine: figures "
+                         "are noisy)")
+        if total + other >= 0.9 * cores:
+            parts.append(f"all {cores} cores busy ({total + other:.2f} used)")
         if parts:
             notes.append(f"{path} run: " + "; ".join(parts))
     return " | ".join(notes) if notes else "no process CPU-bound"
@@ -204,37 +266,55 @@ THROUGHPUT_PHASES = (
 
 
 async def run_throughput(bench: Bench) -> dict[str, Any]:
-    """One VC, 64 KiB PDUs, calls pipelined ``depth`` deep: MB/s of payload."""
-    per = _phase_time(bench, 2 * len(THROUGHPUT_PHASES))
-    details: dict[str, dict[str, Any]] = {}
-    cpu: dict[str, dict[str, float | None]] = {}
-    for path in bench.paths:
-        s = await bench.session(path)
-        try:
-            await s.stream(want=BIG, length=BIG, depth=bench.depth, count=8)  # warm-up
-            meter = CpuMeter(bench)
+    """One VC, 64 KiB PDUs, calls pipelined ``depth`` deep: MB/s of payload.
+
+    The proxy and direct runs alternate in short slices (``_rounds``) on one VC per path."""
+    rounds = _rounds(bench)
+    per = max(0.1, bench.duration / (rounds * len(bench.paths) * len(THROUGHPUT_PHASES)))
+    moved: dict[tuple[str, str], list[float]] = {}
+    meters = {path: CpuMeter(bench, started=False) for path in bench.paths}
+    sessions: dict[str, BenchSession] = {}
+    try:
+        for path in bench.paths:
+            sessions[path] = await bench.session(path)
+            await sessions[path].stream(want=BIG, length=BIG, depth=bench.depth, count=8)
+        for r in range(rounds):
+            order = bench.paths if r % 2 == 0 else bench.paths[::-1]
             for name, length, want in THROUGHPUT_PHASES:
-                r = await s.stream(want=want, length=length, depth=bench.depth,
-                                   deadline=time.perf_counter() + per)
-                mbs = (r.bytes_up + r.bytes_down) / r.seconds / 1e6
-                details.setdefault(name, {})[path] = round(mbs, 1)
-                bench.progress(f"throughput {name:>4} {path:>6}: {mbs:8.1f} MB/s "
-                               f"({r.calls} calls in {r.seconds:.2f}s)")
-            cpu[path] = meter.stop()
+                for path in order:
+                    meters[path].start()
+                    res = await sessions[path].stream(want=want, length=length,
+                                                      depth=bench.depth,
+                                                      deadline=time.perf_counter() + per)
+                    meters[path].pause()
+                    acc = moved.setdefault((name, path), [0.0, 0.0, 0.0])
+                    acc[0] += res.bytes_up + res.bytes_down
+                    acc[1] += res.seconds
+                    acc[2] += res.calls
+            bench.progress("throughput round {}/{}: {}".format(r + 1, rounds, ", ".join(
+                f"{path} {moved[('both', path)][0] / moved[('both', path)][1] / 1e6:.0f}"
+                for path in bench.paths)) + " MB/s (both ways)")
+        details: dict[str, Any] = {}
+        for (name, path), (nbytes, secs, _calls) in moved.items():
+            details.setdefault(name, {})[path] = round(nbytes / secs / 1e6, 1)
+        for s in sessions.values():
             if isinstance(s.t, RpchClient):
-                details.setdefault("recycles", {})[path] = {
-                    "out": s.t.out_recycles, "in": s.t.in_recycles}
-        finally:
+                details["recycles"] = {"out": s.t.out_recycles, "in": s.t.in_recycles}
+    finally:
+        for s in sessions.values():
             await s.t.close()
     for name, _, _ in THROUGHPUT_PHASES:
         d = details[name]
         d["ratio"] = ratio(d.get("proxy"), d.get("direct"))
+        bench.progress(f"throughput {name:>4}: proxy {d.get('proxy')} MB/s, direct "
+                       f"{d.get('direct')} MB/s")
+    cpu = {path: m.result() for path, m in meters.items()}
     both = details["both"]
     return {
         "metric": "payload MB/s, one VC, 64 KiB PDUs both ways",
         "proxy": both.get("proxy"), "direct": both.get("direct"), "ratio": both["ratio"],
         "unit": "MB/s", "phases": details, "depth": bench.depth, "pdu_bytes": PDU,
-        "cpu": cpu, "bottleneck": bottleneck(cpu),
+        "rounds": rounds, "cpu": cpu, "bottleneck": bottleneck(cpu),
     }
 
 
@@ -254,35 +334,44 @@ def _lat_summary(values: list[float]) -> dict[str, float]:
 
 
 async def run_latency(bench: Bench) -> dict[str, Any]:
-    """Round trip of small calls, closed loop, at 1 client and at ``clients`` clients."""
+    """Round trip of small calls, closed loop, at 1 client and at ``clients`` clients.
+
+    At each level both paths' sessions are open at once and measured in alternating slices."""
     many = max(2, bench.clients)
     levels = sorted({1, max(2, many // 4), many})
-    per = _phase_time(bench, 2 * len(levels))
+    rounds = _rounds(bench)
+    per = max(0.05, bench.duration / (len(levels) * rounds * len(bench.paths)))
     table: dict[str, dict[str, Any]] = {}
     cpu: dict[str, dict[str, float | None]] = {}
-    for path in bench.paths:
-        for n in levels:
-            sessions = await bench.sessions(path, n, label=f"latency x{n}")
-            try:
-                for s in sessions:  # warm-up
-                    for _ in range(20):
+    for n in levels:
+        sessions: dict[str, list[BenchSession]] = {}
+        lats: dict[str, list[float]] = {path: [] for path in bench.paths}
+        meters = {path: CpuMeter(bench, started=False) for path in bench.paths}
+        try:
+            for path in bench.paths:
+                sessions[path] = await bench.sessions(path, n, label=f"latency x{n}")
+                for s in sessions[path]:  # warm-up
+                    for _ in range(10):
                         await s.call(SMALL, SMALL)
-                lats: list[list[float]] = [[] for _ in sessions]
-                meter = CpuMeter(bench)
-                deadline = time.perf_counter() + per
-                await asyncio.gather(*(_closed_loop(s, deadline, lat)
-                                       for s, lat in zip(sessions, lats, strict=True)))
-                c = meter.stop()
-                if n == many:
-                    cpu[path] = c
-            finally:
-                await close_all(sessions)
-            summary = _lat_summary([x for lat in lats for x in lat])
-            summary["calls_per_s"] = round(summary["calls"] / per, 1)
+            for r in range(rounds):
+                for path in (bench.paths if r % 2 == 0 else bench.paths[::-1]):
+                    deadline = time.perf_counter() + per
+                    meters[path].start()
+                    await asyncio.gather(*(_closed_loop(s, deadline, lats[path])
+                                           for s in sessions[path]))
+                    meters[path].pause()
+        finally:
+            for group in sessions.values():
+                await close_all(group)
+        for path in bench.paths:
+            summary = _lat_summary(lats[path])
+            summary["calls_per_s"] = round(summary["calls"] / (per * rounds), 1)
             table.setdefault(str(n), {})[path] = summary
             bench.progress(f"latency x{n:<4} {path:>6}: p50 {summary['p50_us']:8.1f} us  "
                            f"p99 {summary['p99_us']:8.1f} us  p99.9 {summary['p999_us']:8.1f} us"
                            f"  ({summary['calls']} calls)")
+            if n == many:
+                cpu[path] = meters[path].result()
     for row in table.values():
         p, d = row.get("proxy"), row.get("direct")
         if p and d:
@@ -405,41 +494,47 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
 
 
 async def run_setup(bench: Bench) -> dict[str, Any]:
-    """Open, BIND, close, ``setup_workers`` at a time: connections per second."""
-    per = _phase_time(bench, 2)
+    """Open, BIND, close, ``setup_workers`` at a time: connections per second.
+
+    Proxy and direct alternate in slices (``_rounds``)."""
+    rounds = _rounds(bench)
+    per = max(0.1, bench.duration / (rounds * len(bench.paths)))
+    lats: dict[str, list[float]] = {path: [] for path in bench.paths}
+    walls: dict[str, float] = {path: 0.0 for path in bench.paths}
+    meters = {path: CpuMeter(bench, started=False) for path in bench.paths}
+
+    async def worker(path: str, deadline: float, lat: list[float]) -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            t = await bench.open(path)
+            try:
+                # Any BIND answer completes set-up (a real Samba rejects the bench
+                # interface, which still proves the path works end to end).
+                await t.send_pdu(dcerpc.build_bind(1, _bench_syntax()))
+                dcerpc.parse_bind_ack(await t.recv_pdu(bench.timeout))
+            finally:
+                await t.close()
+            lat.append(time.perf_counter() - t0)
+
+    for r in range(rounds):
+        for path in (bench.paths if r % 2 == 0 else bench.paths[::-1]):
+            meters[path].start()
+            t0 = time.perf_counter()
+            deadline = t0 + per
+            await asyncio.gather(*(worker(path, deadline, lats[path])
+                                   for _ in range(bench.setup_workers)))
+            walls[path] += time.perf_counter() - t0
+            meters[path].pause()
     out: dict[str, Any] = {}
-    cpu: dict[str, dict[str, float | None]] = {}
     for path in bench.paths:
-        lat: list[float] = []
-        deadline = time.perf_counter() + per
-
-        async def worker(lat: list[float] = lat, path: str = path,
-                         deadline: float = deadline) -> None:
-            while time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                t = await bench.open(path)
-                try:
-                    s = BenchSession(t, timeout=bench.timeout)
-                    # Any BIND answer completes set-up (a real Samba rejects the bench
-                    # interface, which still proves the path works end to end).
-                    await t.send_pdu(dcerpc.build_bind(1, _bench_syntax()))
-                    dcerpc.parse_bind_ack(await t.recv_pdu(bench.timeout))
-                    del s
-                finally:
-                    await t.close()
-                lat.append(time.perf_counter() - t0)
-
-        meter = CpuMeter(bench)
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(bench.setup_workers)))
-        wall = time.perf_counter() - t0
-        cpu[path] = meter.stop()
-        lat.sort()
-        out[path] = {"per_s": round(len(lat) / wall, 1), "count": len(lat),
+        lat = sorted(lats[path])
+        out[path] = {"per_s": round(len(lat) / walls[path], 1), "count": len(lat),
                      "p50_ms": round(percentile(lat, 50) * 1e3, 2),
                      "p99_ms": round(percentile(lat, 99) * 1e3, 2)}
         bench.progress(f"setup {path:>6}: {out[path]['per_s']:8.1f} connections/s "
-                       f"(p50 {out[path]['p50_ms']} ms, {bench.setup_workers} in parallel)")
+                       f"(p50 {out[path]['p50_ms']} ms, p99 {out[path]['p99_ms']} ms, "
+                       f"{bench.setup_workers} in parallel)")
+    cpu = {path: m.result() for path, m in meters.items()}
     return {
         "metric": "connections opened + bound + closed per second",
         "proxy": out["proxy"]["per_s"], "direct": out.get("direct", {}).get("per_s"),
