@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 import uuid
@@ -63,6 +64,7 @@ from rpcproxy.errors import (
 from rpcproxy.metrics import ServerMetrics
 from rpcproxy.pdu import HEADER_LEN, PduFramer, parse_header
 from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
+from rpcproxy.workers import Handoff, HandoffError, WorkerSet
 
 log = logging.getLogger("rpcproxy")
 
@@ -133,10 +135,10 @@ class ChannelProtocol(asyncio.Protocol):
     __slots__ = ("kind", "transport", "body_left", "label", "runtime", "started", "closed",
                  "_out_body")
 
-    def __init__(self, kind: str, transport: asyncio.Transport, body_left: int,
+    def __init__(self, kind: str, transport: asyncio.Transport | None, body_left: int,
                  label: str) -> None:
         self.kind = kind  # "IN" or "OUT"
-        self.transport = transport
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         self.body_left = body_left  # request body bytes still allowed
         self.label = label
         self.runtime: VcRuntime | None = None
@@ -146,6 +148,11 @@ class ChannelProtocol(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.label}>"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Only for a socket handed over by a sibling worker (connect_accepted_socket);
+        # a taken-over transport is given to __init__.
+        self.transport = transport  # type: ignore[assignment]
 
     # ---- from the VC (actions) -----------------------------------------------------------
 
@@ -502,8 +509,12 @@ class ConnectionGuard:
 class ProxyServer:
     """Owns the configuration, the authenticator, the VC registry and the listeners."""
 
-    def __init__(self, config: Config, *, authenticator: HttpAuthenticator | None = None) -> None:
+    def __init__(self, config: Config, *, authenticator: HttpAuthenticator | None = None,
+                 workers: WorkerSet | None = None,
+                 listen_sockets: list[socket.socket] | None = None) -> None:
         self.config = config
+        self.workers = workers  # set in --workers mode: VCs are owned by cookie hash
+        self.listen_sockets = listen_sockets  # pre-bound by the supervisor
         self.settings: VcSettings = config.vc_settings()
         self.allow_list: AllowList = config.allow_list()
         ntlm_ep = config.ntlm_endpoint()
@@ -559,14 +570,30 @@ class ProxyServer:
                 listeners.append((self.config.http_listen, None))
         else:
             listeners.append((self.config.listen, None))
-        for address, ctx in listeners:
-            ep = parse_endpoint(address, "listen", listen=True)
-            server = await loop.create_server(factory, ep.host, ep.port, ssl=ctx, backlog=4096)
+        for i, (address, ctx) in enumerate(listeners):
+            if self.listen_sockets is not None:
+                server = await loop.create_server(factory, sock=self.listen_sockets[i], ssl=ctx,
+                                                  backlog=4096)
+            else:
+                ep = parse_endpoint(address, "listen", listen=True)
+                server = await loop.create_server(factory, ep.host, ep.port, ssl=ctx,
+                                                  backlog=4096)
             self.servers.append(server)
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
                 bound.append((host, port))
+        if self.workers is not None:
+            self.workers.start_receiving(loop, self._on_handoff)
         return bound
+
+    def listen_addresses(self) -> list[tuple[str, bool]]:
+        """(address, tls) of every listener ``start`` opens, in order."""
+        if self.config.tls_cert:
+            out = [(self.config.listen, True)]
+            if self.config.http_listen:
+                out.append((self.config.http_listen, False))
+            return out
+        return [(self.config.listen, False)]
 
     def make_ssl_context(self) -> ssl.SSLContext:
         from rpcproxy.certs import server_ssl_context  # TLS 1.2+, AEAD ciphers only
@@ -579,6 +606,8 @@ class ProxyServer:
         for server in self.servers:
             server.close()
         loop = asyncio.get_running_loop()
+        if self.workers is not None:
+            self.workers.stop_receiving(loop)
         for rt in list(self.vcs.values()):
             rt.execute(rt.vc.close("server shutting down", loop.time()))
         if self.runner is not None:
@@ -699,7 +728,7 @@ class ProxyServer:
         return pdu, rts.identify(pdu)
 
     def _runtime_for(self, cookie: bytes, identity: Identity, target: Target,
-                     endpoint: Endpoint, request: web.Request) -> VcRuntime:
+                     endpoint: Endpoint, peer: str) -> VcRuntime:
         rt = self.vcs.get(cookie)
         if rt is not None and not rt.closed:
             return rt
@@ -707,7 +736,7 @@ class ProxyServer:
             cookie, identity=identity, target=target, settings=self.settings,
             now=asyncio.get_running_loop().time(),
         )
-        rt = VcRuntime(self, vc, endpoint, _peer(request))
+        rt = VcRuntime(self, vc, endpoint, peer)
         self.vcs[cookie] = rt
         self.stats["vcs_opened"] += 1
         return rt
@@ -722,54 +751,63 @@ class ProxyServer:
         if not inbound and length not in (OUT_NEW_CONTENT_LENGTH, OUT_SUCCESSOR_CONTENT_LENGTH):
             raise ProtocolError(f"RPC_OUT_DATA with Content-Length {length} (want 76 or 120)")
         pdu, kind = await self._read_opening_pdu(request)
-        opening = {
-            (True, rts.Kind.CONN_B1): "new",
-            (True, rts.Kind.IN_R2_A1): "successor",
-            (False, rts.Kind.CONN_A1): "new" if length == OUT_NEW_CONTENT_LENGTH else None,
-            (False, rts.Kind.OUT_R2_A3): (
-                "successor" if length == OUT_SUCCESSOR_CONTENT_LENGTH else None),
-        }.get((inbound, kind))
-        if opening is None:
+        allowed = {
+            (True, rts.Kind.CONN_B1): True,
+            (True, rts.Kind.IN_R2_A1): True,
+            (False, rts.Kind.CONN_A1): length == OUT_NEW_CONTENT_LENGTH,
+            (False, rts.Kind.OUT_R2_A3): length == OUT_SUCCESSOR_CONTENT_LENGTH,
+        }.get((inbound, kind), False)
+        if not allowed:
             raise ProtocolError(f"{kind.value} cannot open an {request.method} channel "
                                 f"of Content-Length {length}")
+        body_left = length - len(pdu.encode())
         vc_cookie = rts.cookies(pdu)[0]
-        if opening == "new":
-            rt = self._runtime_for(vc_cookie, identity, target, endpoint, request)
+        transport = request.transport
+        self.authenticator.forget(transport)  # this connection carries no more requests
+        if self.workers is not None and not self.workers.is_mine(vc_cookie):
+            await self._hand_off(request, pdu, body_left, identity, target, endpoint)
+        else:
+            kind_name = "IN" if inbound else "OUT"
+            peer = _peer(request)
+            channel, leftover = self._take_over(request, kind_name, body_left)
+            self._attach(channel, pdu, identity, target, endpoint, peer, leftover)
+        # aiohttp no longer has a transport for this request: this response is dropped.
+        return web.Response(status=204)
+
+    def _attach(self, channel: ChannelProtocol, pdu: rts.RtsPdu, identity: Identity,
+                target: Target, endpoint: Endpoint, peer: str, leftover: bytes) -> None:
+        """Join a channel (taken over here or handed off by a sibling) to its VC."""
+        kind = rts.identify(pdu)
+        vc_cookie = rts.cookies(pdu)[0]
+        if kind in (rts.Kind.CONN_A1, rts.Kind.CONN_B1):
+            rt = self._runtime_for(vc_cookie, identity, target, endpoint, peer)
         else:
             found = self.vcs.get(vc_cookie)
             if found is None or found.closed:
-                raise ProtocolError(f"{kind.value} for an unknown virtual connection "
-                                    "(R1 recycling to another proxy is not supported)")
+                error = ProtocolError(f"{kind.value} for an unknown virtual connection "
+                                      "(R1 recycling to another proxy is not supported)")
+                log.warning("%s channel from %s user=%s refused: %s", channel.kind, peer,
+                            identity.principal, error.reason)
+                channel.close(error)
+                return
             rt = found
-        channel, leftover = self._take_over(request, "IN" if inbound else "OUT",
-                                            length - len(pdu.encode()), rt.label)
-        self.authenticator.forget(request.transport)  # this connection carries no more requests
-        now = rt.now()
+        channel.label = rt.label
         vc = rt.vc
         opener = {
-            (True, "new"): vc.open_in, (True, "successor"): vc.open_in_successor,
-            (False, "new"): vc.open_out, (False, "successor"): vc.open_out_successor,
-        }[(inbound, opening)]
-        actions = opener(channel, pdu, identity=identity, target=target, now=now)
+            rts.Kind.CONN_B1: vc.open_in, rts.Kind.IN_R2_A1: vc.open_in_successor,
+            rts.Kind.CONN_A1: vc.open_out, rts.Kind.OUT_R2_A3: vc.open_out_successor,
+        }[kind]
+        actions = opener(channel, pdu, identity=identity, target=target, now=rt.now())
         channel.runtime = rt
         rt.execute(actions)
         if leftover:
             channel.data_received(leftover)
-        # aiohttp no longer has a transport for this request: this response is dropped.
-        return web.Response(status=204)
 
     @staticmethod
-    def _take_over(request: web.Request, kind: str, body_left: int,
-                   label: str) -> tuple[ChannelProtocol, bytes]:
-        """Switch the request's transport to a ChannelProtocol (see its docstring).
-
-        Returns the channel and the body bytes aiohttp had already buffered.
-        """
-        transport = request.transport
-        http_protocol = request.protocol
-        assert transport is not None
+    def _drain_body(request: web.Request) -> bytes:
+        """The body bytes aiohttp has already buffered past what we read."""
         leftover = b""
-        while True:  # what aiohttp's body reader already holds
+        while True:
             try:
                 chunk = request.content.read_nowait(-1)
             except RuntimeError:
@@ -777,17 +815,134 @@ class ProxyServer:
             if not chunk:
                 break
             leftover += chunk
-        channel = ChannelProtocol(kind, transport, body_left, label)
-        transport.set_protocol(channel)
-        # Detach aiohttp: without a transport it can neither write nor close it, and
-        # connection_lost makes it drop the request, its timers and its handler task.
+        return leftover
+
+    @staticmethod
+    def _detach_aiohttp(request: web.Request, protocol: asyncio.BaseProtocol) -> None:
+        """Give the request's transport to ``protocol`` and make aiohttp forget it.
+
+        Without a transport aiohttp can neither write to nor close it, and
+        connection_lost makes it drop the request, its timers and its handler task.
+        """
+        transport = request.transport
+        http_protocol = request.protocol
+        assert transport is not None
+        transport.set_protocol(protocol)
         http_protocol.transport = None
         http_protocol.connection_lost(None)
+
+    def _take_over(self, request: web.Request, kind: str,
+                   body_left: int) -> tuple[ChannelProtocol, bytes]:
+        """Switch the request's transport to a ChannelProtocol (see its docstring)."""
+        transport = request.transport
+        assert transport is not None
+        leftover = self._drain_body(request)
+        channel = ChannelProtocol(kind, transport, body_left, "?")
+        self._detach_aiohttp(request, channel)
         if transport.is_closing():
             channel.closed = True
         else:
             transport.resume_reading()
         return channel, leftover
+
+    async def _hand_off(self, request: web.Request, pdu: rts.RtsPdu, body_left: int,
+                        identity: Identity, target: Target, endpoint: Endpoint) -> None:
+        """Give a channel whose VC belongs to another worker to that worker."""
+        workers = self.workers
+        assert workers is not None
+        transport = request.transport
+        assert transport is not None
+        transport.pause_reading()
+        leftover = self._drain_body(request)
+        owner = workers.owner(rts.cookies(pdu)[0])
+        record = Handoff(
+            method=request.method, pdu=pdu.encode(), body_left=body_left - len(leftover),
+            leftover=leftover, user=identity.user, domain=identity.domain,
+            server=target.server, port=target.port, backend_host=endpoint.host,
+            backend_port=endpoint.port, peer=_peer(request),
+        )
+        loop = asyncio.get_running_loop()
+        if transport.get_extra_info("sslcontext") is None:
+            # Plain TCP: the socket itself moves; our copy closes without a shutdown.
+            sock = transport.get_extra_info("socket")
+            try:
+                workers.send(owner, sock.fileno(), record)
+            except HandoffError as exc:
+                self._detach_aiohttp(request, _Discard())
+                transport.write(raw_error_response(
+                    RpcProxyError(f"hand-off failed: {exc}", rpc_error=RPC_S_SERVER_TOO_BUSY)))
+                transport.close()
+                return
+            self._detach_aiohttp(request, _Discard())
+            transport.abort()
+            return
+        # TLS: keep the TLS connection here and relay its plaintext over a socketpair.
+        ours, theirs = socket.socketpair()
+        try:
+            workers.send(owner, theirs.fileno(), record)
+        finally:
+            theirs.close()
+        client_side = _Relay()
+        client_side.transport = transport
+        _, pair_side = await loop.connect_accepted_socket(_Relay, ours)
+        client_side.peer, pair_side.peer = pair_side, client_side
+        self._detach_aiohttp(request, client_side)
+        transport.resume_reading()
+
+    def _on_handoff(self, sock: socket.socket, record: Handoff) -> None:
+        asyncio.get_running_loop().create_task(self._adopt(sock, record))
+
+    async def _adopt(self, sock: socket.socket, record: Handoff) -> None:
+        """A sibling worker handed us a channel of a VC we own."""
+        loop = asyncio.get_running_loop()
+        kind_name = "IN" if record.method == RPC_IN_DATA else "OUT"
+        try:
+            transport, channel = await loop.connect_accepted_socket(
+                lambda: ChannelProtocol(kind_name, None, record.body_left, "?"), sock)
+            pdu = rts.decode_rts(record.pdu)
+        except (OSError, ProtocolError) as exc:
+            log.warning("could not adopt a handed-off channel: %s", exc)
+            sock.close()
+            return
+        self._attach(channel, pdu, Identity(user=record.user, domain=record.domain),
+                     Target(record.server, record.port),
+                     Endpoint(record.backend_host, record.backend_port), record.peer,
+                     record.leftover)
+
+
+class _Discard(asyncio.Protocol):
+    """Placeholder protocol for a transport that is about to be dropped."""
+
+
+class _Relay(asyncio.Protocol):
+    """One side of a byte pump between two transports (TLS hand-off to a sibling)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Relay | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            peer.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
 
 
 async def _no_expect_handler(request: web.Request) -> None:

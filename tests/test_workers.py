@@ -1,0 +1,161 @@
+"""Multi-worker mode: the channels of one VC meet in the worker that owns its cookie.
+
+Two ProxyServers in one event loop stand in for two worker processes: each
+has its own listener and WorkerSet, and they share the inboxes, so a channel
+accepted by the "wrong" one is really handed off (SCM_RIGHTS, or a TLS relay)
+to its owner. The supervisor's fork/respawn path is exercised by running
+``rpcproxy serve --workers 2`` in test_multiworker_process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import ssl
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.client import BasicAuth, RpchClient
+from rpcproxy import config as config_mod
+from rpcproxy import rts
+from rpcproxy.server import ProxyServer
+from rpcproxy.workers import Handoff, WorkerSet, make_inboxes, owner_of
+from tests.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
+from tests.rpch_raw import GIB, RawChannel
+
+PATH = "/rpc/rpcproxy.dll?srv:6001"
+ALICE = basic("alice", "pw-alice")
+
+
+def test_owner_is_stable_and_spread() -> None:
+    cookies = [os.urandom(16) for _ in range(2000)]
+    owners = [owner_of(c, 2) for c in cookies]
+    assert owners == [owner_of(c, 2) for c in cookies]
+    assert 800 < owners.count(0) < 1200
+    assert all(owner_of(c, 1) == 0 for c in cookies[:10])
+
+
+def test_handoff_record_round_trip() -> None:
+    h = Handoff("RPC_IN_DATA", b"\x05\x00pdu", 123, b"\x00left", "alice", "TEST", "srv",
+                6001, "127.0.0.1", 1024, "127.0.0.1:5555")
+    assert Handoff.decode(h.encode()) == h
+
+
+async def make_pair(backend: EchoBackend, **extra: Any) -> list[ProxyServer]:
+    inboxes = make_inboxes(2)
+    servers = []
+    for i in range(2):
+        cfg = config_mod.load(None, {"listen": "127.0.0.1:0", "backend": backend.endpoint,
+                                     "targets": ["srv:6001"], "basic_over_http": True,
+                                     **extra})
+        ws = WorkerSet(i, 2, [p[0] for p in inboxes], inboxes[i][1])
+        server = ProxyServer(cfg, authenticator=TableAuthenticator(), workers=ws)
+        server.bound = await server.start()  # type: ignore[attr-defined]
+        servers.append(server)
+    return servers
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[EchoBackend]:
+    b = await EchoBackend().start()
+    yield b
+    await b.stop()
+
+
+async def open_split_vc(in_port: int, out_port: int,
+                        ssl_ctx: ssl.SSLContext | None = None) -> tuple[RawChannel, RawChannel]:
+    import asyncio
+
+    vc, in_c, out_c, grp = (os.urandom(16) for _ in range(4))
+
+    async def conn(port: int) -> RawChannel:
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_ctx)
+        return RawChannel(r, w)
+
+    inp = await conn(in_port)
+    out = await conn(out_port)
+    inp.request("RPC_IN_DATA", PATH, content_length=GIB, headers={"Authorization": ALICE},
+                body=rts.conn_b1(vc, in_c, grp))
+    out.request("RPC_OUT_DATA", PATH, content_length=76, headers={"Authorization": ALICE},
+                body=rts.conn_a1(vc, out_c, 0x40000))
+    head = await out.head()
+    assert head.status == 200, (head.status, head.reason)
+    assert rts.identify(rts.decode_rts(await out.pdu())) is rts.Kind.CONN_A3
+    assert rts.identify(rts.decode_rts(await out.pdu())) is rts.Kind.CONN_C2
+    return inp, out
+
+
+async def exercise(inp: RawChannel, out: RawChannel, calls: int = 30) -> None:
+    for call_id in range(1, calls + 1):
+        stub = struct.pack("<I", call_id) * (call_id * 40)
+        inp.send(request_pdu(call_id, stub))
+        while True:
+            pdu = await out.pdu()
+            if pdu[2] != 20:
+                break
+        assert pdu[2] == 2 and pdu[3:] == request_pdu(call_id, stub)[3:]
+
+
+async def test_channels_split_across_workers_meet(backend: EchoBackend) -> None:
+    a, b = await make_pair(backend)
+    pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
+    try:
+        for in_port, out_port in ((pa, pb), (pb, pa), (pa, pa), (pb, pb)) * 3:
+            inp, out = await open_split_vc(in_port, out_port)
+            await exercise(inp, out)
+            inp.close()
+            out.close()
+        assert a.workers is not None and b.workers is not None
+        assert a.workers.sent + b.workers.sent > 0, "some channels must have been handed off"
+        assert a.workers.received + b.workers.received == a.workers.sent + b.workers.sent
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_recycling_with_full_client_across_workers(backend: EchoBackend) -> None:
+    """RpchClient opens successors on whichever port; OUT_R2 and IN_R2 still work."""
+    a, b = await make_pair(backend, out_content_length=64 * 1024)
+    try:
+        client = await RpchClient.connect(
+            "127.0.0.1", a.bound[0][1], target="srv:6001",  # type: ignore[attr-defined]
+            auth=BasicAuth("alice", "pw-alice"), in_content_length=0x20000, timeout=10)
+        digest = hashlib.sha256()
+        back = hashlib.sha256()
+        for call_id in range(1, 150):
+            pdu = request_pdu(call_id, bytes([call_id % 256]) * 3000)
+            digest.update(pdu[3:])
+            await client.send_pdu(pdu)
+            back.update((await client.recv_pdu())[3:])
+        assert back.digest() == digest.digest()
+        assert client.out_recycles >= 2 and client.in_recycles >= 2
+        await client.close()
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_tls_channels_relayed_to_owner(backend: EchoBackend, tmp_path: Path) -> None:
+    from rpcproxy.certs import create_self_signed
+
+    create_self_signed("proxy.example.com", tmp_path)
+    a, b = await make_pair(backend, tls_cert=str(tmp_path / "cert.pem"),
+                           tls_key=str(tmp_path / "key.pem"), basic_over_http=False)
+    client_ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    client_ctx.check_hostname = False
+    pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
+    try:
+        for in_port, out_port in ((pa, pb), (pb, pa)) * 3:
+            inp, out = await open_split_vc(in_port, out_port, client_ctx)
+            await exercise(inp, out, calls=10)
+            inp.close()
+            out.close()
+        assert a.workers is not None and b.workers is not None
+        assert a.workers.sent + b.workers.sent > 0
+    finally:
+        await a.stop()
+        await b.stop()
