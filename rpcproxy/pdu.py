@@ -144,21 +144,28 @@ class PduFramer:
         if self._broken:
             raise ProtocolError("stream framing already lost")
         buf = self._buf
-        buf += data
+        if buf:
+            # Finish the PDU a previous read left partial; then continue on one bytes object.
+            buf += data
+            chunk = bytes(buf)
+            buf.clear()
+        else:
+            chunk = data if isinstance(data, bytes) else bytes(data)
         out: list[Pdu] = []
         pos = 0
-        end = len(buf)
+        end = len(chunk)
         try:
             while end - pos >= HEADER_LEN:
-                header = parse_header(buf, pos)
+                header = parse_header(chunk, pos)
                 flen = header.frag_length
                 if end - pos < flen:
                     break
-                out.append(Pdu(header, bytes(buf[pos : pos + flen])))
+                # A read that is exactly one PDU (the common case) is passed on uncopied.
+                out.append(Pdu(header, chunk if flen == end else chunk[pos : pos + flen]))
                 pos += flen
         except ProtocolError:
             self._broken = True
             raise
-        if pos:
-            del buf[:pos]
+        if pos < end:
+            buf += memoryview(chunk)[pos:]
         return out
