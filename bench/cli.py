@@ -202,7 +202,8 @@ async def amain(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     streams = args.streams if args.streams is not None else 100
-    need = 2 * (args.connections + args.active + streams) + 2 * args.clients + 1024
+    # Idle VCs of the concurrency scenario live in holder processes (bench.holder).
+    need = 2 * (args.active + streams) + 4 * args.clients + 2 * args.soak_connections + 1024
     limit = raise_nofile(need)
     if limit < need:
         progress(f"warning: only {limit} file descriptors allowed, {need} wanted")
@@ -242,7 +243,8 @@ async def amain(args: argparse.Namespace) -> int:
                     ctx.check_hostname = False
                     ctx.verify_mode = ssl.CERT_NONE
             proxy = ProxyTarget(u.hostname, u.port or (443 if ctx else 80), args.target,
-                                u.path or "/rpc/rpcproxy.dll", _auth(args), ctx, u.hostname)
+                                u.path or "/rpc/rpcproxy.dll", _auth(args), ctx, u.hostname,
+                                insecure=args.insecure)
             direct = _endpoint(args.direct) if args.direct else None
             bench = Bench(proxy, direct, args.duration, progress, timeout=args.timeout)
             progress(f"driving {args.url}?{args.target}" + (

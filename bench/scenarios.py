@@ -22,6 +22,7 @@ from typing import Any
 from bench import dcerpc
 from bench.client import BasicAuth, NtlmAuth, RpchClient
 from bench.direct import DirectClient
+from bench.holder import Holder, HolderSpec
 from bench.procs import ChildProcess, ProcSample
 from bench.session import BenchSession, PduTransport
 
@@ -42,6 +43,7 @@ class ProxyTarget:
     auth: BasicAuth | NtlmAuth | None = None
     ssl: Any = None
     server_hostname: str | None = None
+    insecure: bool = False  # TLS certificate not verified (holders need to know)
 
 
 @dataclass
@@ -395,31 +397,103 @@ async def _streamer(s: BenchSession, deadline: float, moved: list[int]) -> None:
     moved.append(r.bytes_down)
 
 
+HOLDER_MAX_VCS = 2500  # idle connections per holder process
+
+
+def _fd_limit(pid: int) -> int | None:
+    """The soft RLIMIT_NOFILE of a process (from /proc/PID/limits)."""
+    try:
+        with open(f"/proc/{pid}/limits") as fh:
+            for line in fh:
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _holder_specs(bench: Bench, path: str, n: int) -> list[HolderSpec]:
+    specs: list[HolderSpec] = []
+    per_vc = 2 if path == "proxy" else 1
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    cap = HOLDER_MAX_VCS
+    if hard != resource.RLIM_INFINITY:
+        cap = max(1, min(cap, (hard - 512) // per_vc))
+    left = n
+    while left > 0:
+        count = min(cap, left)
+        left -= count
+        if path == "direct":
+            assert bench.direct is not None
+            specs.append(HolderSpec("direct", bench.direct[0], bench.direct[1], count,
+                                    timeout=bench.timeout))
+            continue
+        p = bench.proxy
+        auth, user, password, domain = "none", "", "", ""
+        if isinstance(p.auth, BasicAuth | NtlmAuth):
+            auth = "basic" if isinstance(p.auth, BasicAuth) else "ntlm"
+            user, password, domain = p.auth.user, p.auth.password, p.auth.domain
+        specs.append(HolderSpec("proxy", p.host, p.port, count, target=p.target,
+                                url_path=p.path, auth=auth, user=user, password=password,
+                                domain=domain, tls=p.ssl is not None, insecure=p.insecure,
+                                server_hostname=p.server_hostname, timeout=bench.timeout))
+    return specs
+
+
 async def run_concurrency(bench: Bench) -> dict[str, Any]:
-    """``connections`` idle VCs, then ``active`` ones measured while ``streams`` stream."""
+    """``connections`` idle VCs, then ``active`` ones measured while ``streams`` stream.
+
+    The idle connections live in holder processes (bench.holder), at most
+    ``HOLDER_MAX_VCS`` each, so the load generator's own descriptor limit does not cap N;
+    the active and streaming ones are the load generator's own."""
     n = bench.connections
     streams = bench.streams if bench.streams is not None else min(100, max(1, n // 10))
     per = _phase_time(bench, 2)
     result: dict[str, Any] = {"connections": n, "active": bench.active, "streams": streams}
     cpu: dict[str, dict[str, float | None]] = {}
     rss_curve: list[dict[str, float]] = []
+    if bench.proxy_proc is not None:
+        limit = _fd_limit(bench.proxy_proc.pid)
+        need = 3 * (n + bench.active + streams) + 64
+        result["proxy_fd_limit"] = limit
+        if limit is not None and limit < need:
+            raise RuntimeError(
+                f"the proxy process may open {limit} file descriptors but {n} idle + "
+                f"{bench.active + streams} busy VCs need about {need} (2 channels + 1 backend "
+                "socket each): raise its hard RLIMIT_NOFILE or spread VCs over workers")
     for path in bench.paths:
         base = bench.proc_sample("proxy") if path == "proxy" else None
-        idle: list[BenchSession] = []
+        holders = [Holder(spec) for spec in _holder_specs(bench, path, n)]
         busy: list[BenchSession] = []
         try:
-            step = max(1, n // 10)
             t_ramp = time.perf_counter()
-            while len(idle) < n:
-                k = min(step, n - len(idle))
-                idle.extend(await bench.sessions(path, k, concurrency=100))
-                if path == "proxy":
-                    smp = bench.proc_sample("proxy")
-                    if smp is not None:
-                        rss_curve.append({"vcs": len(idle), "rss_mib": round(smp.rss / 2**20, 1),
-                                          "fds": smp.fds})
-                bench.progress(f"concurrency {path:>6}: {len(idle)}/{n} idle connections")
+            next_mark = max(1, n // 10)
+
+            def progress_hook(path: str = path, holders: list[Holder] = holders) -> None:
+                nonlocal next_mark
+                opened = sum(h.opened for h in holders)
+                if opened < next_mark:
+                    return
+                next_mark = (opened // max(1, n // 10) + 1) * max(1, n // 10)
+                smp = bench.proc_sample("proxy") if path == "proxy" else None
+                if smp is not None:
+                    rss_curve.append({"vcs": opened, "rss_mib": round(smp.rss / 2**20, 1),
+                                      "fds": smp.fds})
+                bench.progress(f"concurrency {path:>6}: {opened}/{n} idle connections")
+
+            for h in holders:
+                await h.start()
+            ramp_timeout = bench.timeout + n / 20
+            await asyncio.gather(*(h.wait_ready(ramp_timeout, progress_hook) for h in holders))
             ramp_s = time.perf_counter() - t_ramp
+            if path == "proxy":
+                smp = bench.proc_sample("proxy")
+                if smp is not None:
+                    rss_curve.append({"vcs": n, "rss_mib": round(smp.rss / 2**20, 1),
+                                      "fds": smp.fds})
+            at_n = bench.proc_sample("proxy") if path == "proxy" else None
             busy = await bench.sessions(path, bench.active + streams, concurrency=100)
             actives, streamers = busy[: bench.active], busy[bench.active :]
             lats: list[list[float]] = [[] for _ in actives]
@@ -443,30 +517,21 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
             )
             cpu[path] = meter.stop()
             # Every idle VC must still work: one small call each.
-            sem = asyncio.Semaphore(100)
-
-            async def check(s: BenchSession, sem: asyncio.Semaphore = sem) -> None:
-                async with sem:
-                    await s.call(SMALL, SMALL)
-
-            await asyncio.gather(*(check(s) for s in idle))
+            await asyncio.gather(*(h.check(bench.timeout + n / 200) for h in holders))
             summary = _lat_summary([x for lat in lats for x in lat])
             entry: dict[str, Any] = {
                 "active_latency": summary,
                 "stream_mb_s": round(sum(moved) / per / 1e6, 1),
                 "ramp_s": round(ramp_s, 2),
                 "ramp_per_s": round(n / ramp_s, 1) if ramp_s else None,
+                "holders": len(holders),
             }
-            if path == "proxy" and base is not None:
-                at_n = bench.proc_sample("proxy")
-                if at_n is not None:
-                    entry["rss_mib"] = round(at_n.rss / 2**20, 1)
-                    entry["rss_peak_mib"] = round(max(at_n.rss, peak.rss if peak else 0) / 2**20,
-                                                  1)
-                    entry["rss_base_mib"] = round(base.rss / 2**20, 1)
-                    entry["rss_per_vc_kib"] = round((at_n.rss - base.rss) / max(1, len(idle)
-                                                    + len(busy)) / 1024, 1)
-                    entry["fds"] = at_n.fds
+            if path == "proxy" and base is not None and at_n is not None:
+                entry["rss_mib"] = round(at_n.rss / 2**20, 1)
+                entry["rss_peak_mib"] = round(max(at_n.rss, peak.rss if peak else 0) / 2**20, 1)
+                entry["rss_base_mib"] = round(base.rss / 2**20, 1)
+                entry["rss_per_vc_kib"] = round((at_n.rss - base.rss) / n / 1024, 1)
+                entry["fds"] = at_n.fds
             result[path] = entry
             bench.progress(
                 f"concurrency {path:>6}: {n} idle + {streams} streaming "
@@ -475,18 +540,18 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
                     f"; proxy RSS {entry['rss_mib']} MiB, {entry['fds']} fds"
                     if "rss_mib" in entry else ""))
         finally:
-            await close_all(idle + busy)
+            await close_all(busy)
+            await asyncio.gather(*(h.stop() for h in holders), return_exceptions=True)
     proxy_p99 = result["proxy"]["active_latency"]["p99_us"] / 1000
     direct_p99 = (result["direct"]["active_latency"]["p99_us"] / 1000
                   if "direct" in result else None)
-    details = result
     return {
         "metric": f"p99 round trip (ms) of {bench.active} active VCs among {n} idle "
                   f"while {streams} stream",
         "proxy": round(proxy_p99, 3), "direct": round(direct_p99, 3) if direct_p99 else None,
         "ratio": ratio(proxy_p99, direct_p99), "unit": "ms",
         "rss_mib": result["proxy"].get("rss_mib"), "fds": result["proxy"].get("fds"),
-        "rss_curve": rss_curve, "details": details, "cpu": cpu, "bottleneck": bottleneck(cpu),
+        "rss_curve": rss_curve, "details": result, "cpu": cpu, "bottleneck": bottleneck(cpu),
     }
 
 
