@@ -191,7 +191,9 @@ def line_chart(title: str, xs: list[float], series: dict[str, list[float | None]
                xlabel: str, ylabel: str, *, log_x: bool = False) -> str:
     import math
 
-    w, h, left, bottom, top = 560, 260, 60, 44, 30
+    legend_rows = (len(series) + 2) // 3
+    w, h, left, top = 560, 250 + 16 * legend_rows, 60, 30
+    bottom = 40 + 16 * legend_rows
     plot_w, plot_h = w - left - 20, h - bottom - top
     vals = [v for vs in series.values() for v in vs if v is not None]
     vmax = _nice_max(max(vals, default=1.0))
@@ -217,8 +219,9 @@ def line_chart(title: str, xs: list[float], series: dict[str, list[float | None]
         parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">'
                      f'{_fmt(vmax * i / 4)}</text>')
     for x in sorted(set(xs)):
+        label = str(int(x)) if float(x).is_integer() else _fmt(x)
         parts.append(f'<text x="{fx(x):.1f}" y="{top + plot_h + 14}" text-anchor="middle">'
-                     f'{_fmt(x)}</text>')
+                     f'{label}</text>')
     for name, ys in series.items():
         pts = [(fx(x), fy(y)) for x, y in zip(xs, ys, strict=False) if y is not None]
         if not pts:
@@ -229,10 +232,10 @@ def line_chart(title: str, xs: list[float], series: dict[str, list[float | None]
                      + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>')
         for x, y in pts:
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>')
-    legend_y = h - 6
     for i, name in enumerate(series):
         color = _COLORS.get(name.split()[-1], _COLORS.get(name.split()[0], "#888"))
-        xx = left + i * 100
+        xx = left + (i % 3) * 165
+        legend_y = top + plot_h + 46 + 16 * (i // 3)
         dash = ' stroke-dasharray="5,3"' if name.startswith("direct") else ""
         parts.append(f'<line x1="{xx}" x2="{xx + 16}" y1="{legend_y - 4}" y2="{legend_y - 4}" '
                      f'stroke="{color}" stroke-width="2"{dash}/>'
