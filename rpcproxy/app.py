@@ -1,43 +1,408 @@
-"""Process-level running of the proxy: event loop, signals, shutdown."""
+"""The process around the proxy: event loop, signals, systemd notification, reload, metrics.
+
+Theory of operation
+-------------------
+``serve`` runs one ``ProxyProcess`` on uvloop. Its life:
+
+1. start the ProxyServer listeners (and the metrics/health listener when configured);
+   a failure here (address in use, unreadable certificate) exits with status 1 so
+   systemd's ``Restart=on-failure`` applies;
+2. ``READY=1`` to systemd (sd_notify, see ``rpcproxy.sdnotify``), then serve;
+3. ``SIGHUP``: reload. The configuration file is read again and the command-line
+   overrides re-applied, exactly as at start. Everything is checked before anything
+   changes: an invalid file or an unusable certificate leaves the running configuration
+   in place (logged as an error). What can change live: target rules, server names,
+   backend, NTLM server, authentication options, timeouts and windows for *new* virtual
+   connections, log level, and the TLS certificate (loaded into the existing SSL
+   context: new TLS connections get it, established ones keep theirs). Listener
+   addresses, TLS on/off and the metrics address need a restart; a reload that changes
+   them says so and keeps the old ones. Live channels are never touched by a reload.
+4. ``SIGTERM``/``SIGINT``: ``STOPPING=1``, /health turns 503, listeners close, every live
+   virtual connection is closed cleanly (channels end, backend sockets close), and the
+   process exits after at most ``SHUTDOWN_GRACE`` seconds whatever the clients do.
+
+``WATCHDOG=1`` is sent from the event loop every ``WATCHDOG_USEC / 2`` when systemd asks
+for it, so a wedged loop gets the service restarted.
+
+With ``workers > 1`` the process above runs once per worker under a supervisor
+(``rpcproxy.workers.supervise``) that binds the sockets before forking and is the only
+process talking to systemd; see ``_serve_workers``. Worker i serves metrics on the
+configured metrics port + i, since each worker only knows its own connections.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import os
 import signal
+import socket
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
+from rpcproxy import sdnotify
 from rpcproxy.config import Config
+from rpcproxy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rpcproxy.metrics import MetricsListener
+    from rpcproxy.workers import WorkerSet
 
 log = logging.getLogger("rpcproxy")
 
-SHUTDOWN_GRACE = 10.0  # seconds to close live channels on SIGTERM
+SHUTDOWN_GRACE = 10.0  # seconds for closing live channels on SIGTERM before exiting anyway
+STOP_LISTENERS_GRACE = 5.0  # of which: waiting for the listening sockets to close
+
+# Settings that need new listening sockets: a reload keeps the running values.
+RESTART_ONLY = ("listen", "http_listen", "metrics_listen", "workers")
 
 
-async def run_server(config: Config, stop: asyncio.Event | None = None) -> None:
-    from rpcproxy.server import ProxyServer
+class StartupError(Exception):
+    """The proxy could not start (reason is for the admin)."""
 
-    server = ProxyServer(config)
-    bound = await server.start()
-    for host, port in bound:
-        log.info("listening on %s:%d (%s)", host, port, "TLS" if config.tls_cert else "HTTP")
-    log.info("backend %s, NTLM server %s, %d target rule(s): %s", config.backend_endpoint(),
-             config.ntlm_endpoint(), len(server.allow_list),
-             ", ".join(str(r) for r in server.allow_list.rules))
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        log.info("shutting down: closing %d virtual connection(s)", len(server.vcs))
-        await asyncio.wait_for(server.stop(), SHUTDOWN_GRACE)
+
+class ProxyProcess:
+    """One running proxy: listeners, metrics listener, signal handlers, reload."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        arg_overrides: argparse.Namespace | None = None,
+        notifier: sdnotify.Notifier | None = None,
+        loader: Callable[[], Config] | None = None,
+        workers: WorkerSet | None = None,
+        listen_sockets: list[socket.socket] | None = None,
+        metrics_listen: str | None = None,
+    ) -> None:
+        from rpcproxy.server import ProxyServer
+
+        self.config = config
+        self.config_path = config_path
+        self.arg_overrides = arg_overrides
+        self.notifier = notifier or sdnotify.Notifier()
+        self._loader = loader
+        self.worker_index = workers.index if workers is not None else None
+        self.metrics_listen = metrics_listen or config.metrics_listen
+        self.server = ProxyServer(config, workers=workers, listen_sockets=listen_sockets)
+        self.metrics_listener: MetricsListener | None = None
+        self.bound: list[tuple[str, int]] = []
+        self.metrics_bound: list[tuple[str, int]] = []
+        self.stopping = False
+        self.stop_event = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- health -------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        return (not self.stopping and bool(self.server.servers)
+                and all(s.is_serving() for s in self.server.servers))
+
+    # ---- start / stop -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from rpcproxy.certs import CertificateError
+
+        config = self.config
+        try:
+            self.bound = await self.server.start()
+        except CertificateError as exc:
+            raise StartupError(f"TLS certificate: {exc.reason}") from None
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {config.listen}: "
+                               f"{exc.strerror or exc}") from None
+        tls = "TLS" if config.tls_cert else "HTTP"
+        for host, port in self.bound:
+            log.info("listening on %s:%d (%s)", host, port, tls)
+        log.info("backend %s, NTLM server %s, %d target rule(s): %s", config.backend_endpoint(),
+                 config.ntlm_endpoint(), len(self.server.allow_list),
+                 ", ".join(str(r) for r in self.server.allow_list.rules))
+        if self.metrics_listen:
+            await self._start_metrics(self.metrics_listen)
+
+    async def _start_metrics(self, address: str) -> None:
+        from rpcproxy.metrics import MetricsListener
+        from rpcproxy.targets import parse_endpoint
+
+        ep = parse_endpoint(address, "metrics_listen", listen=True)
+        try:
+            listener = MetricsListener(self.server, self.healthy)
+            self.metrics_bound = await listener.start(ep.host, ep.port)
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {address} for metrics: "
+                               f"{exc.strerror or exc}") from None
+        self.metrics_listener = listener
+        who = "" if self.worker_index is None else f"worker {self.worker_index}: "
+        for host, port in self.metrics_bound:
+            log.info("%smetrics on http://%s:%d/metrics, health on http://%s:%d/health",
+                     who, host, port, host, port)
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        n = len(self.server.vcs)
+        self.notifier.stopping(f"closing {n} virtual connection(s)")
+        log.info("shutting down: closing %d virtual connection(s)", n)
+        try:
+            await asyncio.wait_for(self.server.stop(STOP_LISTENERS_GRACE), SHUTDOWN_GRACE)
+        except TimeoutError:
+            log.warning("shutdown did not finish within %gs; exiting anyway", SHUTDOWN_GRACE)
+        for task in self._tasks:
+            task.cancel()
+        if self.metrics_listener is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.metrics_listener.stop(), STOP_LISTENERS_GRACE)
+        log.info("stopped")
+
+    # ---- the main loop ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start, notify, serve until SIGTERM/SIGINT (or ``stop_event``), shut down."""
+        loop = asyncio.get_running_loop()
+        try:
+            await self.start()
+        except BaseException:
+            self.stopping = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.stop(STOP_LISTENERS_GRACE), SHUTDOWN_GRACE)
+            raise
+        installed: list[signal.Signals] = []
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop_event.set)
+                installed.append(sig)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            installed.append(signal.SIGHUP)
+            if self.notifier.watchdog_interval:
+                self._tasks.append(asyncio.create_task(
+                    self._watchdog(self.notifier.watchdog_interval)))
+            self.notifier.ready(self._status())
+            await self.stop_event.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.shutdown()
+
+    def _status(self) -> str:
+        where = ", ".join(f"{h}:{p}" for h, p in self.bound)
+        tls = "TLS" if self.config.tls_cert else "HTTP"
+        return f"serving {tls} on {where}; backend {self.config.backend}"
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # ---- reload -------------------------------------------------------------------------
+
+    def _load(self) -> Config:
+        if self._loader is not None:
+            return self._loader()
+        if self.arg_overrides is not None:
+            from rpcproxy.cli import config_from_args
+
+            return config_from_args(self.arg_overrides)
+        from rpcproxy.config import load
+
+        return load(self.config_path)
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read configuration and certificate; keep the old ones if invalid."""
+        self.notifier.reloading()
+        try:
+            ok = self._reload()
+        finally:
+            self.notifier.ready(self._status())
+        self.server.metrics.reloads["ok" if ok else "failed"] += 1
+        return ok
+
+    def _reload(self) -> bool:
+        from rpcproxy.certs import CertificateError, load_cert_chain, server_ssl_context
+
+        old = self.config
+        server = self.server
+        try:
+            new = self._load()
+            allow_list = new.allow_list()
+            settings = new.vc_settings()
+            ntlm = new.ntlm_endpoint()
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc.reason)
+            return False
+        except Exception as exc:  # noqa: BLE001 - a reload must never kill the server
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return False
+
+        for name in RESTART_ONLY:
+            if getattr(new, name) != getattr(old, name):
+                log.warning("reload: %s changed from %r to %r; restart rpcproxy to apply it",
+                            name, getattr(old, name), getattr(new, name))
+                setattr(new, name, getattr(old, name))
+        if bool(new.tls_cert) != bool(old.tls_cert):
+            log.warning("reload: turning TLS %s needs a restart; keeping it %s",
+                        "on" if new.tls_cert else "off", "on" if old.tls_cert else "off")
+            new.tls_cert, new.tls_key = old.tls_cert, old.tls_key
+
+        if new.tls_cert and new.tls_key and server.ssl_context is not None:
+            try:
+                server_ssl_context(new.tls_cert, new.tls_key)  # check the pair first
+                load_cert_chain(server.ssl_context, new.tls_cert, new.tls_key)
+            except CertificateError as exc:
+                log.error("reload failed, keeping the running configuration and certificate: "
+                          "%s", exc.reason)
+                return False
+
+        server.config = new
+        server.allow_list = allow_list
+        server.settings = settings
+        server.verifier.server = (ntlm.host, ntlm.port)
+        auth = server.authenticator
+        auth.allow_basic = new.allow_basic
+        auth.basic_requires_tls = not new.basic_over_http
+        auth.max_pending = new.max_pending_handshakes
+        auth.handshake_timeout = new.handshake_timeout
+        server.guard.limit = new.max_unauthenticated_connections
+        server.guard.timeout = new.handshake_timeout
+        logging.getLogger().setLevel(new.log_level.upper())
+        self.config = new
+
+        changed = [f.name for f in dataclasses.fields(Config)
+                   if getattr(new, f.name) != getattr(old, f.name)]
+        log.info("configuration reloaded (%s); %d live virtual connection(s) kept; "
+                 "%d target rule(s): %s", ", ".join(changed) or "no setting changed",
+                 len(server.vcs), len(allow_list), ", ".join(str(r) for r in allow_list.rules))
+        if new.tls_cert:
+            log.info("TLS certificate reloaded from %s (new connections use it)", new.tls_cert)
+        return True
+
+
+async def run_server(config: Config, stop: asyncio.Event | None = None, *,
+                     config_path: str | None = None,
+                     arg_overrides: argparse.Namespace | None = None) -> ProxyProcess:
+    """Run until ``stop`` is set or SIGTERM/SIGINT; returns the finished ProxyProcess."""
+    process = ProxyProcess(config, config_path=config_path, arg_overrides=arg_overrides)
+    if stop is not None:
+        process.stop_event = stop
+    await process.run()
+    return process
 
 
 def serve(config: Config, *, config_path: str | None = None,
           arg_overrides: argparse.Namespace | None = None) -> int:
+    """``rpcproxy serve``: 0 after a clean stop, 1 when the proxy could not start."""
+    if config.workers > 1:
+        return _serve_workers(config, config_path=config_path, arg_overrides=arg_overrides)
+    main = run_server(config, config_path=config_path, arg_overrides=arg_overrides)
+    try:
+        _run_loop(config, main)
+    except StartupError as exc:
+        log.error("rpcproxy cannot start: %s", exc)
+        return 1
+    return 0
+
+
+def _run_loop(config: Config, main: Coroutine[Any, Any, object]) -> None:
     import uvloop
 
-    uvloop.run(run_server(config))
-    return 0
+    if config.tls_cert:
+        # uvloop's TLS transport cannot be weakly referenced, and the per-connection
+        # bookkeeping (server.ConnectionGuard, ntlm.HttpAuthenticator) holds transports
+        # in weak references: with TLS in-process, run on asyncio's own loop.
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+# --- several worker processes ------------------------------------------------------------------
+
+
+def _bind_listeners(config: Config) -> list[socket.socket]:
+    """Bind every listening socket in the supervisor, before forking (workers share them)."""
+    from rpcproxy.server import ProxyServer
+    from rpcproxy.targets import parse_endpoint
+
+    socks: list[socket.socket] = []
+    try:
+        for address, tls in ProxyServer(config).listen_addresses():
+            ep = parse_endpoint(address, "listen", listen=True)
+            family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+            try:
+                sock = socket.create_server((ep.host, ep.port), family=family, backlog=4096)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+            socks.append(sock)
+            host, port = sock.getsockname()[:2]
+            log.info("listening on %s:%d (%s)", host, port, "TLS" if tls else "HTTP")
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _worker_metrics_address(address: str | None, index: int) -> str | None:
+    """Worker i serves metrics on the configured port + i (port 0: any free port each)."""
+    if not address:
+        return None
+    from rpcproxy.targets import parse_endpoint
+
+    ep = parse_endpoint(address, "metrics_listen", listen=True)
+    port = ep.port + index if ep.port else 0
+    host = f"[{ep.host}]" if ":" in ep.host else ep.host
+    return f"{host}:{port}"
+
+
+def _serve_workers(config: Config, *, config_path: str | None,
+                   arg_overrides: argparse.Namespace | None) -> int:
+    """Supervisor: bind, fork ``config.workers`` workers (rpcproxy.workers.supervise), wait.
+
+    systemd sees one main process: READY=1 once the sockets listen (connections queue in
+    the backlog until a worker accepts), STOPPING=1 on SIGTERM, WATCHDOG=1 from a timer in
+    the supervisor (a dead worker is respawned by the supervisor itself). SIGHUP is passed
+    to every worker, and each reloads as described in the module docstring. Workers do
+    not talk to systemd (NotifyAccess=main).
+    """
+    from rpcproxy.workers import supervise
+
+    notifier = sdnotify.Notifier()
+    try:
+        socks = _bind_listeners(config)
+    except StartupError as exc:
+        log.error("rpcproxy cannot start: %s", exc)
+        return 1
+    silent = sdnotify.Notifier(env={})
+
+    def run_worker(ws: WorkerSet) -> int:
+        signal.setitimer(signal.ITIMER_REAL, 0)  # the supervisor's watchdog timer
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        process = ProxyProcess(
+            config, config_path=config_path, arg_overrides=arg_overrides, notifier=silent,
+            workers=ws, listen_sockets=socks,
+            metrics_listen=_worker_metrics_address(config.metrics_listen, ws.index),
+        )
+        try:
+            _run_loop(config, process.run())
+        except StartupError as exc:
+            log.error("worker %d cannot start: %s", ws.index, exc)
+            return 1
+        return 0
+
+    interval = notifier.watchdog_interval
+    if interval:
+        signal.signal(signal.SIGALRM, lambda _sig, _frame: notifier.watchdog())
+        signal.setitimer(signal.ITIMER_REAL, interval, interval)
+    log.info("supervisor pid %d: starting %d workers", os.getpid(), config.workers)
+    def notify(text: str) -> None:
+        notifier.notify(text)
+
+    try:
+        return supervise(config.workers, run_worker, notify=notify)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sock in socks:
+            sock.close()

@@ -21,6 +21,7 @@ Bind it to loopback or a management network: it is unauthenticated.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import logging
 from collections import Counter
@@ -95,20 +96,27 @@ def classify_unavailable(reason: str) -> str:
     return "too_many_pending" if "too many" in reason.lower() else "ntlm_server_unavailable"
 
 
+CLOSE_KINDS = ("client_closed", "backend", "pairing_timeout", "timeout", "shutdown",
+               "protocol_error", "closed")
+
+
 def classify_close(reason: str, error: object) -> str:
-    """How a VC ended, as a bounded label."""
+    """How a VC ended, as one of CLOSE_KINDS."""
     from rpcproxy.errors import BackendUnavailable
 
-    if error is None:
-        return "shutdown" if "shutting down" in reason else "closed"
-    if isinstance(error, BackendUnavailable):
-        return "backend"
-    if PAIRING_TIMEOUT_MARK in reason:
+    text = reason.lower()
+    if "shutting down" in text:
+        return "shutdown"
+    if PAIRING_TIMEOUT_MARK in text:
         return "pairing_timeout"
-    if "timed out" in reason or "did not complete" in reason:
+    if isinstance(error, BackendUnavailable) or "backend" in text:
+        return "backend"
+    if "timed out" in text or "did not complete" in text:
         return "timeout"
-    if "closed by the client" in reason:
+    if "client closed" in text or "closed by the client" in text:
         return "client_closed"
+    if error is None:
+        return "closed"
     return "protocol_error"
 
 
@@ -116,10 +124,12 @@ class ServerMetrics:
     """What the server counts as events happen; read by ``ProxyCollector`` at scrape time."""
 
     def __init__(self) -> None:
-        self.auth_results: Counter[tuple[str, str]] = Counter()  # (result, reason)
+        self.auth_results: Counter[tuple[str, str]] = Counter(  # (result, reason)
+            {("accepted", "ok"): 0, ("denied", "bad_credentials"): 0,
+             ("unavailable", "ntlm_server_unavailable"): 0})
         self.auth_seconds = FixedHistogram(AUTH_BUCKETS)
         self.handshake_seconds = FixedHistogram(HANDSHAKE_BUCKETS)
-        self.vcs_closed: Counter[str] = Counter()  # how
+        self.vcs_closed: Counter[str] = Counter({how: 0 for how in CLOSE_KINDS})
         self.closed_bytes_client_to_backend = 0
         self.closed_bytes_backend_to_client = 0
         self.reloads: Counter[str] = Counter()  # ok / failed
@@ -280,7 +290,7 @@ def make_registry(server: ProxyServer) -> CollectorRegistry:
             "(pip install 'rpcproxy[metrics]')"
         ) from None
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(server))  # type: ignore[arg-type]
+    registry.register(ProxyCollector(server))
     ProcessCollector(registry=registry)
     return registry
 
@@ -294,6 +304,7 @@ class MetricsListener:
         self.registry = make_registry(server)
         self.runner: web.AppRunner | None = None
         self.bound: list[tuple[str, int]] = []
+        self._srv: asyncio.AbstractServer | None = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -309,8 +320,6 @@ class MetricsListener:
         return web.Response(status=503, text="not serving\n")
 
     async def start(self, host: str, port: int) -> list[tuple[str, int]]:
-        import asyncio
-
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health)
@@ -319,13 +328,13 @@ class MetricsListener:
         loop = asyncio.get_running_loop()
         srv = await loop.create_server(self.runner.server, host, port)  # type: ignore[arg-type]
         self._srv = srv
-        self.bound = [tuple(s.getsockname()[:2]) for s in srv.sockets]  # type: ignore[misc]
+        self.bound = [(s.getsockname()[0], s.getsockname()[1]) for s in srv.sockets]
         return self.bound
 
     async def stop(self) -> None:
-        srv = getattr(self, "_srv", None)
-        if srv is not None:
-            srv.close()
+        if self._srv is not None:
+            self._srv.close()
+            self._srv = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
