@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured VCs in the concurrency scenario (default 10)")
     p.add_argument("--streams", type=int, default=None,
                    help="streaming VCs in the concurrency scenario (default min(100, N/10))")
+    p.add_argument("--stream-rate", type=float, default=0.0, metavar="MB/S",
+                   help="pace each streaming VC of the concurrency scenario (default: as fast "
+                        "as it goes)")
     p.add_argument("--depth", type=int, default=4,
                    help="calls in flight in the throughput scenario (default 4)")
     p.add_argument("--setup-workers", type=int, default=8,
@@ -72,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before any single wait counts as a stall (default 10)")
     p.add_argument("--out-content-length", type=int, default=1 << 30,
                    help="the bench proxy's OUT channel Content-Length (default 1 GiB)")
+    p.add_argument("--proxy-workers", type=int, default=1, metavar="N",
+                   help="worker processes of the bench's proxy (rpcproxy's multi-worker mode; "
+                        "RSS, fds and CPU are summed over them)")
     p.add_argument("--proxy-loop", choices=["uvloop", "asyncio"], default="uvloop",
                    help="event loop of the bench's proxy process (default uvloop, as "
                         "rpcproxy serve)")
@@ -220,7 +226,8 @@ async def amain(args: argparse.Namespace) -> int:
 
     async def spawn_proxy(out_cl: int, backend: str) -> ChildProcess:
         argv = ["-m", "bench.proxyproc", "--backend", backend,
-                "--out-content-length", str(out_cl), "--loop", args.proxy_loop]
+                "--out-content-length", str(out_cl), "--loop", args.proxy_loop,
+                "--workers", str(args.proxy_workers)]
         if args.ntlm_server:
             argv += ["--ntlm-server", args.ntlm_server]
         elif args.auth == "ntlm":
@@ -284,6 +291,7 @@ async def amain(args: argparse.Namespace) -> int:
         bench.depth = args.depth
         bench.setup_workers = args.setup_workers
         bench.soak_connections = args.soak_connections
+        bench.stream_rate = args.stream_rate * 1e6
 
         for name in names:
             progress(f"--- {name}")

@@ -9,6 +9,8 @@ Line protocol (``python -m bench.holder SPEC_JSON``):
 
 * stdout: ``PROGRESS n`` while opening, then ``READY n``; ``ERROR message`` on failure;
 * stdin: ``CHECK`` -> one small call on every session -> ``CHECKED n`` (or ``ERROR``);
+  ``STREAM seconds [rate]`` -> every session streams 64 KiB responses until then (paced to
+  ``rate`` bytes/s when given) -> ``STREAMED bytes``;
   ``CLOSE`` or end of input -> every session closed -> ``CLOSED`` and exit.
 """
 
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,6 +119,26 @@ async def _child(spec: HolderSpec) -> int:
             except Exception as exc:  # noqa: BLE001
                 say(f"ERROR checking: {type(exc).__name__}: {exc}")
                 code = 1
+        elif line.startswith("STREAM "):
+            # Every session streams 64 KiB responses (2 calls in flight) for N seconds,
+            # optionally paced to a rate (bytes per second per session).
+            words = line.split()
+            seconds = min(3600.0, float(words[1]))
+            rate = float(words[2]) if len(words) > 2 and float(words[2]) > 0 else None
+            deadline = time.perf_counter() + seconds
+            big = 0xFFF8 - 24 - 24
+
+            async def stream(s: BenchSession, big: int = big, deadline: float = deadline,
+                             rate: float | None = rate) -> int:
+                r = await s.stream(want=big, length=16, depth=2, deadline=deadline, rate=rate)
+                return r.bytes_down
+
+            try:
+                moved = await asyncio.gather(*(stream(s) for s in sessions))
+                say(f"STREAMED {sum(moved)}")
+            except Exception as exc:  # noqa: BLE001
+                say(f"ERROR streaming: {type(exc).__name__}: {exc}")
+                code = 1
         else:  # CLOSE or EOF
             break
     await close_all()
@@ -183,6 +206,16 @@ class Holder:
         line = await self._line(timeout)
         if not line.startswith("CHECKED"):
             raise RuntimeError(f"holder ({self.spec.path}): {line}")
+
+    async def stream(self, seconds: float, timeout: float, rate: float = 0.0) -> int:
+        """Stream on every session (``rate`` bytes/s each, 0 = as fast as possible); returns
+        the bytes moved."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(f"STREAM {seconds} {rate}\n".encode())
+        line = await self._line(seconds + timeout)
+        if not line.startswith("STREAMED "):
+            raise RuntimeError(f"holder ({self.spec.path}): {line}")
+        return int(line.split()[1])
 
     async def stop(self, timeout: float = 30.0) -> None:
         proc = self.proc

@@ -34,6 +34,24 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process."""
+    return _children(pid)
+
+
+def process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def process_tree(pid: int) -> list[int]:
+    """The process and its descendants (a bounded walk)."""
+    return _tree(pid)
+
+
 def _tree(pid: int) -> list[int]:
     out = [pid]
     frontier = [pid]

@@ -21,9 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from bench.limits import raise_nofile
 
@@ -33,10 +36,8 @@ LOCAL_NTLM_USER = "bench"  # --local-ntlm account (domain BENCH), verified by py
 LOCAL_NTLM_PASSWORD = "bench"
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    from bench.auth import BenchAuthenticator
+def _config(args: argparse.Namespace) -> Any:
     from rpcproxy import config as config_mod
-    from rpcproxy.server import ProxyServer
 
     overrides: dict[str, object] = {
         "listen": args.listen,
@@ -50,26 +51,41 @@ async def _serve(args: argparse.Namespace) -> None:
     }
     if args.ntlm_server:
         overrides["ntlm_server"] = args.ntlm_server
-    cfg = config_mod.load(None, overrides)
-    authenticator = None
-    if not args.ntlm_server:
-        users = {("BENCH", LOCAL_NTLM_USER): LOCAL_NTLM_PASSWORD} if args.local_ntlm else None
-        authenticator = BenchAuthenticator(ntlm_users=users)
-    server = ProxyServer(cfg, authenticator=authenticator)  # type: ignore[arg-type]
+    return config_mod.load(None, overrides)
+
+
+def _authenticator(args: argparse.Namespace) -> Any:
+    from bench.auth import BenchAuthenticator
+
+    if args.ntlm_server:
+        return None  # the real HttpAuthenticator, verified by that Samba
+    users = {("BENCH", LOCAL_NTLM_USER): LOCAL_NTLM_PASSWORD} if args.local_ntlm else None
+    return BenchAuthenticator(ntlm_users=users)
+
+
+async def _serve(args: argparse.Namespace, *, workers: Any = None,
+                 listen_sockets: list[socket.socket] | None = None) -> None:
+    from rpcproxy.server import ProxyServer
+
+    cfg = _config(args)
+    authenticator = _authenticator(args)
+    server = ProxyServer(cfg, authenticator=authenticator, workers=workers,
+                         listen_sockets=listen_sockets)
     bound = await server.start()
-    host, port = bound[0]
-    print(f"LISTENING {host} {port}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    eof = loop.create_task(reader.read())
-    stopper = loop.create_task(stop.wait())
-    await asyncio.wait((eof, stopper), return_when=asyncio.FIRST_COMPLETED)
-    eof.cancel()
-    stopper.cancel()
+    waits: list[asyncio.Task[Any]] = [loop.create_task(stop.wait())]
+    if workers is None:  # single process: we talk to the bench ourselves
+        host, port = bound[0]
+        print(f"LISTENING {host} {port}", flush=True)
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        waits.append(loop.create_task(reader.read()))
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
     try:
         async with asyncio.timeout(10):
             await server.stop()
@@ -77,6 +93,47 @@ async def _serve(args: argparse.Namespace) -> None:
         pass
     if authenticator is not None:
         authenticator.close()
+
+
+def _run(coro: Any, loop_name: str) -> None:
+    if loop_name == "uvloop":
+        import uvloop
+
+        uvloop.run(coro)
+    else:
+        asyncio.run(coro)
+
+
+def _serve_workers(args: argparse.Namespace) -> int:
+    """``--workers N``: bind once, fork N workers (rpcproxy.workers.supervise)."""
+    import threading
+
+    from rpcproxy.workers import WorkerSet, supervise
+
+    host, _, port = args.listen.rpartition(":")
+    sock = socket.create_server((host, int(port)), backlog=4096)
+    bhost, bport = sock.getsockname()[:2]
+    print(f"LISTENING {bhost} {bport}", flush=True)
+
+    def watch_stdin() -> None:
+        # The bench's pipe closing (even if it was killed) stops the supervisor.
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+
+    def run_worker(ws: WorkerSet) -> int:
+        _run(_serve(args, workers=ws, listen_sockets=[sock]), args.loop)
+        return 0
+
+    try:
+        return supervise(args.workers, run_worker)
+    finally:
+        sock.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ntlm-server", metavar="HOST:PORT")
     p.add_argument("--local-ntlm", action="store_true",
                    help="also accept NTLM for BENCH\\bench (password bench), checked locally")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (rpcproxy's multi-worker mode)")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                    help="event loop (rpcproxy serve uses uvloop)")
@@ -95,12 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s proxy %(levelname)s %(message)s")
     raise_nofile(1 << 20)
-    if args.loop == "uvloop":
-        import uvloop
-
-        uvloop.run(_serve(args))
-    else:
-        asyncio.run(_serve(args))
+    if args.workers > 1:
+        return _serve_workers(args)
+    _run(_serve(args), args.loop)
     return 0
 
 

@@ -62,6 +62,7 @@ class Bench:
     depth: int = 4
     setup_workers: int = 8
     soak_connections: int = 16
+    stream_rate: float = 0.0  # bytes/s per streaming VC in the concurrency scenario; 0 = max
     seed: int = 1
     # set by the CLI for the soak's own proxy (self-contained mode)
     spawn_proxy: Callable[[int], Awaitable[ChildProcess]] | None = None
@@ -151,12 +152,25 @@ class CpuMeter:
             self.start()
 
     def _now(self) -> dict[str, float | None]:
-        out: dict[str, float | None] = {"loadgen": time.process_time(),
+        out: dict[str, float | None] = {"loadgen": self._loadgen_cpu(),
                                         "machine": machine_busy_seconds()}
         for name in ("proxy", "backend"):
             smp = self.bench.proc_sample(name)
             out[name] = smp.cpu if smp is not None else None
         return out
+
+    def _loadgen_cpu(self) -> float:
+        """Our CPU plus our holder processes' (the proxy, the backend and profilers aside)."""
+        from bench.procs import child_pids, process_name, sample
+
+        total = time.process_time()
+        skip = {p.pid for p in (self.bench.proxy_proc, self.bench.backend_proc)
+                if p is not None and p.proc is not None}
+        for pid in child_pids(os.getpid()):
+            if pid in skip or process_name(pid) == "py-spy":
+                continue
+            total += sample(pid).cpu
+        return total
 
     def start(self) -> None:
         self._t0 = time.perf_counter()
@@ -392,11 +406,6 @@ async def run_latency(bench: Bench) -> dict[str, Any]:
 # --- concurrency ------------------------------------------------------------------------------
 
 
-async def _streamer(s: BenchSession, deadline: float, moved: list[int]) -> None:
-    r = await s.stream(want=BIG, length=SMALL, depth=2, deadline=deadline)
-    moved.append(r.bytes_down)
-
-
 HOLDER_MAX_VCS = 2500  # idle connections per holder process
 
 
@@ -412,13 +421,14 @@ def _fd_limit(pid: int) -> int | None:
     return None
 
 
-def _holder_specs(bench: Bench, path: str, n: int) -> list[HolderSpec]:
+def _holder_specs(bench: Bench, path: str, n: int, *,
+                  per_holder: int = HOLDER_MAX_VCS) -> list[HolderSpec]:
     specs: list[HolderSpec] = []
     per_vc = 2 if path == "proxy" else 1
     import resource
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    cap = HOLDER_MAX_VCS
+    cap = per_holder
     if hard != resource.RLIM_INFINITY:
         cap = max(1, min(cap, (hard - 512) // per_vc))
     left = n
@@ -447,22 +457,32 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
 
     The idle connections live in holder processes (bench.holder), at most
     ``HOLDER_MAX_VCS`` each, so the load generator's own descriptor limit does not cap N;
-    the active and streaming ones are the load generator's own."""
+    the streaming ones in two more holders; only the measured active VCs are the load
+    generator's own."""
     n = bench.connections
     streams = bench.streams if bench.streams is not None else min(100, max(1, n // 10))
     per = _phase_time(bench, 2)
-    result: dict[str, Any] = {"connections": n, "active": bench.active, "streams": streams}
+    result: dict[str, Any] = {"connections": n, "active": bench.active, "streams": streams,
+                              "stream_rate_mb_s": bench.stream_rate / 1e6 or None}
     cpu: dict[str, dict[str, float | None]] = {}
     rss_curve: list[dict[str, float]] = []
     if bench.proxy_proc is not None:
-        limit = _fd_limit(bench.proxy_proc.pid)
-        need = 3 * (n + bench.active + streams) + 64
+        from bench.procs import process_tree
+
+        pid = bench.proxy_proc.pid
+        tree = process_tree(pid)
+        workers = max(1, len(tree) - 1)  # a supervisor and its workers, or one process
+        limit = _fd_limit(tree[-1])
+        # VCs are spread over workers by cookie hash: allow 20% imbalance.
+        need = int(3 * (n + bench.active + streams) / workers * (1.2 if workers > 1 else 1)) + 64
         result["proxy_fd_limit"] = limit
+        result["proxy_processes"] = len(tree)
         if limit is not None and limit < need:
             raise RuntimeError(
-                f"the proxy process may open {limit} file descriptors but {n} idle + "
-                f"{bench.active + streams} busy VCs need about {need} (2 channels + 1 backend "
-                "socket each): raise its hard RLIMIT_NOFILE or spread VCs over workers")
+                f"each proxy process may open {limit} file descriptors but {n} idle + "
+                f"{bench.active + streams} busy VCs over {workers} worker(s) need about {need} "
+                "each (2 channels + 1 backend socket per VC): raise the hard RLIMIT_NOFILE or "
+                "use more workers (--proxy-workers)")
     for path in bench.paths:
         base = bench.proc_sample("proxy") if path == "proxy" else None
         holders = [Holder(spec) for spec in _holder_specs(bench, path, n)]
@@ -494,8 +514,17 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
                     rss_curve.append({"vcs": n, "rss_mib": round(smp.rss / 2**20, 1),
                                       "fds": smp.fds})
             at_n = bench.proc_sample("proxy") if path == "proxy" else None
-            busy = await bench.sessions(path, bench.active + streams, concurrency=100)
-            actives, streamers = busy[: bench.active], busy[bench.active :]
+            # The streaming VCs live in holder processes too, so that the process measuring
+            # the active VCs' round trips is not also busy with 100 streams.
+            stream_holders = [Holder(spec) for spec in _holder_specs(
+                bench, path, streams, per_holder=max(1, (streams + 1) // 2))]
+            holders.extend(stream_holders)
+            for h in stream_holders:
+                await h.start()
+            await asyncio.gather(*(h.wait_ready(bench.timeout + streams / 20)
+                                   for h in stream_holders))
+            busy = await bench.sessions(path, bench.active, concurrency=100)
+            actives = busy
             lats: list[list[float]] = [[] for _ in actives]
             moved: list[int] = []
             meter = CpuMeter(bench)
@@ -510,13 +539,16 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
                     if smp is not None and (peak is None or smp.rss > peak.rss):
                         peak = smp
 
+            async def streamer(h: Holder, moved: list[int] = moved) -> None:
+                moved.append(await h.stream(per, bench.timeout, bench.stream_rate))
+
             await asyncio.gather(
                 *(_closed_loop(s, deadline, lat) for s, lat in zip(actives, lats, strict=True)),
-                *(_streamer(s, deadline, moved) for s in streamers),
+                *(streamer(h) for h in stream_holders),
                 sampler(),
             )
             cpu[path] = meter.stop()
-            # Every idle VC must still work: one small call each.
+            # Every idle (and streaming) VC must still work: one small call each.
             await asyncio.gather(*(h.check(bench.timeout + n / 200) for h in holders))
             summary = _lat_summary([x for lat in lats for x in lat])
             entry: dict[str, Any] = {
@@ -547,7 +579,8 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
                   if "direct" in result else None)
     return {
         "metric": f"p99 round trip (ms) of {bench.active} active VCs among {n} idle "
-                  f"while {streams} stream",
+                  f"while {streams} stream" + (f" at {bench.stream_rate / 1e6:g} MB/s each"
+                                               if bench.stream_rate else ""),
         "proxy": round(proxy_p99, 3), "direct": round(direct_p99, 3) if direct_p99 else None,
         "ratio": ratio(proxy_p99, direct_p99), "unit": "ms",
         "rss_mib": result["proxy"].get("rss_mib"), "fds": result["proxy"].get("fds"),

@@ -147,8 +147,10 @@ class BenchSession:
         return time.perf_counter() - call.started
 
     async def stream(self, *, want: int, length: int, depth: int, deadline: float | None = None,
-                     count: int | None = None, record_latency: bool = False) -> StreamResult:
-        """Keep ``depth`` calls in flight until ``deadline`` (perf_counter) or ``count`` calls."""
+                     count: int | None = None, record_latency: bool = False,
+                     rate: float | None = None) -> StreamResult:
+        """Keep ``depth`` calls in flight until ``deadline`` (perf_counter) or ``count`` calls;
+        with ``rate`` (payload bytes per second, both ways) calls are paced to that rate."""
         if deadline is None and count is None:
             raise ValueError("stream() needs a deadline or a count")
         result = StreamResult()
@@ -163,8 +165,14 @@ class BenchSession:
                 while True:
                     if count is not None and sent >= count:
                         break
-                    if deadline is not None and time.perf_counter() >= deadline:
+                    now = time.perf_counter()
+                    if deadline is not None and now >= deadline:
                         break
+                    if rate:
+                        ahead = sent * (want + length) / rate - (now - t0)
+                        if ahead > 0:
+                            await asyncio.sleep(min(ahead, 0.5))
+                            continue
                     await slots.acquire()
                     await self.send_call(want, length)
                     sent += 1
