@@ -73,10 +73,26 @@ def _cert_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- provision -------------------------------------------------------------------------------
+
+
+def _provision_arguments(p: argparse.ArgumentParser) -> None:
+    from rpcproxy import provision
+
+    provision.add_arguments(p)
+
+
+def _provision_run(args: argparse.Namespace) -> int:
+    from rpcproxy import provision
+
+    return provision.run(args)
+
+
 def _register() -> None:
     names = {name for name, _, _ in cli.EXTRA_SUBCOMMANDS}
     for spec in (
         ("cert", _cert_arguments, _cert_run),
+        ("provision", _provision_arguments, _provision_run),
     ):
         if spec[0] not in names:
             cli.EXTRA_SUBCOMMANDS.append(spec)
