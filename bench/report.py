@@ -107,6 +107,8 @@ def table(doc: dict[str, Any]) -> str:
     widths[1] = min(widths[1], 70)
 
     def line(r: list[str]) -> str:
+        if r[1].startswith("  note:") or r[1].startswith("FAILED"):
+            return (r[0].ljust(widths[0]) + "  " + r[1]).rstrip()  # never truncated
         cells = []
         for i, c in enumerate(r):
             c = c[: widths[i]]
