@@ -292,6 +292,7 @@ async def amain(args: argparse.Namespace) -> int:
         bench.setup_workers = args.setup_workers
         bench.soak_connections = args.soak_connections
         bench.stream_rate = args.stream_rate * 1e6
+        bench.proxy_workers = args.proxy_workers if not args.url else 1
 
         for name in names:
             progress(f"--- {name}")

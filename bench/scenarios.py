@@ -63,6 +63,7 @@ class Bench:
     setup_workers: int = 8
     soak_connections: int = 16
     stream_rate: float = 0.0  # bytes/s per streaming VC in the concurrency scenario; 0 = max
+    proxy_workers: int = 1  # worker processes of the bench's own proxy
     seed: int = 1
     # set by the CLI for the soak's own proxy (self-contained mode)
     spawn_proxy: Callable[[int], Awaitable[ChildProcess]] | None = None
@@ -471,7 +472,7 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
 
         pid = bench.proxy_proc.pid
         tree = process_tree(pid)
-        workers = max(1, len(tree) - 1)  # a supervisor and its workers, or one process
+        workers = max(1, bench.proxy_workers)
         limit = _fd_limit(tree[-1])
         # VCs are spread over workers by cookie hash: allow 20% imbalance.
         need = int(3 * (n + bench.active + streams) / workers * (1.2 if workers > 1 else 1)) + 64
