@@ -88,11 +88,30 @@ def _provision_run(args: argparse.Namespace) -> int:
     return provision.run(args)
 
 
+# --- check -----------------------------------------------------------------------------------
+
+
+def _check_arguments(p: argparse.ArgumentParser) -> None:
+    from rpcproxy import check
+
+    p.description = ("Check the configuration, certificate, backend, NTLM server and "
+                     "(with --user) a real login; exit status 0 only when all pass.")
+    cli.add_config_arguments(p)
+    check.add_arguments(p)
+
+
+def _check_run(args: argparse.Namespace) -> int:
+    from rpcproxy import check
+
+    return check.run(args)
+
+
 def _register() -> None:
     names = {name for name, _, _ in cli.EXTRA_SUBCOMMANDS}
     for spec in (
         ("cert", _cert_arguments, _cert_run),
         ("provision", _provision_arguments, _provision_run),
+        ("check", _check_arguments, _check_run),
     ):
         if spec[0] not in names:
             cli.EXTRA_SUBCOMMANDS.append(spec)
