@@ -309,13 +309,9 @@ def serve(config: Config, *, config_path: str | None = None,
 def _run_loop(config: Config, main: Coroutine[Any, Any, object]) -> None:
     import uvloop
 
-    if config.tls_cert:
-        # uvloop's TLS transport cannot be weakly referenced, and the per-connection
-        # bookkeeping (server.ConnectionGuard, ntlm.HttpAuthenticator) holds transports
-        # in weak references: with TLS in-process, run on asyncio's own loop.
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+    # Per-connection bookkeeping is keyed by aiohttp's protocol object (weakly
+    # referenceable), so uvloop serves TLS too.
+    uvloop.run(main)
 
 
 # --- several worker processes ------------------------------------------------------------------

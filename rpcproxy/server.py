@@ -447,16 +447,20 @@ class ConnectionGuard:
     authentication; at most ``limit`` may be unauthenticated at once (beyond
     that a new connection is closed at once). This covers what aiohttp does
     not: a peer that connects and never sends (or never finishes) a request.
+
+    Connections are named by their aiohttp protocol object (a subclass that
+    can be weakly referenced), not by the transport: uvloop's TLS transport
+    cannot be. The same object keys the per-connection NTLM state.
     """
 
     def __init__(self, limit: int, timeout: float) -> None:
         self.limit = limit
         self.timeout = timeout
-        self.pending: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
-        self.trusted: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        self.pending: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
+        self.trusted: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
         self.rejected = 0
         self.expired = 0
-        self.on_lost: Callable[[asyncio.BaseTransport], None] | None = None
+        self.on_lost: Callable[[object], None] | None = None
 
     def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
         """A protocol factory for ``loop.create_server`` that reports new connections here."""
@@ -465,43 +469,43 @@ class ConnectionGuard:
         kwargs = server._kwargs  # what web.Server.__call__ passes to its RequestHandler
 
         class GuardedRequestHandler(aiohttp.web_protocol.RequestHandler):
-            __slots__ = ()
+            __slots__ = ("__weakref__",)
 
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 super().connection_made(transport)
-                guard.admit(transport)
+                guard.admit(self, transport)
 
             def connection_lost(self, exc: BaseException | None) -> None:
-                transport = self.transport
                 super().connection_lost(exc)
-                if transport is not None and guard.on_lost is not None:
-                    guard.on_lost(transport)
+                if guard.on_lost is not None:
+                    guard.on_lost(self)
 
         def make() -> asyncio.Protocol:
             return GuardedRequestHandler(server, loop=loop, **kwargs)
 
         return make
 
-    def admit(self, transport: asyncio.BaseTransport) -> None:
+    def admit(self, protocol: asyncio.BaseProtocol, transport: asyncio.BaseTransport) -> None:
         if len(self.pending) >= self.limit:
             self.rejected += 1
             log.warning("too many unauthenticated connections (%d): refusing one", self.limit)
             transport.close()
             return
-        self.pending.add(transport)
-        asyncio.get_running_loop().call_later(self.timeout, self._expire, weakref.ref(transport))
+        self.pending.add(protocol)
+        asyncio.get_running_loop().call_later(self.timeout, self._expire, weakref.ref(protocol))
 
-    def authenticated(self, transport: asyncio.BaseTransport | None) -> None:
-        if transport is not None and transport not in self.trusted:
-            self.trusted.add(transport)
-            self.pending.discard(transport)
+    def authenticated(self, protocol: asyncio.BaseProtocol) -> None:
+        if protocol not in self.trusted:
+            self.trusted.add(protocol)
+            self.pending.discard(protocol)
 
-    def _expire(self, ref: weakref.ref[asyncio.BaseTransport]) -> None:
-        transport = ref()
-        if transport is None or transport in self.trusted:
+    def _expire(self, ref: weakref.ref[asyncio.BaseProtocol]) -> None:
+        protocol = ref()
+        if protocol is None or protocol in self.trusted:
             return
-        self.pending.discard(transport)
-        if not transport.is_closing():
+        self.pending.discard(protocol)
+        transport = getattr(protocol, "transport", None)
+        if transport is not None and not transport.is_closing():
             self.expired += 1
             transport.close()
 
@@ -675,12 +679,12 @@ class ProxyServer:
             "sslcontext") is not None
         started = time.monotonic()
         outcome = await self.authenticator.authenticate(
-            request.transport, request.headers.get("Authorization"), tls=tls
+            request.protocol, request.headers.get("Authorization"), tls=tls
         )
         self.metrics.auth_outcome(outcome, time.monotonic() - started,
                                   had_credentials=bool(request.headers.get("Authorization")))
         if isinstance(outcome, Authenticated):
-            self.guard.authenticated(request.transport)
+            self.guard.authenticated(request.protocol)
             return outcome.identity
         if isinstance(outcome, Unavailable):
             log.warning("authentication unavailable for %s: %s", _peer(request), outcome.reason)
@@ -762,8 +766,7 @@ class ProxyServer:
                                 f"of Content-Length {length}")
         body_left = length - len(pdu.encode())
         vc_cookie = rts.cookies(pdu)[0]
-        transport = request.transport
-        self.authenticator.forget(transport)  # this connection carries no more requests
+        self.authenticator.forget(request.protocol)  # no more requests on this connection
         if self.workers is not None and not self.workers.is_mine(vc_cookie):
             await self._hand_off(request, pdu, body_left, identity, target, endpoint)
         else:
