@@ -22,6 +22,7 @@ Authenticated channels have no body or idle timeout: they live for hours.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 import ssl
@@ -86,7 +87,7 @@ OUT_NEW_CONTENT_LENGTH = 76  # CONN/A1
 OUT_SUCCESSOR_CONTENT_LENGTH = 120  # OUT_R2/A3 (96) + OUT_R2/C1 (24)
 MAX_OPENING_PDU = 256  # the largest first PDU of a channel body is 104 bytes
 
-BACKEND_READ_SIZE = 256 << 10
+GC_GEN0_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
 
 
 def rpc_error_response(error: RpcProxyError, *, close: bool = True) -> web.Response:
@@ -588,6 +589,7 @@ class ProxyServer:
                 bound.append((host, port))
         if self.workers is not None:
             self.workers.start_receiving(loop, self._on_handoff)
+        _tune_gc()
         return bound
 
     def listen_addresses(self) -> list[tuple[str, bool]]:
@@ -946,6 +948,21 @@ class _Relay(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.resume_reading()
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector out of the latency path.
+
+    Everything alive at start-up (modules, configuration, listeners) is frozen
+    out of collection, and young-generation passes run less often: with ten
+    thousand virtual connections a collection that walks every live object
+    shows up as a latency spike for all of them. Reference counting still frees
+    almost everything at once.
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 async def _no_expect_handler(request: web.Request) -> None:
