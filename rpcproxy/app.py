@@ -309,8 +309,6 @@ def serve(config: Config, *, config_path: str | None = None,
 def _run_loop(config: Config, main: Coroutine[Any, Any, object]) -> None:
     import uvloop
 
-    # Per-connection bookkeeping is keyed by aiohttp's protocol object (weakly
-    # referenceable), so uvloop serves TLS too.
     uvloop.run(main)
 
 

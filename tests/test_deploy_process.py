@@ -310,6 +310,50 @@ def test_sighup_reloads_certificate_without_dropping_tls_connections(
         old_conn.close()
 
 
+@pytest.mark.samba
+def test_tls_vc_with_basic_auth_and_certificate_reload(
+    samba_dc: SambaDC, tmp_path: Path, procs: list[ServeProcess]
+) -> None:
+    """The whole path over in-process TLS: Basic (only offered over TLS), a VC, RPC."""
+    tls_dir = tmp_path / "tls"
+    pair = certs.create_self_signed("mail.example.com", tls_dir)
+    conf = tmp_path / "rpcproxy.toml"
+    conf.write_text(f'backend = "{samba_dc.host}:{samba_dc.port}"\n'
+                    'targets = ["mail.example.com:6001"]\n'
+                    f'tls_cert = "{pair.cert_path}"\ntls_key = "{pair.key_path}"\n')
+    p = _serve(procs, "--config", str(conf))
+    port = int(p.wait_for_log(r"listening on 127\.0\.0\.1:(\d+) \(TLS\)").group(1))
+    ctx = ssl.create_default_context(cafile=str(pair.cert_path))
+
+    async def scenario() -> None:
+        live = await open_vc("127.0.0.1", port, "mail.example.com:6001", _auth(samba_dc),
+                             tls=ctx, server_hostname="mail.example.com")
+        try:
+            assert (await live.bind_mgmt())[2] == BIND_ACK_PTYPE
+            certs.create_self_signed("mail.example.com", tls_dir, overwrite=True)
+            mark = p.line_count()
+            p.signal(signal.SIGHUP)
+            await asyncio.to_thread(p.wait_for_log, r"TLS certificate reloaded", 20, mark)
+            # New connections need the new certificate; the live VC keeps going.
+            fresh_ctx = ssl.create_default_context(cafile=str(tls_dir / "cert.pem"))
+            fresh = await open_vc("127.0.0.1", port, "mail.example.com:6001",
+                                  _auth(samba_dc), tls=fresh_ctx,
+                                  server_hostname="mail.example.com")
+            try:
+                assert (await fresh.bind_mgmt())[2] == BIND_ACK_PTYPE
+            finally:
+                fresh.close()
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await open_vc("127.0.0.1", port, "mail.example.com:6001", _auth(samba_dc),
+                              tls=ctx, server_hostname="mail.example.com")
+            # A second BIND on the live VC: Samba answers (BIND_ACK or BIND_NAK), through.
+            assert (await live.bind_mgmt())[2] in (BIND_ACK_PTYPE, 13)
+        finally:
+            live.close()
+
+    asyncio.run(scenario())
+
+
 # --- metrics and health ----------------------------------------------------------------------
 
 

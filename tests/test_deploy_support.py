@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -263,11 +264,15 @@ def basic_auth(user: str, password: str) -> str:
 
 
 async def _open_channel(host: str, port: int, method: str, target: str, auth: str,
-                        length: int, body: bytes, source: str | None
+                        length: int, body: bytes, source: str | None,
+                        tls: ssl.SSLContext | None = None, server_hostname: str | None = None
                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     local = (source, 0) if source else None
+    extra: dict[str, object] = {}
+    if tls is not None:
+        extra = {"ssl": tls, "server_hostname": server_hostname or host}
     reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, port, local_addr=local), 10)
+        asyncio.open_connection(host, port, local_addr=local, **extra), 10)
     head = (f"{method} /rpc/rpcproxy.dll?{target} HTTP/1.1\r\n"
             f"Host: {host}\r\nAccept: application/rpc\r\nUser-Agent: MSRPC\r\n"
             f"Cache-Control: no-cache\r\nAuthorization: {auth}\r\n"
@@ -296,16 +301,20 @@ async def _read_status(reader: asyncio.StreamReader, timeout: float) -> tuple[st
 
 
 async def open_vc(host: str, port: int, target: str, auth: str, *,
-                  source: str | None = None, timeout: float = 20.0) -> RpchVc:
+                  source: str | None = None, timeout: float = 20.0,
+                  tls: ssl.SSLContext | None = None, server_hostname: str | None = None
+                  ) -> RpchVc:
     """OUT channel (CONN/A1), then IN channel (CONN/B1); waits for CONN/A3 and CONN/C2."""
     vc_cookie, out_cookie, in_cookie, assoc = (uuid.uuid4().bytes for _ in range(4))
     out_r, out_w = await _open_channel(host, port, "RPC_OUT_DATA", target, auth,
                                        OUT_CONTENT_LENGTH,
-                                       rts.conn_a1(vc_cookie, out_cookie, 0x10000), source)
+                                       rts.conn_a1(vc_cookie, out_cookie, 0x10000), source,
+                                       tls, server_hostname)
     try:
         in_r, in_w = await _open_channel(host, port, "RPC_IN_DATA", target, auth,
                                          IN_CONTENT_LENGTH,
-                                         rts.conn_b1(vc_cookie, in_cookie, assoc), source)
+                                         rts.conn_b1(vc_cookie, in_cookie, assoc), source,
+                                         tls, server_hostname)
     except BaseException:
         out_w.close()
         raise
