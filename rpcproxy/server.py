@@ -429,10 +429,19 @@ class VcRuntime:
         vc = self.vc
         ident = vc.identity
         user = ident.principal if isinstance(ident, Identity) else str(ident)
+        duration = time.time() - self.started_wall
+        fields = {
+            "event": "vc_closed", "vc": self.label, "user": user, "target": str(vc.target),
+            "backend": str(self.backend_endpoint), "client": self.client,
+            "duration_s": round(duration, 3), "bytes_up": vc.traffic.client_to_backend,
+            "bytes_down": vc.traffic.backend_to_client, "how": action.reason,
+            "error": action.error is not None,
+        }
         log.info(
             "vc=%s closed user=%s target=%s client=%s duration=%.1fs up=%d down=%d how=%s",
-            self.label, user, vc.target, self.client, time.time() - self.started_wall,
+            self.label, user, vc.target, self.client, duration,
             vc.traffic.client_to_backend, vc.traffic.backend_to_client, action.reason,
+            extra={"fields": fields},
         )
         self.server.metrics.vc_closed(action.reason, action.error, vc.traffic.client_to_backend,
                                       vc.traffic.backend_to_client)

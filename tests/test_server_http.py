@@ -359,3 +359,24 @@ async def test_closed_connection_forgets_its_auth_state(env: Env) -> None:
     assert (await ch.head()).status == 200
     ch.close()
     assert await wait_for(lambda: auth.forgotten > before)
+
+
+async def test_one_structured_log_line_per_vc(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+
+    from rpcproxy.logs import JsonFormatter
+
+    caplog.set_level(logging.INFO, logger="rpcproxy")
+    vc = await open_vc(env.port, ALICE)
+    vc.inp.send(request_pdu(1, b"12345"))
+    await vc.rpc_pdu()
+    vc.close()
+    assert await wait_for(lambda: not env.server.vcs)
+    lines = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "vc_closed"]
+    assert len(lines) == 1
+    data = json.loads(JsonFormatter().format(lines[0]))
+    assert data["user"] == "TEST\\alice" and data["target"] == "srv:6001"
+    assert data["bytes_up"] == data["bytes_down"] == len(request_pdu(1, b"12345"))
+    assert data["how"].startswith("client closed") and data["error"] is False
+    assert data["client"].startswith("127.0.0.1:")
