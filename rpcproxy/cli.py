@@ -17,6 +17,11 @@ log = logging.getLogger("rpcproxy")
 SubcommandSpec = tuple[str, Callable[[argparse.ArgumentParser], None],
                        Callable[[argparse.Namespace], int]]
 EXTRA_SUBCOMMANDS: list[SubcommandSpec] = []
+SUBCOMMAND_HELP = {
+    "cert": "create a self-signed TLS certificate for a host and its autodiscover name",
+    "provision": "print or apply the Samba, user and DNS set-up the proxy needs",
+    "check": "check configuration, certificate, backend, NTLM server and a test login",
+}
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Prometheus metrics listener")
     serve_p.set_defaults(func=_serve)
     for name, add_args, run in EXTRA_SUBCOMMANDS:
-        p = sub.add_parser(name)
+        p = sub.add_parser(name, help=SUBCOMMAND_HELP.get(name))
         add_args(p)
         p.set_defaults(func=run)
     return parser
@@ -123,5 +128,9 @@ def _load_plugins() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the real module: the admin subcommands register themselves into
+    # rpcproxy.cli.EXTRA_SUBCOMMANDS, not into this __main__ copy.
+    from rpcproxy.cli import main as _main
+
+    sys.exit(_main())
 
