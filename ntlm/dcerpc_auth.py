@@ -26,6 +26,8 @@ import struct
 import uuid
 from dataclasses import dataclass
 
+from rpcproxy.pdu import PType as PType  # the PDU types, shared with the proxy (re-exported)
+
 from .errors import NtlmError
 
 RPC_VERSION = 5  # C706 12.6.3.1 rpc_vers
@@ -43,21 +45,6 @@ PFC_LAST_FRAG = 0x02
 
 RPC_C_AUTHN_WINNT = 0x0A  # NTLMSSP, MS-RPCE 2.2.1.1.7
 AUTH_CONTEXT_ID = 0x00005A17  # any fixed value; one security context per connection
-
-
-class PType(enum.IntEnum):
-    """PDU types used here, C706 12.6.4 / MS-RPCE 2.2.2.1."""
-
-    REQUEST = 0
-    RESPONSE = 2
-    FAULT = 3
-    BIND = 11
-    BIND_ACK = 12
-    BIND_NAK = 13
-    ALTER_CONTEXT = 14
-    ALTER_CONTEXT_RESP = 15
-    AUTH3 = 16
-    SHUTDOWN = 17
 
 
 class AuthLevel(enum.IntEnum):
