@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import os
 import ssl
 import sys
 import time
@@ -40,7 +41,7 @@ from bench.proxyproc import LOCAL_NTLM_PASSWORD, LOCAL_NTLM_USER
 from bench.scenarios import SCENARIOS, Bench, ProxyTarget
 from bench.session import RpcFault
 
-DEFAULT_SCENARIOS = ("throughput", "latency", "concurrency", "setup", "soak")
+DEFAULT_SCENARIOS = ("throughput", "aggregate", "latency", "concurrency", "setup", "soak")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "as it goes)")
     p.add_argument("--depth", type=int, default=4,
                    help="calls in flight in the throughput scenario (default 4)")
+    p.add_argument("--aggregate-vcs", type=int, default=8, metavar="N",
+                   help="streaming VCs in the aggregate scenario (default 8)")
+    p.add_argument("--aggregate-procs", type=int, default=0, metavar="N",
+                   help="load-generator processes the aggregate scenario's VCs are spread "
+                        "over (default: one per core, at most one per VC)")
+    p.add_argument("--aggregate-workers", default="1,2", metavar="N,M",
+                   help="proxy worker counts the aggregate scenario compares (default 1,2)")
+    p.add_argument("--aggregate-placement", choices=["balanced", "random"], default="balanced",
+                   help="aggregate scenario: spread the VCs evenly over the proxy's workers "
+                        "(cookies chosen for its cookie hash; default) or use random cookies")
     p.add_argument("--setup-workers", type=int, default=8,
                    help="parallel openers in the setup scenario (default 8)")
     p.add_argument("--soak-connections", type=int, default=16)
@@ -141,7 +152,6 @@ async def start_profilers(directory: str | None, scenario: str, bench: Bench,
     """py-spy on the proxy process tree and on ourselves, until stop_profilers."""
     if not directory:
         return []
-    import os
     import shutil
 
     spy = shutil.which("py-spy")
@@ -192,6 +202,8 @@ def scenario_limit(name: str, args: argparse.Namespace) -> float:
         base += (args.connections + args.active + (args.streams or 100)) * 2 / 50
     if name == "latency":
         base += args.clients * 0.2
+    if name == "aggregate":  # proxies to start, holders to open
+        base += 20 + args.aggregate_vcs * 3 / 20
     return float(base)
 
 
@@ -206,6 +218,15 @@ async def amain(args: argparse.Namespace) -> int:
     if args.duration <= 0 or args.connections < 1 or args.clients < 1 or args.depth < 1:
         print("rpcproxy-bench: --duration, --connections, --clients, --depth must be positive",
               file=sys.stderr)
+        return 2
+    try:
+        aggregate_workers = tuple(int(x) for x in args.aggregate_workers.split(",") if x.strip())
+    except ValueError:
+        aggregate_workers = ()
+    if (not aggregate_workers or min(aggregate_workers) < 1 or args.aggregate_vcs < 1
+            or args.aggregate_procs < 0):
+        print("rpcproxy-bench: --aggregate-vcs, --aggregate-procs and --aggregate-workers "
+              "(e.g. 1,2) must be positive", file=sys.stderr)
         return 2
     streams = args.streams if args.streams is not None else 100
     # Idle VCs of the concurrency scenario live in holder processes (bench.holder).
@@ -224,15 +245,17 @@ async def amain(args: argparse.Namespace) -> int:
         "ok": True,
     }
 
-    async def spawn_proxy(out_cl: int, backend: str) -> ChildProcess:
+    async def spawn_proxy(out_cl: int, backend: str, workers: int | None = None) -> ChildProcess:
+        workers = workers or args.proxy_workers
         argv = ["-m", "bench.proxyproc", "--backend", backend,
                 "--out-content-length", str(out_cl), "--loop", args.proxy_loop,
-                "--workers", str(args.proxy_workers)]
+                "--workers", str(workers)]
         if args.ntlm_server:
             argv += ["--ntlm-server", args.ntlm_server]
         elif args.auth == "ntlm":
             argv += ["--local-ntlm"]
-        child = ChildProcess("proxy", argv)
+        name = "proxy" if workers == args.proxy_workers else f"proxy-{workers}w"
+        child = ChildProcess(name, argv)
         children.append(child)
         await child.start()
         return child
@@ -278,10 +301,12 @@ async def amain(args: argparse.Namespace) -> int:
             bench = Bench(proxy, (bhost, bport), args.duration, progress,
                           proxy_proc=proxy_proc, backend_proc=backend, timeout=args.timeout)
 
-            async def spawn_soak_proxy(out_cl: int) -> ChildProcess:
-                return await spawn_proxy(out_cl, backend_addr)
+            async def spawn_more_proxy(out_cl: int | None = None,
+                                       workers: int | None = None) -> ChildProcess:
+                return await spawn_proxy(out_cl or args.out_content_length, backend_addr,
+                                         workers)
 
-            bench.spawn_proxy = spawn_soak_proxy
+            bench.spawn_proxy = spawn_more_proxy
             progress(f"backend stub pid {backend.pid} on {backend_addr}, proxy pid "
                      f"{proxy_proc.pid} on {proxy_proc.host}:{proxy_proc.port}")
         bench.connections = args.connections
@@ -293,6 +318,10 @@ async def amain(args: argparse.Namespace) -> int:
         bench.soak_connections = args.soak_connections
         bench.stream_rate = args.stream_rate * 1e6
         bench.proxy_workers = args.proxy_workers if not args.url else 1
+        bench.aggregate_vcs = args.aggregate_vcs
+        bench.aggregate_procs = args.aggregate_procs or os.cpu_count() or 1
+        bench.aggregate_workers = aggregate_workers
+        bench.aggregate_placement = args.aggregate_placement
 
         for name in names:
             progress(f"--- {name}")

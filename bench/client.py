@@ -273,6 +273,7 @@ class RpchClient:
         timeout: float,
         in_content_length: int,
         extra_headers: dict[str, str] | None,
+        vc_cookie: bytes | None = None,
     ) -> None:
         if http_version not in ("1.0", "1.1"):
             raise ValueError("http_version must be '1.0' or '1.1'")
@@ -291,7 +292,7 @@ class RpchClient:
         self.timeout = timeout
         self.in_content_length = in_content_length
         self.extra_headers = dict(extra_headers or {})
-        self.vc_cookie = _cookie()
+        self.vc_cookie = vc_cookie if vc_cookie is not None else _cookie()
         self.association_group = _cookie()
         self.connection_timeout_ms = 0
         self._in: _InChannel | None = None
@@ -337,13 +338,20 @@ class RpchClient:
         timeout: float = 10.0,
         in_content_length: int = DEFAULT_IN_CONTENT_LENGTH,
         extra_headers: dict[str, str] | None = None,
+        vc_cookie: bytes | None = None,
     ) -> RpchClient:
-        """Open a virtual connection; returns once CONN/C2 has been received."""
+        """Open a virtual connection; returns once CONN/C2 has been received.
+
+        ``vc_cookie`` (16 bytes) replaces the random virtual connection cookie: the bench
+        uses it to place VCs on chosen workers of a multi-worker proxy."""
+        if vc_cookie is not None and len(vc_cookie) != 16:
+            raise ValueError("vc_cookie must be 16 bytes")
         self = cls(
             host, port, target=target, path=path, auth=auth, receive_window=receive_window,
             ssl=ssl, server_hostname=server_hostname, http_version=http_version,
             expect_continue=expect_continue, timeout=timeout,
             in_content_length=in_content_length, extra_headers=extra_headers,
+            vc_cookie=vc_cookie,
         )
         try:
             async with asyncio.timeout(timeout):

@@ -9,9 +9,20 @@ Line protocol (``python -m bench.holder SPEC_JSON``):
 
 * stdout: ``PROGRESS n`` while opening, then ``READY n``; ``ERROR message`` on failure;
 * stdin: ``CHECK`` -> one small call on every session -> ``CHECKED n`` (or ``ERROR``);
-  ``STREAM seconds [rate]`` -> every session streams 64 KiB responses until then (paced to
-  ``rate`` bytes/s when given) -> ``STREAMED bytes``;
+  ``STREAM seconds [rate [length [depth]]]`` -> every session streams 64 KiB responses
+  (requests carrying ``length`` payload bytes, default 16; ``depth`` calls in flight, default
+  2) until then, paced to ``rate`` bytes/s when it is not 0 ->
+  ``STREAMED down up calls seconds`` (payload bytes received and sent, calls completed, wall
+  seconds from the command to the last response, all sessions together);
+  ``INFO`` -> ``INFO cookie ...`` (the hex VC cookie of every proxy session, nothing for
+  direct ones: the parent works out which proxy worker owns each VC);
   ``CLOSE`` or end of input -> every session closed -> ``CLOSED`` and exit.
+
+With ``owners`` in the spec, the VC cookies are chosen so that a multi-worker proxy's cookie
+hash (``rpcproxy.workers.owner_of``) gives VC i to worker ``owners[i]``.
+
+Every response a holder receives is checked like the load generator's own
+(``BenchSession``): a lost, reordered or damaged byte makes the command answer ``ERROR``.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.limits import raise_nofile
@@ -44,6 +55,10 @@ class HolderSpec:
     server_hostname: str | None = None
     timeout: float = 10.0
     concurrency: int = 100
+    # Place VC i on proxy worker owners[i] of owner_count (a cookie chosen so that
+    # rpcproxy.workers.owner_of maps it there); empty: random cookies.
+    owners: list[int] = field(default_factory=list)
+    owner_count: int = 0
 
 
 async def _child(spec: HolderSpec) -> int:
@@ -51,7 +66,7 @@ async def _child(spec: HolderSpec) -> int:
 
     from bench.client import BasicAuth, NtlmAuth, RpchClient
     from bench.direct import DirectClient
-    from bench.session import BenchSession, PduTransport
+    from bench.session import BenchSession, PduTransport, StreamResult
 
     raise_nofile(2 * spec.count + 256)
     auth: BasicAuth | NtlmAuth | None = None
@@ -68,12 +83,14 @@ async def _child(spec: HolderSpec) -> int:
     sessions: list[BenchSession] = []
     sem = asyncio.Semaphore(spec.concurrency)
     step = max(1, spec.count // 10)
+    cookies = [_placed_cookie(spec.owners[i], spec.owner_count) if i < len(spec.owners)
+               else None for i in range(spec.count)]
 
     def say(line: str) -> None:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
-    async def one() -> None:
+    async def one(cookie: bytes | None) -> None:
         async with sem:
             t: PduTransport
             if spec.path == "direct":
@@ -81,7 +98,8 @@ async def _child(spec: HolderSpec) -> int:
             else:
                 t = await RpchClient.connect(
                     spec.host, spec.port, target=spec.target, path=spec.url_path, auth=auth,
-                    ssl=ctx, server_hostname=spec.server_hostname, timeout=spec.timeout)
+                    ssl=ctx, server_hostname=spec.server_hostname, timeout=spec.timeout,
+                    vc_cookie=cookie)
             s = BenchSession(t, timeout=spec.timeout)
             sessions.append(s)
             await s.bind()
@@ -96,7 +114,7 @@ async def _child(spec: HolderSpec) -> int:
         await asyncio.gather(*(close(s) for s in sessions), return_exceptions=True)
 
     try:
-        await asyncio.gather(*(one() for _ in range(spec.count)))
+        await asyncio.gather(*(one(c) for c in cookies))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the run
         say(f"ERROR opening: {type(exc).__name__}: {exc}")
         await close_all()
@@ -119,23 +137,32 @@ async def _child(spec: HolderSpec) -> int:
             except Exception as exc:  # noqa: BLE001
                 say(f"ERROR checking: {type(exc).__name__}: {exc}")
                 code = 1
+        elif line == "INFO":
+            cookies = [s.t.vc_cookie.hex() for s in sessions if isinstance(s.t, RpchClient)]
+            say(" ".join(["INFO", *cookies]))
         elif line.startswith("STREAM "):
-            # Every session streams 64 KiB responses (2 calls in flight) for N seconds,
-            # optionally paced to a rate (bytes per second per session).
-            words = line.split()
-            seconds = min(3600.0, float(words[1]))
-            rate = float(words[2]) if len(words) > 2 and float(words[2]) > 0 else None
-            deadline = time.perf_counter() + seconds
+            # Every session streams 64 KiB responses for N seconds (see the module docstring).
+            try:
+                seconds, rate, length, depth = _stream_args(line)
+            except ValueError as exc:
+                say(f"ERROR bad STREAM command: {exc}")
+                code = 1
+                continue
+            t0 = time.perf_counter()
+            deadline = t0 + seconds
             big = 0xFFF8 - 24 - 24
 
             async def stream(s: BenchSession, big: int = big, deadline: float = deadline,
-                             rate: float | None = rate) -> int:
-                r = await s.stream(want=big, length=16, depth=2, deadline=deadline, rate=rate)
-                return r.bytes_down
+                             rate: float | None = rate, length: int = length,
+                             depth: int = depth) -> StreamResult:
+                return await s.stream(want=big, length=length, depth=depth, deadline=deadline,
+                                      rate=rate)
 
             try:
-                moved = await asyncio.gather(*(stream(s) for s in sessions))
-                say(f"STREAMED {sum(moved)}")
+                res = await asyncio.gather(*(stream(s) for s in sessions))
+                wall = time.perf_counter() - t0
+                say(f"STREAMED {sum(r.bytes_down for r in res)} {sum(r.bytes_up for r in res)} "
+                    f"{sum(r.calls for r in res)} {wall:.6f}")
             except Exception as exc:  # noqa: BLE001
                 say(f"ERROR streaming: {type(exc).__name__}: {exc}")
                 code = 1
@@ -144,6 +171,44 @@ async def _child(spec: HolderSpec) -> int:
     await close_all()
     say("CLOSED")
     return code
+
+
+def _placed_cookie(worker: int, count: int) -> bytes:
+    """A random VC cookie that a ``count``-worker proxy gives to ``worker``."""
+    import os
+
+    from rpcproxy.workers import owner_of
+
+    for _ in range(100 * max(1, count)):  # each try lands on `worker` with chance 1/count
+        cookie = os.urandom(16)
+        if owner_of(cookie, count) == worker:
+            return cookie
+    raise RuntimeError(f"no cookie for worker {worker} of {count}")
+
+
+def _stream_args(line: str) -> tuple[float, float | None, int, int]:
+    """``STREAM seconds [rate [length [depth]]]`` -> (seconds, rate or None, length, depth),
+    each bounded."""
+    words = line.split()
+    if not 2 <= len(words) <= 5:
+        raise ValueError(line)
+    seconds = min(3600.0, max(0.0, float(words[1])))
+    rate = float(words[2]) if len(words) > 2 else 0.0
+    length = int(words[3]) if len(words) > 3 else 16
+    depth = int(words[4]) if len(words) > 4 else 2
+    if not 0 <= length <= 1 << 20 or not 1 <= depth <= 64:
+        raise ValueError(f"length {length} or depth {depth} out of range")
+    return seconds, (rate if rate > 0 else None), length, depth
+
+
+@dataclass
+class Streamed:
+    """What one holder's ``STREAM`` moved (payload bytes, all its sessions together)."""
+
+    down: int
+    up: int
+    calls: int
+    seconds: float
 
 
 def main() -> int:
@@ -207,15 +272,36 @@ class Holder:
         if not line.startswith("CHECKED"):
             raise RuntimeError(f"holder ({self.spec.path}): {line}")
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
     async def stream(self, seconds: float, timeout: float, rate: float = 0.0) -> int:
         """Stream on every session (``rate`` bytes/s each, 0 = as fast as possible); returns
-        the bytes moved."""
+        the payload bytes received."""
+        return (await self.stream_stats(seconds, timeout, rate)).down
+
+    async def stream_stats(self, seconds: float, timeout: float, rate: float = 0.0, *,
+                           length: int = 16, depth: int = 2) -> Streamed:
+        """Like ``stream``, with requests of ``length`` payload bytes and ``depth`` calls in
+        flight per session; returns both directions' bytes, the calls and the wall time."""
         assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(f"STREAM {seconds} {rate}\n".encode())
+        self.proc.stdin.write(f"STREAM {seconds} {rate} {length} {depth}\n".encode())
         line = await self._line(seconds + timeout)
-        if not line.startswith("STREAMED "):
+        words = line.split()
+        if len(words) != 5 or words[0] != "STREAMED":
             raise RuntimeError(f"holder ({self.spec.path}): {line}")
-        return int(line.split()[1])
+        return Streamed(int(words[1]), int(words[2]), int(words[3]), float(words[4]))
+
+    async def cookies(self, timeout: float) -> list[bytes]:
+        """The VC cookies of this holder's proxy sessions."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(b"INFO\n")
+        line = await self._line(timeout)
+        words = line.split()
+        if not words or words[0] != "INFO":
+            raise RuntimeError(f"holder ({self.spec.path}): {line}")
+        return [bytes.fromhex(w) for w in words[1:]]
 
     async def stop(self, timeout: float = 30.0) -> None:
         proc = self.proc

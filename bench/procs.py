@@ -82,6 +82,17 @@ def sample(pid: int) -> ProcSample:
     return ProcSample(time.monotonic(), rss, fds, cpu)
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of this one process (its children not included), or None
+    once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def self_sample() -> ProcSample:
     return sample(os.getpid())
 

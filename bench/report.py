@@ -83,6 +83,8 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
                         continue
                     out.append(["", f"  {label} at {level} client(s)", _fmt(p.get(key)),
                                 _fmt(d.get(key)), _fmt(row.get("ratio", {}).get(key)), "us"])
+        elif name == "aggregate":
+            out.extend(_aggregate_rows(r))
         elif name == "concurrency":
             det = r.get("details", {}).get("proxy", {})
             out.append(["", f"  proxy RSS at {r['details'].get('connections')} VCs",
@@ -99,6 +101,42 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def _aggregate_rows(r: dict[str, Any]) -> list[list[str]]:
+    out: list[list[str]] = []
+    paths = r.get("paths", {})
+    for name, d in paths.items():
+        if name == "direct":
+            continue
+        w = d.get("workers")
+        label = f"  proxy {w} worker{'s' if w != 1 else ''}" if w else "  proxy"
+        if d.get("vcs_per_worker"):
+            label += " (VCs per worker " + "/".join(str(x) for x in d["vcs_per_worker"]) + ")"
+        out.append(["", label, _fmt(d.get("mb_s")), _fmt(r.get("direct")),
+                    _fmt(d.get("ratio_vs_direct")), "MB/s"])
+    for name, d in paths.items():
+        if d.get("mb_s_per_proxy_core"):
+            out.append(["", f"  {name}: MB/s per core of proxy CPU",
+                        _fmt(d["mb_s_per_proxy_core"]), "", "", "MB/s"])
+    if r.get("workers_ratio") is not None:
+        lo, hi = r["workers_compared"]
+        out.append(["", f"  {hi} workers / {lo} worker{'s' if lo != 1 else ''}", "", "",
+                    _fmt(r["workers_ratio"]), "x"])
+    for name, c in r.get("cpu", {}).items():
+        parts = []
+        for group in ("loadgen", "proxy", "backend"):
+            each = c.get(f"{group}_procs") or []
+            if not each:
+                continue
+            text = f"{group} {c.get(f'{group}_cpu') or 0.0:.2f}"
+            if len(each) > 1:
+                text += f" ({len(each)} processes, busiest {max(each):.2f})"
+            parts.append(text)
+        parts.append(f"kernel irq {c.get('irq_cpu') or 0.0:.2f}, other processes "
+                     f"{c.get('other_cpu') or 0.0:.2f}")
+        out.append(["", f"  cores used, {name}: " + ", ".join(parts), "", "", "", ""])
+    return out
+
+
 def table(doc: dict[str, Any]) -> str:
     header = ["scenario", "figure", "proxy", "direct", "ratio", "unit"]
     body = rows(doc)
@@ -107,7 +145,7 @@ def table(doc: dict[str, Any]) -> str:
     widths[1] = min(widths[1], 70)
 
     def line(r: list[str]) -> str:
-        if r[1].startswith("  note:") or r[1].startswith("FAILED"):
+        if r[1].startswith(("  note:", "  cores used", "FAILED")):
             return (r[0].ljust(widths[0]) + "  " + r[1]).rstrip()  # never truncated
         cells = []
         for i, c in enumerate(r):
@@ -126,7 +164,7 @@ def write_json(doc: dict[str, Any], path: str | Path) -> None:
 # --- SVG --------------------------------------------------------------------------------------
 
 _COLORS = {"proxy": "#d9480f", "direct": "#1864ab", "p50": "#2b8a3e", "p99": "#e67700",
-           "p99.9": "#862e9c", "rss": "#d9480f", "fds": "#1864ab"}
+           "p99.9": "#862e9c", "rss": "#d9480f", "fds": "#1864ab", "total": "#5f3dc4"}
 
 
 def _nice_max(v: float) -> float:
@@ -260,6 +298,12 @@ def _plots(doc: dict[str, Any]) -> list[str]:
             "Throughput of one virtual connection (64 KiB PDUs)", groups,
             {p: [t["phases"][g].get(p) for g in groups] for p in ("proxy", "direct")},
             "MB/s"))
+    agg = sc.get("aggregate")
+    if agg and agg.get("paths"):
+        names = list(agg["paths"])
+        plots.append(bar_chart(
+            f"Total throughput of {agg.get('vcs')} virtual connections (64 KiB PDUs)",
+            names, {"total": [agg["paths"][n].get("mb_s") for n in names]}, "MB/s"))
     lat = sc.get("latency")
     if lat and "levels" in lat:
         levels = sorted(int(k) for k in lat["levels"])

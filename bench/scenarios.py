@@ -64,9 +64,14 @@ class Bench:
     soak_connections: int = 16
     stream_rate: float = 0.0  # bytes/s per streaming VC in the concurrency scenario; 0 = max
     proxy_workers: int = 1  # worker processes of the bench's own proxy
+    aggregate_vcs: int = 8  # streaming VCs in the aggregate scenario
+    aggregate_procs: int = 2  # load-generator (holder) processes they are spread over
+    aggregate_workers: tuple[int, ...] = (1, 2)  # proxy worker counts the aggregate compares
+    aggregate_placement: str = "balanced"  # or "random": VC cookies vs the proxy's workers
     seed: int = 1
-    # set by the CLI for the soak's own proxy (self-contained mode)
-    spawn_proxy: Callable[[int], Awaitable[ChildProcess]] | None = None
+    # Set by the CLI (self-contained mode): start another proxy on the bench's backend,
+    # ``await spawn_proxy(out_content_length, workers=None)`` (None: --proxy-workers).
+    spawn_proxy: Callable[..., Awaitable[ChildProcess]] | None = None
     samples: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
     @property
@@ -145,16 +150,19 @@ class CpuMeter:
     def __init__(self, bench: Bench, *, started: bool = True) -> None:
         self.bench = bench
         self.wall = 0.0
-        self.cpu = {"loadgen": 0.0, "proxy": 0.0, "backend": 0.0, "machine": 0.0}
-        self.seen = {"loadgen": True, "proxy": False, "backend": False, "machine": False}
+        self.cpu = {"loadgen": 0.0, "proxy": 0.0, "backend": 0.0, "machine": 0.0, "irq": 0.0}
+        self.seen = {"loadgen": True, "proxy": False, "backend": False, "machine": False,
+                     "irq": False}
         self._t0: float | None = None
         self._c0: dict[str, float | None] = {}
         if started:
             self.start()
 
     def _now(self) -> dict[str, float | None]:
+        machine = machine_cpu_seconds()
         out: dict[str, float | None] = {"loadgen": self._loadgen_cpu(),
-                                        "machine": machine_busy_seconds()}
+                                        "machine": machine[0] if machine else None,
+                                        "irq": machine[1] if machine else None}
         for name in ("proxy", "backend"):
             smp = self.bench.proc_sample(name)
             out[name] = smp.cpu if smp is not None else None
@@ -194,8 +202,9 @@ class CpuMeter:
         return self.result()
 
     def result(self) -> dict[str, float | None]:
-        """Cores used (1.0 = one core busy): per process, and ``other_cpu`` for everything
-        else on the machine (other processes, the kernel's softirq work included)."""
+        """Cores used (1.0 = one core busy): per process, ``irq_cpu`` for the kernel's
+        interrupt work (on loopback mostly TCP receive softirq, i.e. our own traffic) and
+        ``other_cpu`` for everything else on the machine (other processes)."""
         out: dict[str, float | None] = {"wall_s": round(self.wall, 3)}
         for name in ("loadgen", "proxy", "backend"):
             v = self.cpu[name]
@@ -203,12 +212,17 @@ class CpuMeter:
                                   else None)
         if self.seen["machine"] and self.wall:
             ours = sum(self.cpu[n] for n in ("loadgen", "proxy", "backend"))
-            out["other_cpu"] = round(max(0.0, self.cpu["machine"] - ours) / self.wall, 3)
+            irq = self.cpu["irq"] if self.seen["irq"] else 0.0
+            out["irq_cpu"] = round(irq / self.wall, 3)
+            out["other_cpu"] = round(max(0.0, self.cpu["machine"] - irq - ours) / self.wall, 3)
         return out
 
 
-def machine_busy_seconds() -> float | None:
-    """CPU seconds the whole machine spent not idle (from /proc/stat)."""
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, irq + softirq) CPU seconds of the whole machine, from /proc/stat.
+
+    Interrupt time is charged to no process: on loopback most of the kernel's TCP receive
+    work runs as softirq, so it is our own traffic's cost, not other processes'."""
     try:
         with open("/proc/stat") as fh:
             fields = fh.readline().split()
@@ -219,7 +233,8 @@ def machine_busy_seconds() -> float | None:
     values = [int(x) for x in fields[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
     busy = sum(values[:8]) - idle  # user nice system idle iowait irq softirq steal
-    return busy / _CLK_TCK
+    irq = sum(values[5:7]) if len(values) > 6 else 0
+    return busy / _CLK_TCK, irq / _CLK_TCK
 
 
 def _rounds(bench: Bench) -> int:
@@ -252,7 +267,8 @@ def bottleneck(cpu: dict[str, dict[str, float | None]]) -> str:
         busy = [f"{name} {c[f'{name}_cpu']:.0%}" for name in ("loadgen", "proxy", "backend")
                 if (c.get(f"{name}_cpu") or 0.0) >= 0.85]
         total = sum(v for k, v in c.items()
-                    if k.endswith("_cpu") and k != "other_cpu" and v is not None)
+                    if k.endswith("_cpu") and k not in ("other_cpu", "irq_cpu") and v is not None)
+        total += c.get("irq_cpu") or 0.0
         parts = []
         if busy:
             parts.append("CPU-bound: " + ", ".join(busy) + " of a core")
@@ -333,6 +349,274 @@ async def run_throughput(bench: Bench) -> dict[str, Any]:
         "unit": "MB/s", "phases": details, "depth": bench.depth, "pdu_bytes": PDU,
         "rounds": rounds, "cpu": cpu, "bottleneck": bottleneck(cpu),
     }
+
+
+# --- aggregate throughput of many VCs --------------------------------------------------------
+
+
+@dataclass
+class _AggPath:
+    """One way to the backend in the aggregate scenario."""
+
+    name: str  # "proxy-1w", "proxy-2w", "direct"; "proxy" against a deployment (--url)
+    workers: int | None  # proxy worker processes; None: direct, or not known (--url)
+    target: ProxyTarget | None  # None: direct
+    proc: ChildProcess | None = None  # the proxy process (its workers are its children)
+    own: bool = False  # started for this scenario, stopped at its end
+    holders: list[Holder] = field(default_factory=list)
+
+
+class PerProcessCpu:
+    """CPU of each process taking part in one path's run, over the slices it was measured.
+
+    Unlike ``CpuMeter`` (which sums a process tree) this keeps every process apart, so a
+    saturated load-generator process, backend or proxy worker shows as one process near 1.0
+    even when the sum over several processes says little."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups  # "loadgen" / "proxy" / "backend" -> pids
+        self.used: dict[int, float] = {pid: 0.0 for pids in groups.values() for pid in pids}
+        self.machine = 0.0
+        self.irq = 0.0
+        self.wall = 0.0
+        self._c0: dict[int, float | None] = {}
+        self._m0: tuple[float, float] | None = None
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        from bench.procs import cpu_seconds
+
+        self._c0 = {pid: cpu_seconds(pid) for pid in self.used}
+        self._m0 = machine_cpu_seconds()
+        self._t0 = time.perf_counter()
+
+    def pause(self) -> None:
+        from bench.procs import cpu_seconds
+
+        if self._t0 is None:
+            return
+        self.wall += time.perf_counter() - self._t0
+        self._t0 = None
+        for pid, c0 in self._c0.items():
+            c1 = cpu_seconds(pid)
+            if c0 is not None and c1 is not None:
+                self.used[pid] += c1 - c0
+        m1 = machine_cpu_seconds()
+        if self._m0 is not None and m1 is not None:
+            self.machine += m1[0] - self._m0[0]
+            self.irq += m1[1] - self._m0[1]
+
+    def result(self) -> dict[str, Any]:
+        """``<group>_cpu`` (cores, summed) and ``<group>_procs`` (each process, 1.0 = one
+        core busy); ``irq_cpu`` for interrupt work (loopback TCP's softirq, mostly ours) and
+        ``other_cpu`` for the rest of the machine (other processes)."""
+        wall = self.wall or 1.0
+        out: dict[str, Any] = {"wall_s": round(self.wall, 3)}
+        ours = 0.0
+        for group, pids in self.groups.items():
+            each = [round(self.used[pid] / wall, 3) for pid in pids]
+            out[f"{group}_cpu"] = round(sum(each), 3) if pids else None
+            out[f"{group}_procs"] = each
+            ours += sum(self.used[pid] for pid in pids)
+        out["irq_cpu"] = round(self.irq / wall, 3)
+        out["other_cpu"] = round(max(0.0, self.machine - self.irq - ours) / wall, 3)
+        return out
+
+
+BUSY = 0.85  # a process using this much of a core is taken as CPU-bound
+
+
+def limits_of(c: dict[str, Any], cores: int | None = None) -> list[str]:
+    """What bounded one path's figure, from its ``PerProcessCpu.result()``."""
+    cores = cores or os.cpu_count() or 1
+    found = []
+    loadgen = c.get("loadgen_procs") or []
+    if loadgen and max(loadgen) >= BUSY:
+        found.append(f"load generator (busiest of its {len(loadgen)} processes at "
+                     f"{max(loadgen):.0%} of a core)")
+    backend = c.get("backend_procs") or []
+    if backend and max(backend) >= BUSY:
+        found.append(f"backend stub ({max(backend):.0%} of a core, one process)")
+    proxy = c.get("proxy_procs") or []
+    hot = [x for x in proxy if x >= BUSY]
+    if hot:
+        found.append("proxy (" + ", ".join(f"{x:.0%}" for x in hot) + " of a core in "
+                     f"{len(hot)} of its {len(proxy)} processes)")
+    total = sum(c.get(f"{g}_cpu") or 0.0 for g in ("loadgen", "proxy", "backend", "irq"))
+    total += c.get("other_cpu") or 0.0
+    if total >= 0.9 * cores:
+        found.append(f"the machine: all {cores} cores busy ({total:.2f} used"
+                     + (f", {c['other_cpu']:.2f} by other processes" if
+                        (c.get("other_cpu") or 0.0) >= 0.25 else "") + ")")
+    return found
+
+
+async def run_aggregate(bench: Bench) -> dict[str, Any]:
+    """Total payload MB/s of ``aggregate_vcs`` VCs each streaming 64 KiB PDUs both ways
+    (``depth`` calls in flight per VC): through the proxy with 1 and with 2 workers
+    (``aggregate_workers``) and directly, in one run.
+
+    The VCs live in ``aggregate_procs`` holder processes (bench.holder; every response
+    checked there as everywhere), so the load generator is not one saturated Python
+    process. With several proxy workers the VCs are spread evenly over them
+    (``aggregate_placement`` "balanced": each VC's cookie is chosen so that the proxy's
+    cookie hash gives it to the next worker in turn; "random": random cookies, as real
+    clients, so a few VCs may well land unevenly). In each slice every holder of one path
+    streams for the same seconds; the figure
+    is their bytes summed over the slowest holder's wall time. The paths alternate in slices
+    (``_rounds``, at most 3) after a warm-up. Self-contained, a proxy is started for each
+    worker count that the bench's own proxy (--proxy-workers) is not, on the same backend;
+    against a deployment (--url) there is one proxy path, of unknown worker count.
+
+    CPU is kept per process (``PerProcessCpu``) and ``limits_of`` names, per path, what was
+    CPU-bound: a load-generator process, the backend stub, proxy processes, the machine."""
+    from bench.procs import process_tree
+    from rpcproxy.workers import owner_of
+
+    n = max(1, bench.aggregate_vcs)
+    nprocs = max(1, min(bench.aggregate_procs, n))
+    per_holder = -(-n // nprocs)
+    rounds = min(3, _rounds(bench))
+    paths: list[_AggPath] = []
+    totals: dict[str, list[float]] = {}
+    meters: dict[str, PerProcessCpu] = {}
+    split: dict[str, list[int]] = {}
+    try:
+        if bench.spawn_proxy is not None and bench.proxy_proc is not None:
+            for w in sorted(set(bench.aggregate_workers)):
+                if w == bench.proxy_workers:
+                    paths.append(_AggPath(f"proxy-{w}w", w, bench.proxy, bench.proxy_proc))
+                    continue
+                child = await bench.spawn_proxy(None, workers=w)
+                target = ProxyTarget(child.host, child.port, bench.proxy.target,
+                                     bench.proxy.path, bench.proxy.auth)
+                paths.append(_AggPath(f"proxy-{w}w", w, target, child, own=True))
+                await asyncio.sleep(0.3 if w > 1 else 0)  # workers fork after LISTENING
+        else:
+            paths.append(_AggPath("proxy", None, bench.proxy, bench.proxy_proc))
+        if bench.direct is not None:
+            paths.append(_AggPath("direct", None, None))
+        for path in paths:
+            kind = "direct" if path.target is None else "proxy"
+            specs = _holder_specs(bench, kind, n, per_holder=per_holder, proxy=path.target)
+            if path.workers and path.workers > 1 and bench.aggregate_placement == "balanced":
+                j = 0
+                for spec in specs:  # VC j goes to worker j mod workers
+                    spec.owners = [(j + i) % path.workers for i in range(spec.count)]
+                    spec.owner_count = path.workers
+                    j += spec.count
+            path.holders = [Holder(spec) for spec in specs]
+            for h in path.holders:
+                await h.start()
+        await asyncio.gather(*(h.wait_ready(bench.timeout + n / 20)
+                               for path in paths for h in path.holders))
+        for path in paths:
+            groups: dict[str, list[int]] = {
+                "loadgen": [os.getpid(), *(h.pid for h in path.holders if h.pid is not None)],
+                "proxy": process_tree(path.proc.pid) if path.proc is not None and
+                path.target is not None else [],
+                "backend": [bench.backend_proc.pid] if bench.backend_proc is not None else [],
+            }
+            meters[path.name] = PerProcessCpu(groups)
+            totals[path.name] = [0.0, 0.0, 0.0]  # bytes, seconds, calls
+            if path.workers and path.workers > 1:
+                cookies = [c for h in path.holders for c in await h.cookies(bench.timeout)]
+                counts = [0] * path.workers
+                for c in cookies:
+                    counts[owner_of(c, path.workers)] += 1
+                split[path.name] = counts
+        per = max(0.1, bench.duration / (rounds * len(paths)))
+
+        async def slice_(path: _AggPath, seconds: float) -> tuple[int, float, int]:
+            res = await asyncio.gather(*(h.stream_stats(seconds, bench.timeout, length=BIG,
+                                                        depth=bench.depth)
+                                         for h in path.holders))
+            return (sum(r.down + r.up for r in res), max(r.seconds for r in res),
+                    sum(r.calls for r in res))
+
+        for path in paths:  # warm-up: TCP windows, the proxies' buffers, code paths
+            await slice_(path, min(0.3, per))
+        for r in range(rounds):
+            k = r % len(paths)
+            for path in paths[k:] + paths[:k]:
+                meters[path.name].start()
+                nbytes, secs, calls = await slice_(path, per)
+                meters[path.name].pause()
+                acc = totals[path.name]
+                acc[0] += nbytes
+                acc[1] += secs
+                acc[2] += calls
+            bench.progress(f"aggregate round {r + 1}/{rounds}: " + ", ".join(
+                f"{p.name} {totals[p.name][0] / totals[p.name][1] / 1e6:.0f}" for p in paths)
+                + f" MB/s ({n} VCs both ways)")
+        # Every VC must still work after streaming: one small call each.
+        await asyncio.gather(*(h.check(bench.timeout) for p in paths for h in p.holders))
+    finally:
+        await asyncio.gather(*(h.stop() for p in paths for h in p.holders),
+                             return_exceptions=True)
+        for path in paths:
+            if path.own and path.proc is not None:
+                await path.proc.stop()
+    exits = {p.name: p.proc.proc.returncode for p in paths
+             if p.own and p.proc is not None and p.proc.proc is not None
+             and p.proc.proc.returncode not in (0, None)}
+    if exits:
+        raise RuntimeError(f"aggregate: proxy exited with {exits}")
+    mb = {name: round(t[0] / t[1] / 1e6, 1) for name, t in totals.items() if t[1]}
+    direct = mb.get("direct")
+    cpu = {name: m.result() for name, m in meters.items()}
+    details: dict[str, Any] = {}
+    notes = []
+    for path in paths:
+        lim = limits_of(cpu[path.name])
+        c = cpu[path.name]
+        gb = totals[path.name][0] / 1e9
+        details[path.name] = {
+            "mb_s": mb.get(path.name), "workers": path.workers,
+            "ratio_vs_direct": ratio(mb.get(path.name), direct) if path.target else None,
+            "calls": int(totals[path.name][2]), "limited_by": lim or None,
+            # CPU seconds each part spent per GB of payload: what a byte costs where
+            "cpu_s_per_gb": {g: round((c.get(f"{g}_cpu") or 0.0) * c["wall_s"] / gb, 2)
+                             for g in ("loadgen", "proxy", "backend", "irq")} if gb else None,
+        }
+        if path.target is not None and c.get("proxy_cpu"):
+            # Payload the proxy forwards per core-second of its own CPU: the figure it could
+            # reach per worker with a core to itself, at this cost per byte.
+            details[path.name]["mb_s_per_proxy_core"] = round(
+                (mb.get(path.name) or 0.0) / c["proxy_cpu"], 1)
+        if path.name in split:
+            details[path.name]["vcs_per_worker"] = split[path.name]
+        if lim:
+            notes.append(f"{path.name} limited by " + "; ".join(lim))
+        bench.progress(f"aggregate {path.name:>8}: {mb.get(path.name)} MB/s"
+                       + (f" ({details[path.name]['ratio_vs_direct']}x direct)"
+                          if path.target and direct else "")
+                       + (f", VCs per worker {split[path.name]}" if path.name in split else "")
+                       + (f"; limited by {'; '.join(lim)}" if lim else ""))
+    proxies = [p for p in paths if p.target is not None]
+    head = proxies[-1]  # the most workers
+    out: dict[str, Any] = {
+        "metric": f"total MB/s, {n} VCs, 64 KiB PDUs both ways" + (
+            f" (proxy: {head.workers} workers)" if head.workers else ""),
+        "proxy": mb.get(head.name), "direct": direct, "ratio": ratio(mb.get(head.name), direct),
+        "unit": "MB/s",
+    }
+    by_workers = {p.workers: mb.get(p.name) for p in proxies if p.workers}
+    for w, v in sorted(by_workers.items()):
+        out[f"proxy_{w}w"] = v
+        out[f"ratio_{w}w"] = ratio(v, direct)
+    if len(by_workers) >= 2:
+        lo, hi = min(by_workers), max(by_workers)
+        out["workers_compared"] = [lo, hi]
+        out["workers_ratio"] = ratio(by_workers[hi], by_workers[lo])
+        out[f"ratio_{hi}w_{lo}w"] = out["workers_ratio"]
+    out.update({
+        "vcs": n, "load_processes": nprocs, "depth": bench.depth, "pdu_bytes": PDU,
+        "placement": bench.aggregate_placement,
+        "rounds": rounds, "slice_s": round(per, 3), "paths": details, "cpu": cpu,
+        "bottleneck": " | ".join(notes) if notes else "no process CPU-bound",
+    })
+    return out
 
 
 # --- latency ----------------------------------------------------------------------------------
@@ -422,8 +706,8 @@ def _fd_limit(pid: int) -> int | None:
     return None
 
 
-def _holder_specs(bench: Bench, path: str, n: int, *,
-                  per_holder: int = HOLDER_MAX_VCS) -> list[HolderSpec]:
+def _holder_specs(bench: Bench, path: str, n: int, *, per_holder: int = HOLDER_MAX_VCS,
+                  proxy: ProxyTarget | None = None) -> list[HolderSpec]:
     specs: list[HolderSpec] = []
     per_vc = 2 if path == "proxy" else 1
     import resource
@@ -441,7 +725,7 @@ def _holder_specs(bench: Bench, path: str, n: int, *,
             specs.append(HolderSpec("direct", bench.direct[0], bench.direct[1], count,
                                     timeout=bench.timeout))
             continue
-        p = bench.proxy
+        p = proxy or bench.proxy
         auth, user, password, domain = "none", "", "", ""
         if isinstance(p.auth, BasicAuth | NtlmAuth):
             auth = "basic" if isinstance(p.auth, BasicAuth) else "ntlm"
@@ -749,6 +1033,7 @@ async def run_soak(bench: Bench) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
     "throughput": run_throughput,
+    "aggregate": run_aggregate,
     "latency": run_latency,
     "concurrency": run_concurrency,
     "setup": run_setup,

@@ -253,23 +253,71 @@ def _run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
 
 
 def test_cli_short_run_writes_json_with_ratios(tmp_path: Path) -> None:
+    """Every scenario, tiny sizes: each one's JSON carries proxy, direct and ratio."""
+    from bench.cli import DEFAULT_SCENARIOS
+
     out = tmp_path / "bench.json"
     html = tmp_path / "bench.html"
-    proc = _run_cli("--duration", "1", "--scenarios", "throughput,latency", "--clients", "4",
-                    "--json", str(out), "--html", str(html))
+    proc = _run_cli("--duration", "0.5", "--clients", "4", "--connections", "20", "--active",
+                    "2", "--streams", "2", "--soak-connections", "2", "--setup-workers", "2",
+                    "--aggregate-vcs", "4", "--aggregate-procs", "2",
+                    "--json", str(out), "--html", str(html), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["ok"] is True and doc["errors"] == []
-    assert set(doc["scenarios"]) == {"throughput", "latency"}
-    for name in ("throughput", "latency"):
-        r = doc["scenarios"][name]
-        assert r["proxy"] > 0 and r["direct"] > 0
-        assert r["ratio"] == pytest.approx(r["proxy"] / r["direct"], rel=0.01)
+    assert list(doc["scenarios"]) == list(DEFAULT_SCENARIOS)
+    assert "throughput" in DEFAULT_SCENARIOS and "aggregate" in DEFAULT_SCENARIOS
+    for name, r in doc["scenarios"].items():
+        assert r["proxy"] > 0 and r["direct"] > 0, name
+        assert r["ratio"] == pytest.approx(r["proxy"] / r["direct"], rel=0.01), name
+        assert r["unit"] and r["metric"], name
     assert doc["scenarios"]["throughput"]["unit"] == "MB/s"
     assert doc["machine"]["cores"] >= 1
     page = html.read_text()
     assert "<svg" in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     assert "throughput" in proc.stdout  # the terminal table
+    _check_aggregate(doc["scenarios"]["aggregate"], vcs=4, procs=2)
+    assert "2 workers / 1 worker" in proc.stdout
+
+
+def _check_aggregate(r: dict[str, object], *, vcs: int, procs: int) -> None:
+    """The aggregate scenario's JSON: 1 worker, 2 workers and direct, every figure apart."""
+    paths = r["paths"]
+    assert isinstance(paths, dict)
+    assert list(paths) == ["proxy-1w", "proxy-2w", "direct"]
+    assert r["vcs"] == vcs and r["load_processes"] == procs
+    assert r["proxy"] == r["proxy_2w"] and r["ratio"] == r["ratio_2w"]
+    for key in ("proxy_1w", "proxy_2w", "ratio_1w", "ratio_2w", "workers_ratio"):
+        assert isinstance(r[key], float) and r[key] > 0, key
+    assert r["workers_compared"] == [1, 2]
+    assert r["workers_ratio"] == pytest.approx(r["proxy_2w"] / r["proxy_1w"], rel=0.02)
+    assert r["ratio_1w"] == pytest.approx(r["proxy_1w"] / r["direct"], rel=0.02)
+    assert paths["proxy-2w"]["vcs_per_worker"] == [vcs // 2, vcs // 2]  # balanced placement
+    cpu = r["cpu"]
+    assert isinstance(cpu, dict)
+    for name, d in paths.items():
+        assert d["calls"] > 0 and d["mb_s"] > 0, name
+        c = cpu[name]
+        assert len(c["loadgen_procs"]) == 1 + procs  # the bench itself + its holders
+        assert len(c["backend_procs"]) == 1
+        assert set(d["cpu_s_per_gb"]) == {"loadgen", "proxy", "backend", "irq"}
+    assert len(cpu["proxy-1w"]["proxy_procs"]) == 1
+    assert len(cpu["proxy-2w"]["proxy_procs"]) == 3  # supervisor + 2 workers
+    assert cpu["direct"]["proxy_procs"] == []
+
+
+def test_cli_aggregate_fails_loudly_on_corruption(tmp_path: Path) -> None:
+    """A flipped byte seen by a holder process (not the bench itself) fails the run."""
+    out = tmp_path / "bench.json"
+    proc = _run_cli("--duration", "0.3", "--scenarios", "aggregate", "--aggregate-vcs", "2",
+                    "--aggregate-procs", "2", "--inject-corrupt", "40", "--timeout", "3",
+                    "--json", str(out))
+    assert proc.returncode == 1
+    doc = json.loads(out.read_text())
+    assert doc["ok"] is False
+    r = doc["scenarios"]["aggregate"]
+    assert "IntegrityError" in r["error"] and "corrupted" in r["error"]
+    assert r["proxy"] is None and r["direct"] is None and r["ratio"] is None
 
 
 def test_cli_fails_loudly_on_corruption(tmp_path: Path) -> None:
