@@ -134,7 +134,7 @@ class ChannelProtocol(asyncio.Protocol):
     """
 
     __slots__ = ("kind", "transport", "body_left", "label", "runtime", "started", "closed",
-                 "_out_body")
+                 "_out_body", "_early")
 
     def __init__(self, kind: str, transport: asyncio.Transport | None, body_left: int,
                  label: str) -> None:
@@ -146,6 +146,7 @@ class ChannelProtocol(asyncio.Protocol):
         self.started = False  # OUT: 200 Success written
         self.closed = False
         self._out_body = PduFramer() if kind == "OUT" else None
+        self._early = b""  # bytes that came before the channel was joined to its VC
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.label}>"
@@ -181,7 +182,11 @@ class ChannelProtocol(asyncio.Protocol):
     def feed(self, data: bytes) -> None:
         """Body bytes, from aiohttp's buffer at hand-over or from the socket."""
         rt = self.runtime
-        if rt is None or self.closed or not data:
+        if rt is None:  # an adopted socket can speak before _attach ran: keep it
+            if len(self._early) + len(data) <= self.body_left:
+                self._early += data
+            return
+        if self.closed or not data:
             return
         if len(data) > self.body_left:
             rt.execute(rt.vc.channel_failed(
@@ -791,6 +796,8 @@ class ProxyServer:
     def _attach(self, channel: ChannelProtocol, pdu: rts.RtsPdu, identity: Identity,
                 target: Target, endpoint: Endpoint, peer: str, leftover: bytes) -> None:
         """Join a channel (taken over here or handed off by a sibling) to its VC."""
+        if channel.closed:  # the client went away before the channel could join
+            return
         kind = rts.identify(pdu)
         vc_cookie = rts.cookies(pdu)[0]
         if kind in (rts.Kind.CONN_A1, rts.Kind.CONN_B1):
@@ -814,8 +821,9 @@ class ProxyServer:
         actions = opener(channel, pdu, identity=identity, target=target, now=rt.now())
         channel.runtime = rt
         rt.execute(actions)
-        if leftover:
-            channel.data_received(leftover)
+        early, channel._early = channel._early, b""
+        if leftover or early:
+            channel.data_received(leftover + early)
 
     @staticmethod
     def _drain_body(request: web.Request) -> bytes:
