@@ -145,7 +145,9 @@ class CpuMeter:
     """CPU used by the load generator, the proxy and the backend while measuring.
 
     ``start()`` / ``pause()`` may alternate (interleaved rounds); ``result()`` gives each
-    process's CPU as a fraction of one core over the measured wall time."""
+    part's CPU as a fraction of one core over the measured wall time, summed over its
+    processes (the load generator's holders, the proxy's workers), and the busiest single
+    process of each part, which is what says whether that part was CPU-bound."""
 
     def __init__(self, bench: Bench, *, started: bool = True) -> None:
         self.bench = bench
@@ -155,8 +157,26 @@ class CpuMeter:
                      "irq": False}
         self._t0: float | None = None
         self._c0: dict[str, float | None] = {}
+        self._p0: dict[int, tuple[str, float | None]] = {}  # pid -> (part, CPU seconds)
+        self.per_pid: dict[int, tuple[str, float]] = {}
         if started:
             self.start()
+
+    def _parts(self) -> dict[int, str]:
+        """Every process of the load generator and of the proxy, by pid."""
+        from bench.procs import child_pids, process_name, process_tree
+
+        out = {os.getpid(): "loadgen"}
+        skip = {p.pid for p in (self.bench.proxy_proc, self.bench.backend_proc)
+                if p is not None and p.proc is not None}
+        for pid in child_pids(os.getpid()):
+            if pid not in skip and process_name(pid) != "py-spy":
+                out[pid] = "loadgen"
+        proxy = self.bench.proxy_proc
+        if proxy is not None and proxy.alive():
+            for pid in process_tree(proxy.pid):
+                out[pid] = "proxy"
+        return out
 
     def _now(self) -> dict[str, float | None]:
         machine = machine_cpu_seconds()
@@ -182,10 +202,15 @@ class CpuMeter:
         return total
 
     def start(self) -> None:
+        from bench.procs import cpu_seconds
+
         self._t0 = time.perf_counter()
         self._c0 = self._now()
+        self._p0 = {pid: (part, cpu_seconds(pid)) for pid, part in self._parts().items()}
 
     def pause(self) -> None:
+        from bench.procs import cpu_seconds
+
         if self._t0 is None:
             return
         self.wall += time.perf_counter() - self._t0
@@ -195,6 +220,10 @@ class CpuMeter:
             if v is not None and first is not None:
                 self.cpu[name] += v - first
                 self.seen[name] = True
+        for pid, (part, c0) in self._p0.items():
+            c1 = cpu_seconds(pid)
+            if c0 is not None and c1 is not None:
+                self.per_pid[pid] = (part, self.per_pid.get(pid, (part, 0.0))[1] + c1 - c0)
         self._t0 = None
 
     def stop(self) -> dict[str, float | None]:
@@ -210,6 +239,11 @@ class CpuMeter:
             v = self.cpu[name]
             out[f"{name}_cpu"] = (round(v / self.wall, 3) if self.seen[name] and self.wall
                                   else None)
+        for name in ("loadgen", "proxy"):
+            each = [v for part, v in self.per_pid.values() if part == name]
+            if each and self.wall:
+                out[f"{name}_processes"] = len(each)
+                out[f"{name}_busiest"] = round(max(each) / self.wall, 3)
         if self.seen["machine"] and self.wall:
             ours = sum(self.cpu[n] for n in ("loadgen", "proxy", "backend"))
             irq = self.cpu["irq"] if self.seen["irq"] else 0.0
@@ -264,15 +298,21 @@ def bottleneck(cpu: dict[str, dict[str, float | None]]) -> str:
         c = cpu.get(path)
         if not c:
             continue
-        busy = [f"{name} {c[f'{name}_cpu']:.0%}" for name in ("loadgen", "proxy", "backend")
-                if (c.get(f"{name}_cpu") or 0.0) >= 0.85]
-        total = sum(v for k, v in c.items()
-                    if k.endswith("_cpu") and k not in ("other_cpu", "irq_cpu") and v is not None)
+        busy = []
+        for name in ("loadgen", "proxy", "backend"):
+            n = int(c.get(f"{name}_processes") or 1)
+            if n > 1:  # several processes: CPU-bound when one of them is
+                top = c.get(f"{name}_busiest") or 0.0
+                if top >= 0.85:
+                    busy.append(f"{name} {top:.0%} (the busiest of its {n} processes)")
+            elif (c.get(f"{name}_cpu") or 0.0) >= 0.85:
+                busy.append(f"{name} {c[f'{name}_cpu']:.0%}")
+        total = sum(c.get(f"{name}_cpu") or 0.0 for name in ("loadgen", "proxy", "backend"))
         total += c.get("irq_cpu") or 0.0
         parts = []
         if busy:
             parts.append("CPU-bound: " + ", ".join(busy) + " of a core")
-        if (c.get("loadgen_cpu") or 0.0) >= 0.85:
+        if any(b.startswith("loadgen") for b in busy):
             parts.append("the load generator itself limits this figure")
         other = c.get("other_cpu") or 0.0
         if other >= 0.25:

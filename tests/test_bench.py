@@ -329,3 +329,25 @@ def test_cli_fails_loudly_on_corruption(tmp_path: Path) -> None:
     assert doc["ok"] is False
     assert "IntegrityError" in doc["scenarios"]["throughput"]["error"]
     assert "FAILED" in proc.stderr
+
+
+def test_bottleneck_notes_judge_the_busiest_process() -> None:
+    """Several load-generator (or proxy) processes are CPU-bound only when one of them is."""
+    from bench.scenarios import bottleneck, limits_of
+
+    spread = {"wall_s": 1.0, "loadgen_cpu": 1.3, "loadgen_processes": 3,
+              "loadgen_busiest": 0.5, "proxy_cpu": 0.9, "proxy_processes": 3,
+              "proxy_busiest": 0.45, "backend_cpu": 0.2, "irq_cpu": 0.1, "other_cpu": 0.0}
+    note = bottleneck({"proxy": spread})
+    assert "CPU-bound" not in note and "load generator" not in note
+    hot = dict(spread, loadgen_busiest=0.97)
+    note = bottleneck({"proxy": hot})
+    assert "loadgen 97% (the busiest of its 3 processes)" in note
+    assert "the load generator itself limits this figure" in note
+    assert "CPU-bound: loadgen 95%" in bottleneck({"direct": {"loadgen_cpu": 0.95}})
+    per_process = {"wall_s": 1.0, "loadgen_cpu": 0.9, "loadgen_procs": [0.0, 0.45, 0.45],
+                   "proxy_cpu": 0.2, "proxy_procs": [0.2], "backend_cpu": 0.9,
+                   "backend_procs": [0.9], "irq_cpu": 0.0, "other_cpu": 0.0}
+    found = limits_of(per_process, cores=4)
+    assert len(found) == 1 and found[0].startswith("backend stub (90%")
+    assert any(x.startswith("the machine") for x in limits_of(per_process, cores=2))
