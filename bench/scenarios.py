@@ -795,8 +795,13 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
         from bench.procs import process_tree
 
         pid = bench.proxy_proc.pid
-        tree = process_tree(pid)
         workers = max(1, bench.proxy_workers)
+        tree = process_tree(pid)
+        for _ in range(50):  # workers fork after LISTENING: wait up to 5 s for them
+            if workers == 1 or len(tree) > workers:
+                break
+            await asyncio.sleep(0.1)
+            tree = process_tree(pid)
         limit = _fd_limit(tree[-1])
         # VCs are spread over workers by cookie hash: allow 20% imbalance.
         need = int(3 * (n + bench.active + streams) / workers * (1.2 if workers > 1 else 1)) + 64
