@@ -169,6 +169,10 @@ class ChannelProtocol(asyncio.Protocol):
         if not self.closed:
             self.transport.write(data)
 
+    def write_many(self, chunks: list[bytes]) -> None:
+        if not self.closed:
+            self.transport.writelines(chunks)
+
     def close(self, error: RpcProxyError | None) -> None:
         if self.closed:
             return
@@ -260,6 +264,10 @@ class BackendProtocol(asyncio.Protocol):
         if self.transport is not None and not self.closing:
             self.transport.write(data)
 
+    def write_many(self, chunks: list[bytes]) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.writelines(chunks)
+
     def close(self) -> None:
         self.closing = True
         if self.transport is not None:
@@ -287,24 +295,35 @@ class VcRuntime:
     in_paused: bool = False  # IN reading paused because the backend can't keep up
     closed: bool = False
     opened_at: float | None = None  # loop time CONN/A3 went out (metrics)
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
     @property
     def label(self) -> str:
         return str(uuid.UUID(bytes_le=self.vc.cookie))
 
     def now(self) -> float:
-        return asyncio.get_running_loop().time()
+        return self.loop.time()
 
     def execute(self, actions: list[Action]) -> None:
+        # Consecutive writes to one destination go out as one writelines() call (one
+        # writev syscall instead of one per PDU); any other action first flushes them,
+        # so the order the VC chose is kept on every socket.
+        batch: list[bytes] = []
+        batch_to: ChannelProtocol | BackendProtocol | None = None
         for action in actions:
-            if isinstance(action, SendToClient):
-                channel = action.channel
-                assert isinstance(channel, ChannelProtocol)
-                channel.send(action.data)
-            elif isinstance(action, SendToBackend):
-                if self.backend is not None:
-                    self.backend.write(action.data)
-            elif isinstance(action, StartResponse):
+            if isinstance(action, SendToClient | SendToBackend):
+                dest = action.channel if isinstance(action, SendToClient) else self.backend
+                if dest is not batch_to:
+                    if batch_to is not None:
+                        batch_to.write_many(batch)
+                    batch = []
+                    batch_to = dest  # type: ignore[assignment]
+                batch.append(action.data)
+                continue
+            if batch_to is not None:
+                batch_to.write_many(batch)
+                batch, batch_to = [], None
+            if isinstance(action, StartResponse):
                 channel = action.channel
                 assert isinstance(channel, ChannelProtocol)
                 channel.start(action.content_length)
@@ -330,6 +349,8 @@ class VcRuntime:
                     self.backend.close()
             elif isinstance(action, VcClosed):
                 self._closed(action)
+        if batch_to is not None:
+            batch_to.write_many(batch)
         self._arm_timer()
 
     def _apply_backend_reading(self) -> None:
