@@ -22,6 +22,7 @@ Authenticated channels have no body or idle timeout: they live for hours.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import socket
@@ -297,8 +298,9 @@ class VcRuntime:
     opened_at: float | None = None  # loop time CONN/A3 went out (metrics)
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
-    @property
+    @functools.cached_property
     def label(self) -> str:
+        """The VC cookie as a GUID: the correlation id in every log line."""
         return str(uuid.UUID(bytes_le=self.vc.cookie))
 
     def now(self) -> float:
@@ -588,6 +590,7 @@ class ProxyServer:
         app = web.Application(client_max_size=1 << 20)
         for path in PATHS:
             app.router.add_route("*", path, self.handle, expect_handler=_no_expect_handler)
+        app.on_response_prepare.append(_server_header)
         return app
 
     async def start(self) -> list[tuple[str, int]]:
@@ -1001,6 +1004,11 @@ def _tune_gc() -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Name the product, not the Python and aiohttp versions (scanners read that header)."""
+    response.headers["Server"] = "rpcproxy"
 
 
 async def _no_expect_handler(request: web.Request) -> None:

@@ -110,6 +110,7 @@ async def test_unauthenticated_gets_401_with_schemes(env: Env) -> None:
     head = await ch.head()
     assert head.status == 401
     assert "basic" in head.headers["www-authenticate"].lower()
+    assert head.headers["server"] == "rpcproxy"  # no Python/aiohttp versions
     await ch.body(head)
     # the connection stays usable for the authenticated retry
     ch.request("RPC_IN_DATA", PATH, content_length=0, headers={"Authorization": ALICE})
