@@ -760,14 +760,25 @@ class ProxyServer:
         return resp
 
     async def _read_opening_pdu(self, request: web.Request) -> tuple[rts.RtsPdu, rts.Kind]:
+        """The channel's first RTS PDU, within ``handshake_timeout``.
+
+        Until it arrives the request is half-open (authenticated, but no channel
+        yet): bounded like an unauthenticated connection.
+        """
+        timeout = self.config.handshake_timeout
         try:
-            head = await request.content.readexactly(HEADER_LEN)
-            header = parse_header(head)
-            if header.frag_length > MAX_OPENING_PDU:
-                raise ProtocolError(f"first PDU of a channel is {header.frag_length} bytes long")
-            rest = await request.content.readexactly(header.frag_length - HEADER_LEN)
+            async with asyncio.timeout(timeout):
+                head = await request.content.readexactly(HEADER_LEN)
+                header = parse_header(head)
+                if header.frag_length > MAX_OPENING_PDU:
+                    raise ProtocolError(
+                        f"first PDU of a channel is {header.frag_length} bytes long")
+                rest = await request.content.readexactly(header.frag_length - HEADER_LEN)
         except asyncio.IncompleteReadError:
             raise ProtocolError("the channel body ended before its first RTS PDU") from None
+        except TimeoutError:
+            raise ProtocolError(
+                f"no RTS PDU within {timeout:g}s of the channel request") from None
         pdu = rts.decode_rts(head + rest)
         return pdu, rts.identify(pdu)
 

@@ -381,3 +381,18 @@ async def test_one_structured_log_line_per_vc(env: Env, caplog: pytest.LogCaptur
     assert data["bytes_up"] == data["bytes_down"] == len(request_pdu(1, b"12345"))
     assert data["how"].startswith("client closed") and data["error"] is False
     assert data["client"].startswith("127.0.0.1:")
+
+
+async def test_authenticated_request_without_first_pdu_is_bounded() -> None:
+    e = await make_env(handshake_timeout=0.3)
+    try:
+        ch = await RawChannel.connect(e.port)
+        ch.request("RPC_OUT_DATA", PATH, content_length=76, headers={"Authorization": ALICE})
+        head = await ch.head()  # nothing sent after the headers
+        assert head.status == 503
+        assert b"no RTS PDU within" in await ch.body(head)
+        assert await ch.closed()
+        assert not e.server.vcs
+    finally:
+        await e.server.stop()
+        await e.backend.stop()
