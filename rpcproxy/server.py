@@ -88,7 +88,6 @@ OUT_NEW_CONTENT_LENGTH = 76  # CONN/A1
 OUT_SUCCESSOR_CONTENT_LENGTH = 120  # OUT_R2/A3 (96) + OUT_R2/C1 (24)
 MAX_OPENING_PDU = 256  # the largest first PDU of a channel body is 104 bytes
 
-GC_GEN0_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
 
 
 def rpc_error_response(error: RpcProxyError, *, close: bool = True) -> web.Response:
@@ -223,6 +222,7 @@ class ChannelProtocol(asyncio.Protocol):
             rt.execute(rt.vc.channel_closed(self, rt.now()))
         if rt is not None:
             rt.channel_lost(self)
+        self.runtime = None  # no cycle left for the garbage collector to find
 
     def pause_writing(self) -> None:
         if self.runtime is not None:
@@ -252,8 +252,9 @@ class BackendProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closing:
+        if not self.closing and self.runtime is not None:
             self.runtime.on_backend_lost()
+        self.runtime = None  # type: ignore[assignment]  # break the runtime <-> backend cycle
 
     def pause_writing(self) -> None:
         self.runtime.pause_in_reading(True)
@@ -1003,18 +1004,18 @@ class _Relay(asyncio.Protocol):
 
 
 def _tune_gc() -> None:
-    """Keep the cyclic garbage collector out of the latency path.
+    """Keep start-up objects out of the cyclic garbage collector's way.
 
-    Everything alive at start-up (modules, configuration, listeners) is frozen
-    out of collection, and young-generation passes run less often: with ten
-    thousand virtual connections a collection that walks every live object
-    shows up as a latency spike for all of them. Reference counting still frees
-    almost everything at once.
+    Everything alive once the listeners are up (modules, configuration) is
+    frozen out of collection, so full collections walk only the virtual
+    connections. The thresholds stay CPython's: measured with 5,000 VCs, a
+    young generation of 20,000 objects made second-generation passes take up to
+    190 ms, the default keeps them under 20 ms. Channels and backend protocols
+    drop their runtime when their connection ends, so a closed VC is freed by
+    reference counting, not by the collector.
     """
     gc.collect()
     gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
