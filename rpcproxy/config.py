@@ -59,6 +59,7 @@ class Config:
     max_pending_handshakes: int = 256
     handshake_timeout: float = 30.0  # seconds a connection may stay unauthenticated
     max_unauthenticated_connections: int = 1024
+    max_connections_per_user: int = 100  # virtual connections one user may hold (per worker)
     backend_connect_timeout: float = 5.0
     backend_connect_retries: int = 2
     receive_window: int = 0x40000
@@ -117,7 +118,8 @@ class Config:
             raise ConfigError("log_format must be 'text' or 'json'")
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
-        for name in ("max_pending_handshakes", "max_unauthenticated_connections"):
+        for name in ("max_pending_handshakes", "max_unauthenticated_connections",
+                     "max_connections_per_user"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
 

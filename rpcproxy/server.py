@@ -22,6 +22,7 @@ Authenticated channels have no body or idle timeout: they live for hours.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import gc
 import logging
@@ -30,7 +31,7 @@ import ssl
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import aiohttp.http_parser
@@ -574,6 +575,7 @@ class ProxyServer:
         # NTLM state is per TCP connection: drop it (and any Samba socket) on close.
         self.guard.on_lost = self.authenticator.forget
         self.vcs: dict[bytes, VcRuntime] = {}
+        self.vcs_per_user: collections.Counter[Hashable] = collections.Counter()
         self.stats: dict[str, int] = {
             "backend_connect_failures": 0,
             "vcs_opened": 0,
@@ -668,6 +670,11 @@ class ProxyServer:
     def forget_vc(self, rt: VcRuntime) -> None:
         if self.vcs.get(rt.vc.cookie) is rt:
             del self.vcs[rt.vc.cookie]
+            left = self.vcs_per_user[rt.vc.identity] - 1
+            if left > 0:
+                self.vcs_per_user[rt.vc.identity] = left
+            else:
+                del self.vcs_per_user[rt.vc.identity]
 
     # ---- request handling ---------------------------------------------------------------
 
@@ -794,6 +801,7 @@ class ProxyServer:
         )
         rt = VcRuntime(self, vc, endpoint, peer)
         self.vcs[cookie] = rt
+        self.vcs_per_user[identity] += 1
         self.stats["vcs_opened"] += 1
         return rt
 
@@ -837,6 +845,16 @@ class ProxyServer:
         kind = rts.identify(pdu)
         vc_cookie = rts.cookies(pdu)[0]
         if kind in (rts.Kind.CONN_A1, rts.Kind.CONN_B1):
+            if vc_cookie not in self.vcs and (
+                self.vcs_per_user[identity] >= self.config.max_connections_per_user
+            ):
+                error = RpcProxyError(
+                    f"{identity.principal} already holds {self.vcs_per_user[identity]} "
+                    "virtual connections (max_connections_per_user)",
+                    rpc_error=RPC_S_SERVER_TOO_BUSY)
+                log.warning("%s channel from %s refused: %s", channel.kind, peer, error.reason)
+                channel.close(error)
+                return
             rt = self._runtime_for(vc_cookie, identity, target, endpoint, peer)
         else:
             found = self.vcs.get(vc_cookie)

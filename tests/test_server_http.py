@@ -396,3 +396,22 @@ async def test_authenticated_request_without_first_pdu_is_bounded() -> None:
     finally:
         await e.server.stop()
         await e.backend.stop()
+
+
+async def test_virtual_connections_per_user_are_bounded() -> None:
+    e = await make_env(max_connections_per_user=2)
+    try:
+        first = await open_vc(e.port, ALICE)
+        second = await open_vc(e.port, ALICE)
+        with pytest.raises(AssertionError, match="503 RPC Error: 6BB"):
+            await open_vc(e.port, ALICE)
+        other = await open_vc(e.port, BOB)  # another user is not affected
+        first.close()
+        assert await wait_for(lambda: len(e.server.vcs) == 2)
+        again = await open_vc(e.port, ALICE)  # room again once one has closed
+        for vc in (second, other, again):
+            vc.close()
+        assert await wait_for(lambda: not e.server.vcs and not e.server.vcs_per_user)
+    finally:
+        await e.server.stop()
+        await e.backend.stop()
