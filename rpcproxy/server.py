@@ -91,15 +91,18 @@ MAX_OPENING_PDU = 256  # the largest first PDU of a channel body is 104 bytes
 
 
 
-def rpc_error_response(error: RpcProxyError, *, close: bool = True) -> web.Response:
-    """``503 RPC Error: <hex>`` ([MS-RPCH] 2.1.2.1.3) with the reason as body."""
-    resp = web.Response(
-        status=503,
-        reason=f"RPC Error: {error.rpc_error:X}",
-        text=f"RPC Error: {error.rpc_error:X}: {error.reason}\r\n",
-    )
-    if close:
-        resp.force_close()
+def _error_status(error: RpcProxyError) -> str:
+    return f"RPC Error: {error.rpc_error:X}"
+
+
+def _error_body(error: RpcProxyError) -> str:
+    return f"{_error_status(error)}: {error.reason}\r\n"
+
+
+def rpc_error_response(error: RpcProxyError) -> web.Response:
+    """``503 RPC Error: <hex>`` ([MS-RPCH] 2.1.2.1.3) with the reason as body; closes."""
+    resp = web.Response(status=503, reason=_error_status(error), text=_error_body(error))
+    resp.force_close()
     return resp
 
 
@@ -108,9 +111,9 @@ def rpc_error_response(error: RpcProxyError, *, close: bool = True) -> web.Respo
 
 def raw_error_response(error: RpcProxyError) -> bytes:
     """``503 RPC Error`` written straight to a transport that aiohttp no longer owns."""
-    body = f"RPC Error: {error.rpc_error:X}: {error.reason}\r\n".encode("utf-8", "replace")
+    body = _error_body(error).encode("utf-8", "replace")
     head = (
-        f"HTTP/1.1 503 RPC Error: {error.rpc_error:X}\r\n"
+        f"HTTP/1.1 503 {_error_status(error)}\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
@@ -165,10 +168,6 @@ class ChannelProtocol(asyncio.Protocol):
             b"HTTP/1.1 200 Success\r\nContent-Type: application/rpc\r\n"
             b"Content-Length: %d\r\nCache-Control: private\r\n\r\n" % content_length
         )
-
-    def send(self, data: bytes) -> None:
-        if not self.closed:
-            self.transport.write(data)
 
     def write_many(self, chunks: list[bytes]) -> None:
         if not self.closed:
@@ -262,10 +261,6 @@ class BackendProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.runtime.pause_in_reading(False)
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closing:
-            self.transport.write(data)
 
     def write_many(self, chunks: list[bytes]) -> None:
         if self.transport is not None and not self.closing:
