@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.limits import raise_nofile
+from bench.procs import wait_or_kill
 
 
 @dataclass
@@ -311,13 +312,7 @@ class Holder:
             with contextlib.suppress(Exception):
                 proc.stdin.write(b"CLOSE\n")
                 proc.stdin.close()
-        try:
-            async with asyncio.timeout(timeout):
-                await proc.wait()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        await wait_or_kill(proc, timeout)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,17 @@ class ProcSample:
     cpu: float  # user + system seconds, summed over the process and its descendants
 
 
+async def wait_or_kill(proc: asyncio.subprocess.Process, timeout: float) -> None:
+    """Wait for a child to exit; SIGKILL it if it has not within ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            await proc.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
 def _children(pid: int) -> list[int]:
     found: list[int] = []
     try:
@@ -161,13 +172,7 @@ class ChildProcess:
                 proc.stdin.close()
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
-            try:
-                async with asyncio.timeout(timeout):
-                    await proc.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+            await wait_or_kill(proc, timeout)
         self._log.close()
 
     def remove_log(self) -> None:

@@ -177,14 +177,9 @@ def _nice_max(v: float) -> float:
     return mag
 
 
-def bar_chart(title: str, groups: list[str], series: dict[str, list[float | None]],
-              unit: str) -> str:
-    w, h, left, bottom, top = 560, 260, 60, 40, 30
-    vmax = _nice_max(max((v for vs in series.values() for v in vs if v is not None),
-                         default=1.0))
-    plot_w, plot_h = w - left - 20, h - bottom - top
-    gw = plot_w / max(1, len(groups))
-    bw = gw * 0.8 / max(1, len(series))
+def _svg_frame(title: str, w: int, h: int, left: int, top: int, plot_h: float,
+               vmax: float) -> list[str]:
+    """The opening of a chart: the svg element, its title, and five labelled grid lines."""
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
              f'font-family="sans-serif" font-size="11">',
              f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">'
@@ -194,6 +189,18 @@ def bar_chart(title: str, groups: list[str], series: dict[str, list[float | None
         parts.append(f'<line x1="{left}" x2="{w - 20}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
         parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">'
                      f'{_fmt(vmax * i / 4)}</text>')
+    return parts
+
+
+def bar_chart(title: str, groups: list[str], series: dict[str, list[float | None]],
+              unit: str) -> str:
+    w, h, left, bottom, top = 560, 260, 60, 40, 30
+    vmax = _nice_max(max((v for vs in series.values() for v in vs if v is not None),
+                         default=1.0))
+    plot_w, plot_h = w - left - 20, h - bottom - top
+    gw = plot_w / max(1, len(groups))
+    bw = gw * 0.8 / max(1, len(series))
+    parts = _svg_frame(title, w, h, left, top, plot_h, vmax)
     for gi, g in enumerate(groups):
         for si, (name, vals) in enumerate(series.items()):
             v = vals[gi]
@@ -249,15 +256,7 @@ def line_chart(title: str, xs: list[float], series: dict[str, list[float | None]
     def fy(v: float) -> float:
         return top + plot_h - plot_h * v / vmax
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-             f'font-family="sans-serif" font-size="11">',
-             f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">'
-             f'{html.escape(title)}</text>']
-    for i in range(5):
-        y = top + plot_h - plot_h * i / 4
-        parts.append(f'<line x1="{left}" x2="{w - 20}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
-        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">'
-                     f'{_fmt(vmax * i / 4)}</text>')
+    parts = _svg_frame(title, w, h, left, top, plot_h, vmax)
     for x in sorted(set(xs)):
         label = str(int(x)) if float(x).is_integer() else _fmt(x)
         parts.append(f'<text x="{fx(x):.1f}" y="{top + plot_h + 14}" text-anchor="middle">'
