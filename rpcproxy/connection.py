@@ -374,16 +374,25 @@ class VirtualConnection:
             return False
         return True
 
+    def _channel_cookie(self, channel: Channel, pdu: rts.RtsPdu, name: str, taken: bool,
+                        identity: Hashable, target: Hashable) -> bytes | None:
+        """Checks CONN/A1 and CONN/B1 share; the new channel's cookie, or None if refused."""
+        if not self._join_check(channel, identity, target):
+            return None
+        if taken or self.phase is not Phase.WAIT_PAIR:
+            self._emit(CloseChannel(channel, ProtocolError(f"a second {name} for one connection")))
+            return None
+        vc_cookie, channel_cookie = rts.cookies(pdu)
+        if vc_cookie != self.cookie:
+            raise ProtocolError(f"{name} virtual connection cookie mismatch")
+        return channel_cookie
+
     def _open_out(self, channel: Channel, a1: rts.RtsPdu, identity: Hashable,
                   target: Hashable, now: float) -> None:
-        if not self._join_check(channel, identity, target):
+        out_cookie = self._channel_cookie(channel, a1, "CONN/A1", self.out is not None,
+                                          identity, target)
+        if out_cookie is None:
             return
-        if self.out is not None or self.phase is not Phase.WAIT_PAIR:
-            self._emit(CloseChannel(channel, ProtocolError("a second CONN/A1 for one connection")))
-            return
-        vc_cookie, out_cookie = rts.cookies(a1)
-        if vc_cookie != self.cookie:
-            raise ProtocolError("CONN/A1 virtual connection cookie mismatch")
         window = a1.get(rts.ReceiveWindowSize)
         assert isinstance(window, rts.ReceiveWindowSize)
         self.out = OutChannel(channel, out_cookie, window.value, self.settings.out_content_length)
@@ -392,14 +401,10 @@ class VirtualConnection:
 
     def _open_in(self, channel: Channel, b1: rts.RtsPdu, identity: Hashable,
                  target: Hashable, now: float) -> None:
-        if not self._join_check(channel, identity, target):
+        in_cookie = self._channel_cookie(channel, b1, "CONN/B1", self.in_ is not None,
+                                         identity, target)
+        if in_cookie is None:
             return
-        if self.in_ is not None or self.phase is not Phase.WAIT_PAIR:
-            self._emit(CloseChannel(channel, ProtocolError("a second CONN/B1 for one connection")))
-            return
-        vc_cookie, in_cookie = rts.cookies(b1)
-        if vc_cookie != self.cookie:
-            raise ProtocolError("CONN/B1 virtual connection cookie mismatch")
         keepalive = b1.get(rts.ClientKeepalive)
         assert isinstance(keepalive, rts.ClientKeepalive)
         self._set_keepalive(keepalive.value)
