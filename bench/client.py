@@ -115,7 +115,10 @@ class HttpStatusError(RpchError):
         m = re.match(r"\s*RPC Error:\s*([0-9A-Fa-f]+)", reason)
         self.rpc_error: int | None = int(m.group(1), 16) if m else None
         code = f" (RPC error 0x{self.rpc_error:X})" if self.rpc_error is not None else ""
-        super().__init__(f"{where}: HTTP {status} {reason}{code}")
+        # rpcproxy puts its reason in the body ("RPC Error: 6BB: alice already holds ...").
+        said = body[:300].decode("utf-8", "replace").strip().split("\n", 1)[0].strip()
+        detail = f" [{said}]" if said.isprintable() and said and self.rpc_error is not None else ""
+        super().__init__(f"{where}: HTTP {status} {reason}{code}{detail}")
 
 
 @dataclass(frozen=True)

@@ -215,6 +215,7 @@ async def test_http_errors_raise_with_status_and_code() -> None:
             await RpchClient.connect(s.host, s.port, target="elsewhere:6001",
                                      auth=BasicAuth("alice", "right"), timeout=5.0)
         assert info.value.status == 503 and info.value.rpc_error == 0x6BA
+        assert "elsewhere:6001" in str(info.value)  # the proxy's reason, from the body
         conn = await s.client(auth=BasicAuth("alice", "right"), expect_continue=True,
                               http_version="1.0")
         await conn.close()
@@ -253,12 +254,15 @@ def _run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
 
 
 def test_cli_short_run_writes_json_with_ratios(tmp_path: Path) -> None:
-    """Every scenario, tiny sizes: each one's JSON carries proxy, direct and ratio."""
+    """Every scenario, tiny sizes: each one's JSON carries proxy, direct and ratio.
+
+    The concurrency scenario holds 120 VCs of the one bench user: more than a real
+    deployment's default max_connections_per_user (100), which the bench's proxy lifts."""
     from bench.cli import DEFAULT_SCENARIOS
 
     out = tmp_path / "bench.json"
     html = tmp_path / "bench.html"
-    proc = _run_cli("--duration", "0.5", "--clients", "4", "--connections", "20", "--active",
+    proc = _run_cli("--duration", "0.5", "--clients", "4", "--connections", "120", "--active",
                     "2", "--streams", "2", "--soak-connections", "2", "--setup-workers", "2",
                     "--aggregate-vcs", "4", "--aggregate-procs", "2",
                     "--json", str(out), "--html", str(html), timeout=120)
@@ -272,6 +276,7 @@ def test_cli_short_run_writes_json_with_ratios(tmp_path: Path) -> None:
         assert r["ratio"] == pytest.approx(r["proxy"] / r["direct"], rel=0.01), name
         assert r["unit"] and r["metric"], name
     assert doc["scenarios"]["throughput"]["unit"] == "MB/s"
+    assert doc["scenarios"]["concurrency"]["details"]["connections"] == 120
     assert doc["machine"]["cores"] >= 1
     page = html.read_text()
     assert "<svg" in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
