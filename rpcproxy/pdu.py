@@ -91,27 +91,28 @@ class PduHeader(NamedTuple):
     call_id: int
 
 
-_LE = struct.Struct("<HHI")
-_BE = struct.Struct(">HHI")
+# The whole common header in one unpack: version, minor, ptype, flags, drep[0], then the
+# three length/id fields in the byte order drep[0] declares.
+_HEAD_LE = struct.Struct("<BBBBB3xHHI")
+_HEAD_BE = struct.Struct(">BBBBB3xHHI")
 
 
 def parse_header(data: bytes | bytearray | memoryview, offset: int = 0) -> PduHeader:
     """Parse and sanity-check a common header at ``data[offset:offset+16]``."""
     if len(data) - offset < HEADER_LEN:
         raise ProtocolError(f"truncated PDU header: {len(data) - offset} of {HEADER_LEN} bytes")
-    vers = data[offset]
-    minor = data[offset + 1]
+    vers, minor, ptype, flags, drep0, frag_length, auth_length, call_id = (
+        _HEAD_LE.unpack_from(data, offset))
+    little = bool(drep0 & 0xF0)
+    if not little:
+        _, _, _, _, _, frag_length, auth_length, call_id = _HEAD_BE.unpack_from(data, offset)
     if vers != RPC_VERSION or minor not in RPC_VERSION_MINORS:
         raise ProtocolError(f"not a DCE/RPC v5 PDU (version {vers}.{minor})")
-    drep0 = data[offset + 4]
-    little = bool(drep0 & 0xF0)
-    unpack = _LE if little else _BE
-    frag_length, auth_length, call_id = unpack.unpack_from(data, offset + 8)
     if frag_length < HEADER_LEN:
         raise ProtocolError(f"frag_length {frag_length} is shorter than the header")
     if auth_length > frag_length - HEADER_LEN:
         raise ProtocolError(f"auth_length {auth_length} does not fit in frag_length {frag_length}")
-    return PduHeader(data[offset + 2], data[offset + 3], little, frag_length, auth_length, call_id)
+    return PduHeader(ptype, flags, little, frag_length, auth_length, call_id)
 
 
 class Pdu(NamedTuple):

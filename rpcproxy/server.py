@@ -306,51 +306,60 @@ class VcRuntime:
     def execute(self, actions: list[Action]) -> None:
         # Consecutive writes to one destination go out as one writelines() call (one
         # writev syscall instead of one per PDU); any other action first flushes them,
-        # so the order the VC chose is kept on every socket.
+        # so the order the VC chose is kept on every socket. This runs for every read of
+        # every socket: exact type checks, no per-action allocation beyond the batch.
         batch: list[bytes] = []
         batch_to: ChannelProtocol | BackendProtocol | None = None
         for action in actions:
-            if isinstance(action, SendToClient | SendToBackend):
-                dest = action.channel if isinstance(action, SendToClient) else self.backend
-                if dest is not batch_to:
-                    if batch_to is not None:
-                        batch_to.write_many(batch)
-                    batch = []
-                    batch_to = dest  # type: ignore[assignment]
-                batch.append(action.data)
+            kind = type(action)
+            if kind is SendToBackend:
+                dest: ChannelProtocol | BackendProtocol | None = self.backend
+            elif kind is SendToClient:
+                dest = action.channel  # type: ignore[union-attr,assignment]
+            else:
+                if batch_to is not None:
+                    batch_to.write_many(batch)
+                    batch, batch_to = [], None
+                self._act(action)
                 continue
-            if batch_to is not None:
-                batch_to.write_many(batch)
-                batch, batch_to = [], None
-            if isinstance(action, StartResponse):
-                channel = action.channel
-                assert isinstance(channel, ChannelProtocol)
-                channel.start(action.content_length)
-                if self.opened_at is None:  # the first A3: the VC is open
-                    self.opened_at = self.now()
-                    self.server.metrics.vc_opened(self.opened_at - self.vc.created)
-            elif isinstance(action, CloseChannel):
-                ch = action.channel
-                assert isinstance(ch, ChannelProtocol)
-                ch.close(action.error)
-            elif isinstance(action, ConnectBackend):
-                self.connect_task = asyncio.create_task(self._connect_backend())
-            elif isinstance(action, PauseBackend):
-                self.backend_read_paused = True
-                self._apply_backend_reading()
-            elif isinstance(action, ResumeBackend):
-                self.backend_read_paused = False
-                self._apply_backend_reading()
-            elif isinstance(action, CloseBackend):
-                if self.connect_task is not None and not self.connect_task.done():
-                    self.connect_task.cancel()
-                if self.backend is not None:
-                    self.backend.close()
-            elif isinstance(action, VcClosed):
-                self._closed(action)
+            if dest is not batch_to:
+                if batch_to is not None:
+                    batch_to.write_many(batch)
+                batch = []
+                batch_to = dest
+            batch.append(action.data)  # type: ignore[union-attr]
         if batch_to is not None:
             batch_to.write_many(batch)
         self._arm_timer()
+
+    def _act(self, action: Action) -> None:
+        """Every action but a write."""
+        if isinstance(action, StartResponse):
+            channel = action.channel
+            assert isinstance(channel, ChannelProtocol)
+            channel.start(action.content_length)
+            if self.opened_at is None:  # the first A3: the VC is open
+                self.opened_at = self.now()
+                self.server.metrics.vc_opened(self.opened_at - self.vc.created)
+        elif isinstance(action, CloseChannel):
+            ch = action.channel
+            assert isinstance(ch, ChannelProtocol)
+            ch.close(action.error)
+        elif isinstance(action, ConnectBackend):
+            self.connect_task = asyncio.create_task(self._connect_backend())
+        elif isinstance(action, PauseBackend):
+            self.backend_read_paused = True
+            self._apply_backend_reading()
+        elif isinstance(action, ResumeBackend):
+            self.backend_read_paused = False
+            self._apply_backend_reading()
+        elif isinstance(action, CloseBackend):
+            if self.connect_task is not None and not self.connect_task.done():
+                self.connect_task.cancel()
+            if self.backend is not None:
+                self.backend.close()
+        elif isinstance(action, VcClosed):
+            self._closed(action)
 
     def _apply_backend_reading(self) -> None:
         backend = self.backend
@@ -436,7 +445,7 @@ class VcRuntime:
         if self.timer is not None:
             self.timer.cancel()
         self.timer_at = deadline
-        self.timer = asyncio.get_running_loop().call_at(deadline + 0.001, self._on_timer)
+        self.timer = self.loop.call_at(deadline + 0.001, self._on_timer)
 
     def _on_timer(self) -> None:
         self.timer = None
