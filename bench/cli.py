@@ -6,6 +6,13 @@ as child processes on 127.0.0.1, then runs each scenario over the proxy and dire
 the backend. With ``--ntlm-server HOST:PORT --user U --password P [--domain D]`` the proxy
 child uses the real authenticator and the clients authenticate with NTLM against that Samba.
 
+The C relay reference (``--relay``, self-contained mode only): when HAProxy is installed the
+bench also starts it (TCP mode, ``option splice-auto``, one thread, on 127.0.0.1) in front of
+the same backend stub and runs the throughput, latency, concurrency and setup scenarios
+through it with the direct path's clients. That is about the best any one-hop proxy can do
+on this machine: its ratio to direct (``relay_ratio``) shows which proxy-vs-direct targets the
+machine itself rules out, and ``proxy_vs_relay`` how close rpcproxy comes to a C relay.
+
 Against a real deployment::
 
     rpcproxy-bench --url https://host/rpc/rpcproxy.dll --target NAME:6001 \\
@@ -38,6 +45,7 @@ from bench.limits import raise_nofile
 from bench.procs import ChildProcess
 from bench.protocol import IntegrityError
 from bench.proxyproc import LOCAL_NTLM_PASSWORD, LOCAL_NTLM_USER
+from bench.relay import RelayProcess, find_haproxy, relay_maxconn
 from bench.scenarios import SCENARIOS, Bench, ProxyTarget
 from bench.session import RpcFault
 
@@ -97,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "scenario into DIR (needs py-spy on PATH; root or ptrace rights)")
     p.add_argument("--profile-format", choices=["flamegraph", "raw", "speedscope"],
                    default="flamegraph", help="py-spy output format (raw = collapsed stacks)")
+    p.add_argument("--relay", choices=["auto", "haproxy", "none"], default="auto",
+                   help="the C relay reference path, self-contained mode only: HAProxy in TCP "
+                        "mode (splice, 1 thread) between the direct clients and the backend "
+                        "stub, measured in the throughput, latency, concurrency and setup "
+                        "scenarios as the best a one-hop proxy does on this machine (auto: "
+                        "when haproxy is installed; haproxy: required; none: off)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     # Self-tests of the harness: make the backend stub damage or stall the stream.
     p.add_argument("--inject-corrupt", type=int, metavar="N", help=argparse.SUPPRESS)
@@ -196,10 +210,30 @@ async def stop_profilers(spies: list[tuple[asyncio.subprocess.Process, str]],
             await proc.wait()
 
 
-def scenario_limit(name: str, args: argparse.Namespace) -> float:
+async def start_relay(exe: str, backend: tuple[str, int], required: bool,
+                      children: list[ChildProcess], progress: Progress) -> RelayProcess | None:
+    """HAProxy in front of the backend stub, or None (with a progress line) when it does not
+    start and was not asked for explicitly (``--relay haproxy``: the run fails)."""
+    relay = RelayProcess(exe, backend, maxconn=relay_maxconn())
+    children.append(relay)
+    try:
+        await relay.start()
+    except RuntimeError as exc:
+        if required:
+            raise SystemExit(f"rpcproxy-bench: the C relay did not start: {exc}") from None
+        progress(f"C relay reference skipped: haproxy did not start: {exc}")
+        children.remove(relay)  # its exit status is no failure of the run
+        await relay.stop()
+        relay.remove_log()
+        return None
+    return relay
+
+
+def scenario_limit(name: str, args: argparse.Namespace, relay: bool = False) -> float:
     base = 3 * args.duration + 60 + 4 * args.timeout
-    if name == "concurrency":
-        base += (args.connections + args.active + (args.streams or 100)) * 2 / 50
+    if name == "concurrency":  # a ramp per path
+        base += ((args.connections + args.active + (args.streams or 100)) * (3 if relay else 2)
+                 / 50)
     if name == "latency":
         base += args.clients * 0.2
     if name == "aggregate":  # proxies to start, holders to open
@@ -234,16 +268,37 @@ async def amain(args: argparse.Namespace) -> int:
     limit = raise_nofile(need)
     if limit < need:
         progress(f"warning: only {limit} file descriptors allowed, {need} wanted")
+    haproxy: str | None = None
+    if args.relay != "none":
+        haproxy = find_haproxy()
+        if args.url:
+            if args.relay == "haproxy":
+                print("rpcproxy-bench: --relay haproxy needs the self-contained mode (no --url)",
+                      file=sys.stderr)
+                return 2
+            haproxy = None
+        elif haproxy is None:
+            if args.relay == "haproxy":
+                print("rpcproxy-bench: --relay haproxy: haproxy not found in /usr/sbin, "
+                      "/usr/bin, /sbin or /bin (Debian package haproxy)", file=sys.stderr)
+                return 2
+            progress("C relay reference skipped: haproxy not installed (Debian package "
+                     "haproxy; --relay none silences this)")
+        else:
+            # HAProxy inherits our hard limit: 2.5 descriptors per connection (bench.relay).
+            raise_nofile(5 * (args.connections + args.active + streams) // 2 + 1024)
 
     children: list[ChildProcess] = []
     doc: dict[str, Any] = {
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "config": {k: v for k, v in vars(args).items() if k not in ("password",)},
+        "config": {**{k: v for k, v in vars(args).items() if k not in ("password",)},
+                   "relay_ran": False},
         "machine": report.machine_info(),
         "scenarios": {},
         "errors": [],
         "ok": True,
     }
+    doc["machine"]["relay"] = None  # the C relay that ran: kind, version, settings
 
     async def spawn_proxy(out_cl: int, backend: str, workers: int | None = None) -> ChildProcess:
         workers = workers or args.proxy_workers
@@ -300,6 +355,18 @@ async def amain(args: argparse.Namespace) -> int:
             proxy = ProxyTarget(proxy_proc.host, proxy_proc.port, "bench:6001", auth=auth)
             bench = Bench(proxy, (bhost, bport), args.duration, progress,
                           proxy_proc=proxy_proc, backend_proc=backend, timeout=args.timeout)
+            relay = (await start_relay(haproxy, (bhost, bport), args.relay == "haproxy",
+                                       children, progress) if haproxy else None)
+            if relay is not None:
+                bench.relay = (relay.host, relay.port)
+                bench.relay_proc = relay
+                bench.relay_maxconn = relay.maxconn
+                doc["config"]["relay_ran"] = True
+                doc["machine"]["relay"] = {"kind": "haproxy", "version": relay.version,
+                                           "mode": "tcp, option splice-auto, nbthread 1",
+                                           "maxconn": relay.maxconn}
+                progress(f"C relay: {relay.version or 'haproxy'}, pid {relay.pid} on "
+                         f"{relay.host}:{relay.port} -> {backend_addr} (maxconn {relay.maxconn})")
 
             async def spawn_more_proxy(out_cl: int | None = None,
                                        workers: int | None = None) -> ChildProcess:
@@ -328,7 +395,8 @@ async def amain(args: argparse.Namespace) -> int:
             spies = await start_profilers(args.profile, name, bench, progress,
                                           args.profile_format)
             try:
-                async with asyncio.timeout(scenario_limit(name, args)):
+                async with asyncio.timeout(scenario_limit(name, args,
+                                                          relay=bench.relay is not None)):
                     result = await SCENARIOS[name](bench)
             except (IntegrityError, RpchError, RpcFault, TimeoutError, OSError,
                     RuntimeError) as exc:

@@ -61,8 +61,24 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+RELAY_LABEL = "C relay (HAProxy TCP, splice)"
+
+
+def _relay_rows(r: dict[str, Any]) -> list[list[str]]:
+    """Under a scenario with the C relay: its figure in the proxy column against direct, and
+    how the proxy compares with it."""
+    if r.get("relay") is None:
+        return []
+    return [["", f"  {RELAY_LABEL} vs direct", _fmt(r["relay"]), _fmt(r.get("direct")),
+             _fmt(r.get("relay_ratio")), r.get("unit", "")],
+            ["", "  proxy / C relay", "", "", _fmt(r.get("proxy_vs_relay")), "x"]]
+
+
 def rows(doc: dict[str, Any]) -> list[list[str]]:
-    """(scenario, figure, proxy, direct, ratio, unit) rows, headline plus notable details."""
+    """(scenario, figure, proxy, direct, ratio, unit) rows, headline plus notable details.
+
+    Where the C relay ran, its rows put the relay's figure in the proxy column and
+    relay / direct in the ratio column."""
     out: list[list[str]] = []
     for name, r in doc["scenarios"].items():
         if "error" in r and r.get("proxy") is None:
@@ -70,6 +86,7 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
             continue
         out.append([name, r.get("metric", ""), _fmt(r.get("proxy")), _fmt(r.get("direct")),
                     _fmt(r.get("ratio")), r.get("unit", "")])
+        out.extend(_relay_rows(r))
         if name == "throughput":
             for phase in ("down", "up"):
                 d = r.get("phases", {}).get(phase, {})
@@ -83,6 +100,11 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
                         continue
                     out.append(["", f"  {label} at {level} client(s)", _fmt(p.get(key)),
                                 _fmt(d.get(key)), _fmt(row.get("ratio", {}).get(key)), "us"])
+                c = row.get("relay")
+                if c:
+                    out.append(["", f"  C relay p99 at {level} client(s)", _fmt(c.get("p99_us")),
+                                _fmt(d.get("p99_us")),
+                                _fmt(row.get("relay_ratio", {}).get("p99_us")), "us"])
         elif name == "aggregate":
             out.extend(_aggregate_rows(r))
         elif name == "concurrency":
@@ -92,6 +114,9 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
             out.append(["", "  proxy RSS per VC", _fmt(det.get("rss_per_vc_kib")), "", "",
                         "KiB"])
             out.append(["", "  proxy fds", _fmt(det.get("fds")), "", "", ""])
+            if r["details"].get("relay_skipped"):
+                out.append(["", f"  note: C relay skipped: {r['details']['relay_skipped']}",
+                            "", "", "", ""])
         elif name == "soak":
             out.append(["", "  proxy RSS start/max/end", "/".join(
                 _fmt(r.get(k)) for k in ("rss_start_mib", "rss_max_mib", "rss_end_mib")),
@@ -163,7 +188,8 @@ def write_json(doc: dict[str, Any], path: str | Path) -> None:
 
 # --- SVG --------------------------------------------------------------------------------------
 
-_COLORS = {"proxy": "#d9480f", "direct": "#1864ab", "p50": "#2b8a3e", "p99": "#e67700",
+_COLORS = {"proxy": "#d9480f", "direct": "#1864ab", "relay": "#868e96", "p50": "#2b8a3e",
+           "p99": "#e67700",
            "p99.9": "#862e9c", "rss": "#d9480f", "fds": "#1864ab", "total": "#5f3dc4"}
 
 
@@ -266,7 +292,7 @@ def line_chart(title: str, xs: list[float], series: dict[str, list[float | None]
         if not pts:
             continue
         color = _COLORS.get(name.split()[-1], _COLORS.get(name.split()[0], "#888"))
-        dash = ' stroke-dasharray="5,3"' if name.startswith("direct") else ""
+        dash = _dash(name)
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="'
                      + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>')
         for x, y in pts:
@@ -275,7 +301,7 @@ def line_chart(title: str, xs: list[float], series: dict[str, list[float | None]
         color = _COLORS.get(name.split()[-1], _COLORS.get(name.split()[0], "#888"))
         xx = left + (i % 3) * 165
         legend_y = top + plot_h + 46 + 16 * (i // 3)
-        dash = ' stroke-dasharray="5,3"' if name.startswith("direct") else ""
+        dash = _dash(name)
         parts.append(f'<line x1="{xx}" x2="{xx + 16}" y1="{legend_y - 4}" y2="{legend_y - 4}" '
                      f'stroke="{color}" stroke-width="2"{dash}/>'
                      f'<text x="{xx + 20}" y="{legend_y}">{html.escape(name)}</text>')
@@ -287,6 +313,15 @@ def line_chart(title: str, xs: list[float], series: dict[str, list[float | None]
     return "".join(parts)
 
 
+def _dash(name: str) -> str:
+    """Line style of a series: proxy solid, direct dashed, the C relay dotted."""
+    if name.startswith("direct"):
+        return ' stroke-dasharray="5,3"'
+    if name.startswith("relay"):
+        return ' stroke-dasharray="1,3"'
+    return ""
+
+
 def _plots(doc: dict[str, Any]) -> list[str]:
     sc = doc["scenarios"]
     plots: list[str] = []
@@ -295,7 +330,8 @@ def _plots(doc: dict[str, Any]) -> list[str]:
         groups = [g for g in ("both", "down", "up") if g in t["phases"]]
         plots.append(bar_chart(
             "Throughput of one virtual connection (64 KiB PDUs)", groups,
-            {p: [t["phases"][g].get(p) for g in groups] for p in ("proxy", "direct")},
+            {p: [t["phases"][g].get(p) for g in groups] for p in ("proxy", "direct", "relay")
+             if any(t["phases"][g].get(p) is not None for g in groups)},
             "MB/s"))
     agg = sc.get("aggregate")
     if agg and agg.get("paths"):
@@ -307,7 +343,7 @@ def _plots(doc: dict[str, Any]) -> list[str]:
     if lat and "levels" in lat:
         levels = sorted(int(k) for k in lat["levels"])
         series: dict[str, list[float | None]] = {}
-        for path in ("proxy", "direct"):
+        for path in ("proxy", "direct", "relay"):
             for key, label in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
                 vals = [lat["levels"][str(n)].get(path, {}).get(key) for n in levels]
                 if any(v is not None for v in vals):
@@ -338,6 +374,10 @@ def write_html(doc: dict[str, Any], path: str | Path) -> None:
     machine = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                       for k, v in doc.get("machine", {}).items())
     errors = "".join(f"<li>{html.escape(e)}</li>" for e in doc.get("errors", []))
+    relay = doc.get("machine", {}).get("relay")
+    relay_text = (f"C relay rows: {html.escape(str(relay.get('version') or 'HAProxy'))} in TCP "
+                  "mode between the direct clients and the backend, its figure in the proxy "
+                  "column and relay / direct as ratio." if relay else "")
     status = ("<p class=ok>All data verified end to end.</p>" if doc.get("ok")
               else f"<p class=bad>FAILED:</p><ul>{errors}</ul>")
     page = f"""<!DOCTYPE html>
@@ -352,7 +392,8 @@ td:nth-child(3),td:nth-child(4),td:nth-child(5){{text-align:right}}
 </style></head><body>
 <h1>rpcproxy-bench</h1>
 <p>Started {html.escape(str(doc.get("started", "")))}, duration per scenario
-{html.escape(str(doc.get("config", {}).get("duration")))} s. Ratio = proxy / direct.</p>
+{html.escape(str(doc.get("config", {}).get("duration")))} s. Ratio = proxy / direct.
+{relay_text}</p>
 {status}
 <table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>{trs}</table>
 <div class="plots">{"".join(_plots(doc))}</div>

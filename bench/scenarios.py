@@ -5,6 +5,11 @@ A scenario is ``async def run_x(bench: Bench) -> dict``; the dict carries at lea
 details and the CPU each process used while it was measured (``cpu``), from which
 ``bottleneck`` says whether the load generator itself was the limit.
 
+With a relay (``bench.relay``: HAProxy in TCP mode between the direct clients and the
+backend, self-contained mode only) ``throughput``, ``latency``, ``concurrency`` and ``setup``
+measure it as a third path and add ``relay`` (same unit), ``relay_ratio`` (relay / direct)
+and ``proxy_vs_relay`` (proxy / relay); ``aggregate`` and ``soak`` stay proxy vs direct.
+
 Time: ``bench.duration`` is the measuring time of one scenario, shared between the paths (and
 within a path between its phases); ramps, warm-ups and checks come on top but are bounded.
 """
@@ -54,6 +59,10 @@ class Bench:
     progress: Progress
     proxy_proc: ChildProcess | None = None
     backend_proc: ChildProcess | None = None
+    # The C relay reference (bench.relay): HAProxy's address and process; None: no relay.
+    relay: tuple[str, int] | None = None
+    relay_proc: ChildProcess | None = None
+    relay_maxconn: int | None = None
     timeout: float = 10.0
     connections: int = 1000
     clients: int = 32
@@ -76,13 +85,25 @@ class Bench:
 
     @property
     def paths(self) -> list[str]:
+        """The paths the relay-aware scenarios measure: proxy, direct and the C relay."""
+        paths = self.base_paths
+        return [*paths, "relay"] if self.relay is not None and "direct" in paths else paths
+
+    @property
+    def base_paths(self) -> list[str]:
+        """Proxy and direct only (the scenarios without the relay: aggregate, soak)."""
         return ["proxy", "direct"] if self.direct is not None else ["proxy"]
+
+    def address(self, path: str) -> tuple[str, int]:
+        """Where a plain ncacn_ip_tcp client of ``path`` ("direct" or "relay") connects."""
+        addr = self.relay if path == "relay" else self.direct
+        assert addr is not None, path
+        return addr
 
     async def open(self, path: str, *, proxy: ProxyTarget | None = None,
                    in_content_length: int | None = None) -> PduTransport:
-        if path == "direct":
-            assert self.direct is not None
-            return await DirectClient.connect(*self.direct, timeout=self.timeout)
+        if path in ("direct", "relay"):
+            return await DirectClient.connect(*self.address(path), timeout=self.timeout)
         p = proxy or self.proxy
         kwargs: dict[str, Any] = {}
         if in_content_length is not None:
@@ -122,7 +143,9 @@ class Bench:
         return out
 
     def proc_sample(self, which: str) -> ProcSample | None:
-        proc = self.proxy_proc if which == "proxy" else self.backend_proc
+        """RSS, fds and CPU of "proxy", "relay" or "backend" (None if not running)."""
+        proc = {"proxy": self.proxy_proc, "relay": self.relay_proc}.get(which,
+                                                                        self.backend_proc)
         if proc is None or not proc.alive():
             return None
         return proc.sample()
@@ -142,7 +165,7 @@ async def close_all(sessions: list[BenchSession], concurrency: int = 200) -> Non
 
 
 class CpuMeter:
-    """CPU used by the load generator, the proxy and the backend while measuring.
+    """CPU used by the load generator, the proxy, the relay and the backend while measuring.
 
     ``start()`` / ``pause()`` may alternate (interleaved rounds); ``result()`` gives each
     part's CPU as a fraction of one core over the measured wall time, summed over its
@@ -152,9 +175,10 @@ class CpuMeter:
     def __init__(self, bench: Bench, *, started: bool = True) -> None:
         self.bench = bench
         self.wall = 0.0
-        self.cpu = {"loadgen": 0.0, "proxy": 0.0, "backend": 0.0, "machine": 0.0, "irq": 0.0}
-        self.seen = {"loadgen": True, "proxy": False, "backend": False, "machine": False,
-                     "irq": False}
+        self.cpu = {"loadgen": 0.0, "proxy": 0.0, "relay": 0.0, "backend": 0.0, "machine": 0.0,
+                    "irq": 0.0}
+        self.seen = {"loadgen": True, "proxy": False, "relay": False, "backend": False,
+                     "machine": False, "irq": False}
         self._t0: float | None = None
         self._c0: dict[str, float | None] = {}
         self._p0: dict[int, tuple[str, float | None]] = {}  # pid -> (part, CPU seconds)
@@ -162,20 +186,25 @@ class CpuMeter:
         if started:
             self.start()
 
+    def _not_loadgen(self) -> set[int]:
+        """Our children that are not the load generator: the proxy, the relay, the backend."""
+        b = self.bench
+        return {p.pid for p in (b.proxy_proc, b.relay_proc, b.backend_proc)
+                if p is not None and p.proc is not None}
+
     def _parts(self) -> dict[int, str]:
-        """Every process of the load generator and of the proxy, by pid."""
+        """Every process of the load generator, of the proxy and of the relay, by pid."""
         from bench.procs import child_pids, process_name, process_tree
 
         out = {os.getpid(): "loadgen"}
-        skip = {p.pid for p in (self.bench.proxy_proc, self.bench.backend_proc)
-                if p is not None and p.proc is not None}
+        skip = self._not_loadgen()
         for pid in child_pids(os.getpid()):
             if pid not in skip and process_name(pid) != "py-spy":
                 out[pid] = "loadgen"
-        proxy = self.bench.proxy_proc
-        if proxy is not None and proxy.alive():
-            for pid in process_tree(proxy.pid):
-                out[pid] = "proxy"
+        for part, proc in (("proxy", self.bench.proxy_proc), ("relay", self.bench.relay_proc)):
+            if proc is not None and proc.alive():
+                for pid in process_tree(proc.pid):
+                    out[pid] = part
         return out
 
     def _now(self) -> dict[str, float | None]:
@@ -183,7 +212,7 @@ class CpuMeter:
         out: dict[str, float | None] = {"loadgen": self._loadgen_cpu(),
                                         "machine": machine[0] if machine else None,
                                         "irq": machine[1] if machine else None}
-        for name in ("proxy", "backend"):
+        for name in ("proxy", "relay", "backend"):
             smp = self.bench.proc_sample(name)
             out[name] = smp.cpu if smp is not None else None
         return out
@@ -193,8 +222,7 @@ class CpuMeter:
         from bench.procs import child_pids, process_name, sample
 
         total = time.process_time()
-        skip = {p.pid for p in (self.bench.proxy_proc, self.bench.backend_proc)
-                if p is not None and p.proc is not None}
+        skip = self._not_loadgen()
         for pid in child_pids(os.getpid()):
             if pid in skip or process_name(pid) == "py-spy":
                 continue
@@ -235,7 +263,9 @@ class CpuMeter:
         interrupt work (on loopback mostly TCP receive softirq, i.e. our own traffic) and
         ``other_cpu`` for everything else on the machine (other processes)."""
         out: dict[str, float | None] = {"wall_s": round(self.wall, 3)}
-        for name in ("loadgen", "proxy", "backend"):
+        for name in PARTS:
+            if name == "relay" and self.bench.relay_proc is None:
+                continue
             v = self.cpu[name]
             out[f"{name}_cpu"] = (round(v / self.wall, 3) if self.seen[name] and self.wall
                                   else None)
@@ -245,11 +275,14 @@ class CpuMeter:
                 out[f"{name}_processes"] = len(each)
                 out[f"{name}_busiest"] = round(max(each) / self.wall, 3)
         if self.seen["machine"] and self.wall:
-            ours = sum(self.cpu[n] for n in ("loadgen", "proxy", "backend"))
+            ours = sum(self.cpu[n] for n in PARTS)
             irq = self.cpu["irq"] if self.seen["irq"] else 0.0
             out["irq_cpu"] = round(irq / self.wall, 3)
             out["other_cpu"] = round(max(0.0, self.cpu["machine"] - irq - ours) / self.wall, 3)
         return out
+
+
+PARTS = ("loadgen", "proxy", "relay", "backend")  # what CpuMeter tells apart
 
 
 def machine_cpu_seconds() -> tuple[float, float] | None:
@@ -290,16 +323,23 @@ def ratio(proxy: float | None, direct: float | None) -> float | None:
     return round(proxy / direct, 3)
 
 
+def relay_figures(proxy: float | None, direct: float | None,
+                  relay: float | None) -> dict[str, float | None]:
+    """The keys a scenario adds for the C relay: its figure, relay / direct, proxy / relay."""
+    return {"relay": relay, "relay_ratio": ratio(relay, direct),
+            "proxy_vs_relay": ratio(proxy, relay)}
+
+
 def bottleneck(cpu: dict[str, dict[str, float | None]]) -> str:
     """Which processes were (nearly) CPU-bound while each path was measured."""
     cores = os.cpu_count() or 1
     notes = []
-    for path in ("proxy", "direct"):
+    for path in ("proxy", "direct", "relay"):
         c = cpu.get(path)
         if not c:
             continue
         busy = []
-        for name in ("loadgen", "proxy", "backend"):
+        for name in PARTS:
             n = int(c.get(f"{name}_processes") or 1)
             if n > 1:  # several processes: CPU-bound when one of them is
                 top = c.get(f"{name}_busiest") or 0.0
@@ -307,7 +347,7 @@ def bottleneck(cpu: dict[str, dict[str, float | None]]) -> str:
                     busy.append(f"{name} {top:.0%} (the busiest of its {n} processes)")
             elif (c.get(f"{name}_cpu") or 0.0) >= 0.85:
                 busy.append(f"{name} {c[f'{name}_cpu']:.0%}")
-        total = sum(c.get(f"{name}_cpu") or 0.0 for name in ("loadgen", "proxy", "backend"))
+        total = sum(c.get(f"{name}_cpu") or 0.0 for name in PARTS)
         total += c.get("irq_cpu") or 0.0
         parts = []
         if busy:
@@ -341,7 +381,8 @@ THROUGHPUT_PHASES = (
 async def run_throughput(bench: Bench) -> dict[str, Any]:
     """One VC, 64 KiB PDUs, calls pipelined ``depth`` deep: MB/s of payload.
 
-    The proxy and direct runs alternate in short slices (``_rounds``) on one VC per path."""
+    The proxy, direct (and relay) runs alternate in short slices (``_rounds``) on one VC per
+    path."""
     rounds = _rounds(bench)
     per = max(0.1, bench.duration / (rounds * len(bench.paths) * len(THROUGHPUT_PHASES)))
     moved: dict[tuple[str, str], list[float]] = {}
@@ -376,19 +417,27 @@ async def run_throughput(bench: Bench) -> dict[str, Any]:
     finally:
         for s in sessions.values():
             await s.t.close()
+    has_relay = "relay" in bench.paths
     for name, _, _ in THROUGHPUT_PHASES:
         d = details[name]
         d["ratio"] = ratio(d.get("proxy"), d.get("direct"))
+        if has_relay:
+            d["relay_ratio"] = ratio(d.get("relay"), d.get("direct"))
         bench.progress(f"throughput {name:>4}: proxy {d.get('proxy')} MB/s, direct "
-                       f"{d.get('direct')} MB/s")
+                       f"{d.get('direct')} MB/s" + (f", relay {d.get('relay')} MB/s"
+                                                    if has_relay else ""))
     cpu = {path: m.result() for path, m in meters.items()}
     both = details["both"]
-    return {
+    out: dict[str, Any] = {
         "metric": "payload MB/s, one VC, 64 KiB PDUs both ways",
         "proxy": both.get("proxy"), "direct": both.get("direct"), "ratio": both["ratio"],
-        "unit": "MB/s", "phases": details, "depth": bench.depth, "pdu_bytes": PDU,
-        "rounds": rounds, "cpu": cpu, "bottleneck": bottleneck(cpu),
+        "unit": "MB/s",
     }
+    if has_relay:
+        out.update(relay_figures(both.get("proxy"), both.get("direct"), both.get("relay")))
+    out.update({"phases": details, "depth": bench.depth, "pdu_bytes": PDU, "rounds": rounds,
+                "cpu": cpu, "bottleneck": bottleneck(cpu)})
+    return out
 
 
 # --- aggregate throughput of many VCs --------------------------------------------------------
@@ -677,7 +726,8 @@ def _lat_summary(values: list[float]) -> dict[str, float]:
 async def run_latency(bench: Bench) -> dict[str, Any]:
     """Round trip of small calls, closed loop, at 1 client and at ``clients`` clients.
 
-    At each level both paths' sessions are open at once and measured in alternating slices."""
+    At each level every path's sessions are open at once and measured in alternating slices
+    (``relay_added_us`` / ``relay_ratio`` per level: the C relay against direct)."""
     many = max(2, bench.clients)
     levels = sorted({1, max(2, many // 4), many})
     rounds = _rounds(bench)
@@ -713,19 +763,32 @@ async def run_latency(bench: Bench) -> dict[str, Any]:
                            f"  ({summary['calls']} calls)")
             if n == many:
                 cpu[path] = meters[path].result()
+    keys = ("p50_us", "p99_us", "p999_us")
     for row in table.values():
-        p, d = row.get("proxy"), row.get("direct")
+        p, d, c = row.get("proxy"), row.get("direct"), row.get("relay")
         if p and d:
-            row["added_us"] = {k: round(p[k] - d[k], 1) for k in ("p50_us", "p99_us", "p999_us")}
-            row["ratio"] = {k: ratio(p[k], d[k]) for k in ("p50_us", "p99_us", "p999_us")}
+            row["added_us"] = {k: round(p[k] - d[k], 1) for k in keys}
+            row["ratio"] = {k: ratio(p[k], d[k]) for k in keys}
+        if c and d:
+            row["relay_added_us"] = {k: round(c[k] - d[k], 1) for k in keys}
+            row["relay_ratio"] = {k: ratio(c[k], d[k]) for k in keys}
+        if p and c:
+            row["proxy_vs_relay"] = {k: ratio(p[k], c[k]) for k in keys}
     one = table["1"]
-    return {
+    direct_p50 = one.get("direct", {}).get("p50_us")
+    out: dict[str, Any] = {
         "metric": "median round trip of a small call, 1 client",
-        "proxy": one["proxy"]["p50_us"], "direct": one.get("direct", {}).get("p50_us"),
-        "ratio": ratio(one["proxy"]["p50_us"], one.get("direct", {}).get("p50_us")),
-        "unit": "us", "levels": table, "cpu_at_max_clients": cpu,
-        "bottleneck": bottleneck(cpu),
+        "proxy": one["proxy"]["p50_us"], "direct": direct_p50,
+        "ratio": ratio(one["proxy"]["p50_us"], direct_p50), "unit": "us",
     }
+    if direct_p50 is not None:
+        out["added_us"] = round(one["proxy"]["p50_us"] - direct_p50, 1)
+    if "relay" in one:
+        out.update(relay_figures(one["proxy"]["p50_us"], direct_p50, one["relay"]["p50_us"]))
+        if direct_p50 is not None:
+            out["relay_added_us"] = round(one["relay"]["p50_us"] - direct_p50, 1)
+    out.update({"levels": table, "cpu_at_max_clients": cpu, "bottleneck": bottleneck(cpu)})
+    return out
 
 
 # --- concurrency ------------------------------------------------------------------------------
@@ -748,6 +811,8 @@ def _fd_limit(pid: int) -> int | None:
 
 def _holder_specs(bench: Bench, path: str, n: int, *, per_holder: int = HOLDER_MAX_VCS,
                   proxy: ProxyTarget | None = None) -> list[HolderSpec]:
+    """Holder processes for ``n`` VCs of ``path``: "proxy", or "direct" / "relay" (plain
+    ncacn_ip_tcp clients, to the backend or to the relay)."""
     specs: list[HolderSpec] = []
     per_vc = 2 if path == "proxy" else 1
     import resource
@@ -760,10 +825,9 @@ def _holder_specs(bench: Bench, path: str, n: int, *, per_holder: int = HOLDER_M
     while left > 0:
         count = min(cap, left)
         left -= count
-        if path == "direct":
-            assert bench.direct is not None
-            specs.append(HolderSpec("direct", bench.direct[0], bench.direct[1], count,
-                                    timeout=bench.timeout))
+        if path in ("direct", "relay"):
+            host, port = bench.address(path)
+            specs.append(HolderSpec("direct", host, port, count, timeout=bench.timeout))
             continue
         p = proxy or bench.proxy
         auth, user, password, domain = "none", "", "", ""
@@ -783,12 +847,21 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
     The idle connections live in holder processes (bench.holder), at most
     ``HOLDER_MAX_VCS`` each, so the load generator's own descriptor limit does not cap N;
     the streaming ones in two more holders; only the measured active VCs are the load
-    generator's own."""
+    generator's own. The relay path is left out (``relay_skipped``) when HAProxy's maxconn,
+    bounded by the descriptor limit, cannot hold them all."""
     n = bench.connections
     streams = bench.streams if bench.streams is not None else min(100, max(1, n // 10))
-    per = _phase_time(bench, 2)
     result: dict[str, Any] = {"connections": n, "active": bench.active, "streams": streams,
                               "stream_rate_mb_s": bench.stream_rate / 1e6 or None}
+    paths = bench.paths
+    relay_need = n + bench.active + streams + 16
+    if "relay" in paths and (bench.relay_maxconn or 0) < relay_need:
+        paths = [p for p in paths if p != "relay"]
+        result["relay_skipped"] = (
+            f"the relay's maxconn {bench.relay_maxconn} (from the hard RLIMIT_NOFILE) is "
+            f"below the {relay_need} connections this needs")
+        bench.progress(f"concurrency: relay skipped: {result['relay_skipped']}")
+    per = _phase_time(bench, len(paths))
     cpu: dict[str, dict[str, float | None]] = {}
     rss_curve: list[dict[str, float]] = []
     if bench.proxy_proc is not None:
@@ -813,8 +886,9 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
                 f"{bench.active + streams} busy VCs over {workers} worker(s) need about {need} "
                 "each (2 channels + 1 backend socket per VC): raise the hard RLIMIT_NOFILE or "
                 "use more workers (--proxy-workers)")
-    for path in bench.paths:
-        base = bench.proc_sample("proxy") if path == "proxy" else None
+    for path in paths:
+        measured = path if path in ("proxy", "relay") else None  # whose RSS and fds to sample
+        base = bench.proc_sample(measured) if measured else None
         holders = [Holder(spec) for spec in _holder_specs(bench, path, n)]
         busy: list[BenchSession] = []
         try:
@@ -843,7 +917,7 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
                 if smp is not None:
                     rss_curve.append({"vcs": n, "rss_mib": round(smp.rss / 2**20, 1),
                                       "fds": smp.fds})
-            at_n = bench.proc_sample("proxy") if path == "proxy" else None
+            at_n = bench.proc_sample(measured) if measured else None
             # The streaming VCs live in holder processes too, so that the process measuring
             # the active VCs' round trips is not also busy with 100 streams.
             stream_holders = [Holder(spec) for spec in _holder_specs(
@@ -861,11 +935,12 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
             deadline = time.perf_counter() + per
             peak: ProcSample | None = None
 
-            async def sampler(deadline: float = deadline, path: str = path) -> None:
+            async def sampler(deadline: float = deadline,
+                              measured: str | None = measured) -> None:
                 nonlocal peak
                 while time.perf_counter() < deadline:
                     await asyncio.sleep(min(0.25, per / 4))
-                    smp = bench.proc_sample("proxy") if path == "proxy" else None
+                    smp = bench.proc_sample(measured) if measured else None
                     if smp is not None and (peak is None or smp.rss > peak.rss):
                         peak = smp
 
@@ -888,7 +963,7 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
                 "ramp_per_s": round(n / ramp_s, 1) if ramp_s else None,
                 "holders": len(holders),
             }
-            if path == "proxy" and base is not None and at_n is not None:
+            if base is not None and at_n is not None:
                 entry["rss_mib"] = round(at_n.rss / 2**20, 1)
                 entry["rss_peak_mib"] = round(max(at_n.rss, peak.rss if peak else 0) / 2**20, 1)
                 entry["rss_base_mib"] = round(base.rss / 2**20, 1)
@@ -899,23 +974,27 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
                 f"concurrency {path:>6}: {n} idle + {streams} streaming "
                 f"({entry['stream_mb_s']} MB/s): active p50 {summary['p50_us']:.0f} us, "
                 f"p99 {summary['p99_us']:.0f} us" + (
-                    f"; proxy RSS {entry['rss_mib']} MiB, {entry['fds']} fds"
+                    f"; {path} RSS {entry['rss_mib']} MiB, {entry['fds']} fds"
                     if "rss_mib" in entry else ""))
         finally:
             await close_all(busy)
             await asyncio.gather(*(h.stop() for h in holders), return_exceptions=True)
-    proxy_p99 = result["proxy"]["active_latency"]["p99_us"] / 1000
-    direct_p99 = (result["direct"]["active_latency"]["p99_us"] / 1000
-                  if "direct" in result else None)
-    return {
+    p99 = {path: round(result[path]["active_latency"]["p99_us"] / 1000, 3)
+           for path in paths}
+    out: dict[str, Any] = {
         "metric": f"p99 round trip (ms) of {bench.active} active VCs among {n} idle "
                   f"while {streams} stream" + (f" at {bench.stream_rate / 1e6:g} MB/s each"
                                                if bench.stream_rate else ""),
-        "proxy": round(proxy_p99, 3), "direct": round(direct_p99, 3) if direct_p99 else None,
-        "ratio": ratio(proxy_p99, direct_p99), "unit": "ms",
+        "proxy": p99["proxy"], "direct": p99.get("direct") or None,
+        "ratio": ratio(p99["proxy"], p99.get("direct")), "unit": "ms",
+    }
+    if "relay" in p99:
+        out.update(relay_figures(p99["proxy"], p99.get("direct"), p99["relay"]))
+    out.update({
         "rss_mib": result["proxy"].get("rss_mib"), "fds": result["proxy"].get("fds"),
         "rss_curve": rss_curve, "details": result, "cpu": cpu, "bottleneck": bottleneck(cpu),
-    }
+    })
+    return out
 
 
 # --- set-up rate ------------------------------------------------------------------------------
@@ -924,7 +1003,7 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
 async def run_setup(bench: Bench) -> dict[str, Any]:
     """Open, BIND, close, ``setup_workers`` at a time: connections per second.
 
-    Proxy and direct alternate in slices (``_rounds``)."""
+    Proxy, direct (and relay) alternate in slices (``_rounds``)."""
     rounds = _rounds(bench)
     per = max(0.1, bench.duration / (rounds * len(bench.paths)))
     lats: dict[str, list[float]] = {path: [] for path in bench.paths}
@@ -963,13 +1042,16 @@ async def run_setup(bench: Bench) -> dict[str, Any]:
                        f"(p50 {out[path]['p50_ms']} ms, p99 {out[path]['p99_ms']} ms, "
                        f"{bench.setup_workers} in parallel)")
     cpu = {path: m.result() for path, m in meters.items()}
-    return {
+    proxy, direct = out["proxy"]["per_s"], out.get("direct", {}).get("per_s")
+    result: dict[str, Any] = {
         "metric": "connections opened + bound + closed per second",
-        "proxy": out["proxy"]["per_s"], "direct": out.get("direct", {}).get("per_s"),
-        "ratio": ratio(out["proxy"]["per_s"], out.get("direct", {}).get("per_s")),
-        "unit": "conn/s", "details": out, "workers": bench.setup_workers, "cpu": cpu,
-        "bottleneck": bottleneck(cpu),
+        "proxy": proxy, "direct": direct, "ratio": ratio(proxy, direct), "unit": "conn/s",
     }
+    if "relay" in out:
+        result.update(relay_figures(proxy, direct, out["relay"]["per_s"]))
+    result.update({"details": out, "workers": bench.setup_workers, "cpu": cpu,
+                   "bottleneck": bottleneck(cpu)})
+    return result
 
 
 def _bench_syntax() -> bytes:
@@ -1012,7 +1094,7 @@ async def run_soak(bench: Bench) -> dict[str, Any]:
     samples: list[dict[str, float]] = []
     cpu: dict[str, dict[str, float | None]] = {}
     try:
-        for path in bench.paths:
+        for path in bench.base_paths:  # no relay here
             kw: dict[str, Any] = {}
             if path == "proxy":
                 kw = {"proxy": proxy_target, "in_content_length": 1 << 20}

@@ -9,11 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -245,6 +250,19 @@ async def test_ntlm_handshake_over_keep_alive_connections() -> None:
         auth.close()
 
 
+def _haproxy_installed() -> bool:
+    """Whether the bench's C relay (HAProxy) can run here; in CI it must (Debian package)."""
+    if shutil.which("haproxy", path="/usr/sbin:/usr/bin:/sbin:/bin") is not None:
+        return True
+    if os.environ.get("CI"):
+        pytest.fail("haproxy is required in CI (Debian package haproxy)")
+    return False
+
+
+RELAY_SCENARIOS = ("throughput", "latency", "concurrency", "setup")
+RELAY_ROW = "C relay (HAProxy TCP, splice) vs direct"
+
+
 def _run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"]
@@ -257,8 +275,11 @@ def test_cli_short_run_writes_json_with_ratios(tmp_path: Path) -> None:
     """Every scenario, tiny sizes: each one's JSON carries proxy, direct and ratio.
 
     The concurrency scenario holds 120 VCs of the one bench user: more than a real
-    deployment's default max_connections_per_user (100), which the bench's proxy lifts."""
+    deployment's default max_connections_per_user (100), which the bench's proxy lifts.
+    With HAProxy installed (always in CI) the C relay runs as a third path."""
     from bench.cli import DEFAULT_SCENARIOS
+
+    relay = _haproxy_installed()
 
     out = tmp_path / "bench.json"
     html = tmp_path / "bench.html"
@@ -283,6 +304,98 @@ def test_cli_short_run_writes_json_with_ratios(tmp_path: Path) -> None:
     assert "throughput" in proc.stdout  # the terminal table
     _check_aggregate(doc["scenarios"]["aggregate"], vcs=4, procs=2)
     assert "2 workers / 1 worker" in proc.stdout
+    if relay:
+        _check_relay(doc, proc.stdout)
+
+
+def _check_relay(doc: dict[str, Any], table: str) -> None:
+    """The C relay's figures in the relay-aware scenarios, none in aggregate and soak."""
+    assert doc["config"]["relay_ran"] is True and doc["config"]["relay"] == "auto"
+    assert doc["machine"]["relay"]["version"].startswith("HAProxy version ")
+    for name in RELAY_SCENARIOS:
+        r = doc["scenarios"][name]
+        assert r["relay"] > 0, name
+        assert r["relay_ratio"] == pytest.approx(r["relay"] / r["direct"], rel=0.01), name
+        assert r["proxy_vs_relay"] == pytest.approx(r["proxy"] / r["relay"], rel=0.01), name
+        assert "relay" in r["cpu" if name != "latency" else "cpu_at_max_clients"], name
+    for name in ("aggregate", "soak"):
+        assert "relay" not in doc["scenarios"][name], name
+    # The relay's own CPU is counted as the relay's, not as the load generator's.
+    cpu = doc["scenarios"]["throughput"]["cpu"]
+    assert cpu["relay"]["relay_cpu"] > 0 and cpu["direct"]["relay_cpu"] == 0
+    for level in doc["scenarios"]["latency"]["levels"].values():
+        assert level["relay"]["p99_us"] > 0 and "p99_us" in level["relay_ratio"]
+    conc = doc["scenarios"]["concurrency"]["details"]
+    assert conc["relay"]["active_latency"]["calls"] > 0 and conc["relay"]["fds"] > 120
+    lines = [line for line in table.splitlines() if RELAY_ROW in line]
+    assert len(lines) == len(RELAY_SCENARIOS), table
+    r = doc["scenarios"]["throughput"]
+    assert f"{r['relay_ratio']:.3g}" in lines[0]  # relay / direct in the ratio column
+
+
+def test_cli_relay_none_measures_no_relay(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = _run_cli("--duration", "0.3", "--scenarios", "throughput,latency", "--clients", "2",
+                    "--relay", "none", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["config"]["relay_ran"] is False and doc["machine"]["relay"] is None
+    for name, r in doc["scenarios"].items():
+        assert not any(k.startswith("relay") or k.endswith("relay") for k in r), name
+        assert r["proxy"] > 0 and r["direct"] > 0, name
+    assert "relay" not in doc["scenarios"]["latency"]["levels"]["1"]
+    assert "C relay" not in proc.stdout
+
+
+def test_relay_config_loopback_only_and_maxconn_from_fd_limit(tmp_path: Path) -> None:
+    """HAProxy wants 2 descriptors per connection and 2 per splice pipe (a quarter of
+    maxconn): the generated config must fit under the hard limit it inherits, or HAProxy
+    refuses to start."""
+    from bench.relay import MAXCONN_CAP, haproxy_config, relay_maxconn
+
+    assert relay_maxconn(20_000) == 7960
+    assert relay_maxconn(resource.RLIM_INFINITY) == MAXCONN_CAP
+    for hard in (500, 1024, 20_000, 65_536):
+        assert 5 * relay_maxconn(hard) // 2 + 60 <= hard
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert relay_maxconn() == relay_maxconn(hard)
+    cfg = haproxy_config(40001, ("127.0.0.1", 40002), relay_maxconn(1000))
+    words = [line.split() for line in cfg.splitlines() if line.strip()]
+    assert [w for w in words if w[0] == "bind"] == [["bind", "127.0.0.1:40001"]]
+    assert [w for w in words if w[0] == "server"] == [["server", "stub", "127.0.0.1:40002"]]
+    assert ["maxconn", "360"] in words and ["maxpipes", "90"] in words
+    for needed in (["mode", "tcp"], ["option", "splice-auto"], ["nbthread", "1"]):
+        assert needed in words
+    assert not any(w[0] in ("daemon", "user", "chroot") for w in words)
+    if not _haproxy_installed():
+        return
+    # The real thing under a 1000-descriptor limit: it must start and listen.
+    exe = shutil.which("haproxy", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    assert exe is not None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(haproxy_config(port, ("127.0.0.1", 9), relay_maxconn(1000)))
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1000, 1000))
+
+    child = subprocess.Popen([exe, "-db", "-f", str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, preexec_fn=low_limit)
+    try:
+        deadline = time.monotonic() + 10
+        listening = False
+        while time.monotonic() < deadline and child.poll() is None and not listening:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                listening = True
+            except OSError:
+                time.sleep(0.05)
+        assert listening, child.communicate(timeout=5)[0] if child.poll() is not None else ""
+    finally:
+        child.terminate()
+        child.communicate(timeout=10)
 
 
 def _check_aggregate(r: dict[str, object], *, vcs: int, procs: int) -> None:
