@@ -428,7 +428,7 @@ def test_cli_aggregate_fails_loudly_on_corruption(tmp_path: Path) -> None:
     """A flipped byte seen by a holder process (not the bench itself) fails the run."""
     out = tmp_path / "bench.json"
     proc = _run_cli("--duration", "0.3", "--scenarios", "aggregate", "--aggregate-vcs", "2",
-                    "--aggregate-procs", "2", "--inject-corrupt", "40", "--timeout", "3",
+                    "--aggregate-procs", "2", "--inject-corrupt", "40", "--timeout", "10",
                     "--json", str(out))
     assert proc.returncode == 1
     doc = json.loads(out.read_text())
