@@ -16,6 +16,11 @@ site serving:
 * ``/health``   ``200 ok`` while the proxy listens, ``503`` before that and while stopping
   (the container HEALTHCHECK and load balancers use it).
 
+While the listener runs, a probe measures how late the event loop runs a timer every
+``LOOP_LAG_INTERVAL`` seconds (``rpcproxy_event_loop_lag_seconds``): every channel of a
+worker shares its one loop, so a lag that stays above ~10 ms means that worker is saturated
+(its CPU, or the machine's) and every call through it waits that long; add workers or cores.
+
 Bind it to loopback or a management network: it is unauthenticated.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -41,6 +47,9 @@ log = logging.getLogger("rpcproxy")
 # for the client's second channel and the backend connect.
 AUTH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 HANDSHAKE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# How late the loop ran a timer: healthy is well under a millisecond.
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LOOP_LAG_INTERVAL = 0.25  # seconds between probes: 4 wake-ups a second, nothing on the data path
 
 PAIRING_TIMEOUT_MARK = "waiting for the other channel"  # rpcproxy.connection setup timeout
 
@@ -133,6 +142,7 @@ class ServerMetrics:
         self.closed_bytes_client_to_backend = 0
         self.closed_bytes_backend_to_client = 0
         self.reloads: Counter[str] = Counter()  # ok / failed
+        self.loop_lag = FixedHistogram(LOOP_LAG_BUCKETS)
 
     @property
     def pairing_timeouts(self) -> int:
@@ -273,6 +283,10 @@ class ProxyCollector:
         yield _histogram(HistogramMetricFamily, "rpcproxy_auth_seconds",
                          "Time to authenticate one HTTP request carrying credentials "
                          "(round trip to the NTLM server)", m.auth_seconds)
+        yield _histogram(HistogramMetricFamily, "rpcproxy_event_loop_lag_seconds",
+                         "How late the event loop ran a timer (probed every "
+                         f"{LOOP_LAG_INTERVAL:g} s); sustained lag = a saturated worker",
+                         m.loop_lag)
 
 
 def _histogram(family: Callable[..., Any], name: str, doc: str, h: FixedHistogram) -> Any:
@@ -305,6 +319,15 @@ class MetricsListener:
         self.runner: web.AppRunner | None = None
         self.bound: list[tuple[str, int]] = []
         self._srv: asyncio.AbstractServer | None = None
+        self._probe: asyncio.Task[None] | None = None
+
+    async def _probe_loop_lag(self) -> None:
+        metrics = self.server.metrics
+        while True:
+            asked = time.monotonic()
+            await asyncio.sleep(LOOP_LAG_INTERVAL)
+            lag = max(0.0, time.monotonic() - asked - LOOP_LAG_INTERVAL)
+            metrics.loop_lag.observe(lag)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -329,9 +352,13 @@ class MetricsListener:
         srv = await loop.create_server(self.runner.server, host, port)  # type: ignore[arg-type]
         self._srv = srv
         self.bound = [(s.getsockname()[0], s.getsockname()[1]) for s in srv.sockets]
+        self._probe = loop.create_task(self._probe_loop_lag())
         return self.bound
 
     async def stop(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
         if self._srv is not None:
             self._srv.close()
             self._srv = None

@@ -366,6 +366,7 @@ METRIC_NAMES = [
     "rpcproxy_vc_handshake_seconds_bucket",
     "rpcproxy_auth_seconds_bucket",
     "rpcproxy_pairing_timeouts_total",
+    "rpcproxy_event_loop_lag_seconds_bucket",
     "process_resident_memory_bytes",
 ]
 
