@@ -11,7 +11,10 @@ bench also starts it (TCP mode, ``option splice-auto``, one thread, on 127.0.0.1
 the same backend stub and runs the throughput, latency, concurrency and setup scenarios
 through it with the direct path's clients. That is about the best any one-hop proxy can do
 on this machine: its ratio to direct (``relay_ratio``) shows which proxy-vs-direct targets the
-machine itself rules out, and ``proxy_vs_relay`` how close rpcproxy comes to a C relay.
+machine itself rules out, and ``proxy_vs_relay`` how close rpcproxy comes to a C relay. The
+aggregate scenario runs it with 1 and with 2 threads (a second HAProxy, for that scenario
+only): what a second thread gains a C relay on this machine, next to what a second worker
+gains the proxy.
 
 Against a real deployment::
 
@@ -109,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the C relay reference path, self-contained mode only: HAProxy in TCP "
                         "mode (splice, 1 thread) between the direct clients and the backend "
                         "stub, measured in the throughput, latency, concurrency and setup "
-                        "scenarios as the best a one-hop proxy does on this machine (auto: "
-                        "when haproxy is installed; haproxy: required; none: off)")
+                        "scenarios as the best a one-hop proxy does on this machine, and "
+                        "with 1 and 2 threads in the aggregate scenario (auto: when haproxy "
+                        "is installed; haproxy: required; none: off)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     # Self-tests of the harness: make the backend stub damage or stall the stream.
     p.add_argument("--inject-corrupt", type=int, metavar="N", help=argparse.SUPPRESS)
@@ -364,9 +368,32 @@ async def amain(args: argparse.Namespace) -> int:
                 doc["config"]["relay_ran"] = True
                 doc["machine"]["relay"] = {"kind": "haproxy", "version": relay.version,
                                            "mode": "tcp, option splice-auto, nbthread 1",
-                                           "maxconn": relay.maxconn}
+                                           "maxconn": relay.maxconn,
+                                           "aggregate_threads": list(
+                                               bench.aggregate_relay_threads)}
                 progress(f"C relay: {relay.version or 'haproxy'}, pid {relay.pid} on "
                          f"{relay.host}:{relay.port} -> {backend_addr} (maxconn {relay.maxconn})")
+                assert haproxy is not None
+                exe = haproxy
+
+                async def spawn_relay(threads: int) -> ChildProcess:
+                    """Another HAProxy on the backend stub (the aggregate scenario's
+                    2-thread relay); RuntimeError when it does not start."""
+                    more = RelayProcess(exe, (bhost, bport), maxconn=relay_maxconn(),
+                                        threads=threads)
+                    children.append(more)
+                    try:
+                        await more.start()
+                    except RuntimeError:
+                        children.remove(more)  # the scenario reports it; no failed child
+                        await more.stop()
+                        more.remove_log()
+                        raise
+                    progress(f"C relay with {threads} threads: pid {more.pid} on "
+                             f"{more.host}:{more.port} -> {backend_addr}")
+                    return more
+
+                bench.spawn_relay = spawn_relay
 
             async def spawn_more_proxy(out_cl: int | None = None,
                                        workers: int | None = None) -> ChildProcess:

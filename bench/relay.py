@@ -2,14 +2,16 @@
 
 A third path next to ``proxy`` and ``direct`` (self-contained mode only): the same
 ncacn_ip_tcp clients as the direct path, but through one HAProxy process (TCP mode,
-``option splice-auto``, one thread) listening on 127.0.0.1 and forwarding to the bench's
-backend stub. It costs what any one-hop proxy written in C costs on this machine (one more
-process to schedule, a second TCP connection per client connection for every byte to
-cross), so its figures say which proxy-vs-direct targets the machine rules out, and how
-close rpcproxy gets to it.
+``option splice-auto``, one thread unless asked for more: ``threads``, HAProxy's
+``nbthread``) listening on 127.0.0.1 and forwarding to the bench's backend stub. It costs
+what any one-hop proxy written in C costs on this machine (one more process to schedule, a
+second TCP connection per client connection for every byte to cross), so its figures say
+which proxy-vs-direct targets the machine rules out, and how close rpcproxy gets to it.
 
 ``RelayProcess`` is a ``ChildProcess`` (same ``stop``, ``sample``, ``alive``, log file), so
-the CLI starts, checks and stops it like the backend stub and the proxy.
+the CLI starts, checks and stops it like the backend stub and the proxy. The aggregate
+scenario starts a second one with two threads next to the CLI's one-thread relay: what a C
+relay gains from a second thread on this machine.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -60,14 +63,18 @@ def relay_maxconn(hard_limit: int | None = None) -> int:
     return max(1, min(MAXCONN_CAP, (hard_limit - FD_SLACK) * 2 // 5))
 
 
-def haproxy_config(listen_port: int, backend: tuple[str, int], maxconn: int) -> str:
-    """The relay's whole configuration: TCP mode, splicing, one thread, loopback only."""
+def haproxy_config(listen_port: int, backend: tuple[str, int], maxconn: int,
+                   threads: int = 1) -> str:
+    """The relay's whole configuration: TCP mode, splicing, ``threads`` threads (one by
+    default), loopback only."""
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, not {threads}")
     bhost, bport = backend
     return "\n".join([
         "global",
         f"\tmaxconn {maxconn}",
         f"\tmaxpipes {max(1, maxconn // 4)}",
-        "\tnbthread 1",
+        f"\tnbthread {threads}",
         "",
         "defaults",
         "\tmode tcp",
@@ -94,13 +101,18 @@ def _free_port() -> int:
 
 
 class RelayProcess(ChildProcess):
-    """HAProxy in the foreground (``-db``) with a generated config in a temp dir."""
+    """HAProxy in the foreground (``-db``) with a generated config in a temp dir.
 
-    def __init__(self, exe: str, backend: tuple[str, int], *, maxconn: int | None = None
-                 ) -> None:
-        super().__init__("relay", [])
+    Named "relay" with one thread, "relay-<N>t" with N (its log file and error lines)."""
+
+    def __init__(self, exe: str, backend: tuple[str, int], *, maxconn: int | None = None,
+                 threads: int = 1) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
+        super().__init__("relay" if threads == 1 else f"relay-{threads}t", [])
         self.exe = exe
         self.backend = backend
+        self.threads = threads
         self.maxconn = maxconn if maxconn is not None else relay_maxconn()
         self.version = haproxy_version(exe)
         self._dir = tempfile.TemporaryDirectory(prefix="rpcproxy-bench-relay-")
@@ -113,7 +125,7 @@ class RelayProcess(ChildProcess):
         for _ in range(3):
             port = _free_port()
             cfg = Path(self._dir.name) / "haproxy.cfg"
-            cfg.write_text(haproxy_config(port, self.backend, self.maxconn))
+            cfg.write_text(haproxy_config(port, self.backend, self.maxconn, self.threads))
             self.proc = await asyncio.create_subprocess_exec(
                 self.exe, "-db", "-f", str(cfg), stdin=asyncio.subprocess.DEVNULL,
                 stdout=self._log, stderr=self._log)
@@ -138,5 +150,15 @@ class RelayProcess(ChildProcess):
                            f"\n{self.log_tail()}")
 
     async def stop(self, timeout: float = 10.0) -> None:
+        """Soft stop (SIGUSR1: HAProxy closes its listener, waits for its connections to end
+        and exits with 0), so that a relay stopped between scenarios leaves no failure
+        status; SIGTERM (exit status -15) and SIGKILL after that when it lingers."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(3.0, timeout)):
+                    await proc.wait()
         await super().stop(timeout)
         self._dir.cleanup()

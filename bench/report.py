@@ -127,10 +127,13 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
 
 
 def _aggregate_rows(r: dict[str, Any]) -> list[list[str]]:
+    """Each proxy path against direct, 2 workers / 1, then (with the C relay) each relay path
+    against direct and 2 threads / 1, then the cores each path's processes used."""
     out: list[list[str]] = []
     paths = r.get("paths", {})
+    relays = {name: d for name, d in paths.items() if name.startswith("relay-")}
     for name, d in paths.items():
-        if name == "direct":
+        if name == "direct" or name in relays:
             continue
         w = d.get("workers")
         label = f"  proxy {w} worker{'s' if w != 1 else ''}" if w else "  proxy"
@@ -146,15 +149,34 @@ def _aggregate_rows(r: dict[str, Any]) -> list[list[str]]:
         lo, hi = r["workers_compared"]
         out.append(["", f"  {hi} workers / {lo} worker{'s' if lo != 1 else ''}", "", "",
                     _fmt(r["workers_ratio"]), "x"])
+    for d in relays.values():
+        t = d.get("threads")
+        label = f"  C relay {t} thread{'s' if t != 1 else ''}" if t else "  C relay"
+        out.append(["", label, _fmt(d.get("mb_s")), _fmt(r.get("direct")),
+                    _fmt(d.get("ratio_vs_direct")), "MB/s"])
+    for name, d in relays.items():
+        if d.get("mb_s_per_relay_core"):
+            out.append(["", f"  {name}: MB/s per core of relay CPU",
+                        _fmt(d["mb_s_per_relay_core"]), "", "", "MB/s"])
+    if r.get("relay_threads_ratio") is not None:
+        lo, hi = r["relay_threads_compared"]
+        out.append(["", f"  C relay {hi} threads / {lo} thread{'s' if lo != 1 else ''}", "",
+                    "", _fmt(r["relay_threads_ratio"]), "x"])
+    if r.get("relay_skipped"):
+        out.append(["", f"  note: C relay skipped: {r['relay_skipped']}", "", "", "", ""])
     for name, c in r.get("cpu", {}).items():
         parts = []
-        for group in ("loadgen", "proxy", "backend"):
+        for group in ("loadgen", "proxy", "relay", "backend"):
             each = c.get(f"{group}_procs") or []
             if not each:
                 continue
             text = f"{group} {c.get(f'{group}_cpu') or 0.0:.2f}"
+            threads = c.get(f"{group}_threads") or []
             if len(each) > 1:
                 text += f" ({len(each)} processes, busiest {max(each):.2f})"
+            elif len(threads) > 1:
+                text += (f" ({len(threads)} threads: "
+                         + " + ".join(f"{x:.2f}" for x in threads) + ")")
             parts.append(text)
         parts.append(f"kernel irq {c.get('irq_cpu') or 0.0:.2f}, other processes "
                      f"{c.get('other_cpu') or 0.0:.2f}")
@@ -377,7 +399,8 @@ def write_html(doc: dict[str, Any], path: str | Path) -> None:
     relay = doc.get("machine", {}).get("relay")
     relay_text = (f"C relay rows: {html.escape(str(relay.get('version') or 'HAProxy'))} in TCP "
                   "mode between the direct clients and the backend, its figure in the proxy "
-                  "column and relay / direct as ratio." if relay else "")
+                  "column and relay / direct as ratio (aggregate: with 1 and with 2 threads)."
+                  if relay else "")
     status = ("<p class=ok>All data verified end to end.</p>" if doc.get("ok")
               else f"<p class=bad>FAILED:</p><ul>{errors}</ul>")
     page = f"""<!DOCTYPE html>

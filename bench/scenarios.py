@@ -8,7 +8,9 @@ details and the CPU each process used while it was measured (``cpu``), from whic
 With a relay (``bench.relay``: HAProxy in TCP mode between the direct clients and the
 backend, self-contained mode only) ``throughput``, ``latency``, ``concurrency`` and ``setup``
 measure it as a third path and add ``relay`` (same unit), ``relay_ratio`` (relay / direct)
-and ``proxy_vs_relay`` (proxy / relay); ``aggregate`` and ``soak`` stay proxy vs direct.
+and ``proxy_vs_relay`` (proxy / relay); ``soak`` stays proxy vs direct. ``aggregate`` keeps
+its proxy-vs-direct figures and adds the relay with 1 and with 2 threads (``relay_1t``,
+``relay_2t``, ``relay_threads_ratio``): the machine's own answer to "2 workers over 1".
 
 Time: ``bench.duration`` is the measuring time of one scenario, shared between the paths (and
 within a path between its phases); ramps, warm-ups and checks come on top but are bounded.
@@ -63,6 +65,11 @@ class Bench:
     relay: tuple[str, int] | None = None
     relay_proc: ChildProcess | None = None
     relay_maxconn: int | None = None
+    relay_threads: int = 1  # HAProxy's nbthread of ``relay_proc``
+    # Set by the CLI when the relay runs: start another HAProxy on the bench's backend,
+    # ``await spawn_relay(threads)``; stopped by whoever started it.
+    spawn_relay: Callable[[int], Awaitable[ChildProcess]] | None = None
+    aggregate_relay_threads: tuple[int, ...] = (1, 2)  # relay thread counts in aggregate
     timeout: float = 10.0
     connections: int = 1000
     clients: int = 32
@@ -91,7 +98,7 @@ class Bench:
 
     @property
     def base_paths(self) -> list[str]:
-        """Proxy and direct only (the scenarios without the relay: aggregate, soak)."""
+        """Proxy and direct only (soak; aggregate adds its own relay paths)."""
         return ["proxy", "direct"] if self.direct is not None else ["proxy"]
 
     def address(self, path: str) -> tuple[str, int]:
@@ -447,12 +454,14 @@ async def run_throughput(bench: Bench) -> dict[str, Any]:
 class _AggPath:
     """One way to the backend in the aggregate scenario."""
 
-    name: str  # "proxy-1w", "proxy-2w", "direct"; "proxy" against a deployment (--url)
-    workers: int | None  # proxy worker processes; None: direct, or not known (--url)
-    target: ProxyTarget | None  # None: direct
-    proc: ChildProcess | None = None  # the proxy process (its workers are its children)
+    name: str  # "proxy-1w", "proxy-2w", "direct", "relay-1t", "relay-2t"; "proxy" (--url)
+    workers: int | None  # proxy worker processes; None: direct, relay, or not known (--url)
+    target: ProxyTarget | None  # None: direct or relay (plain ncacn_ip_tcp clients)
+    proc: ChildProcess | None = None  # the proxy (its workers are its children) or relay
     own: bool = False  # started for this scenario, stopped at its end
     holders: list[Holder] = field(default_factory=list)
+    relay: tuple[str, int] | None = None  # the C relay's address (a relay path)
+    threads: int | None = None  # the C relay's threads (nbthread)
 
 
 class PerProcessCpu:
@@ -462,9 +471,15 @@ class PerProcessCpu:
     saturated load-generator process, backend or proxy worker shows as one process near 1.0
     even when the sum over several processes says little."""
 
-    def __init__(self, groups: dict[str, list[int]]) -> None:
-        self.groups = groups  # "loadgen" / "proxy" / "backend" -> pids
+    def __init__(self, groups: dict[str, list[int]],
+                 threads: dict[str, int] | None = None) -> None:
+        self.groups = groups  # "loadgen" / "proxy" / "relay" / "backend" -> pids
         self.used: dict[int, float] = {pid: 0.0 for pids in groups.values() for pid in pids}
+        # group -> the one process whose threads are also kept apart (a multi-threaded relay:
+        # one busy thread is a bound even when the process's sum is below two cores)
+        self.threads = threads or {}
+        self.thread_used: dict[str, dict[int, float]] = {g: {} for g in self.threads}
+        self._tc0: dict[str, dict[int, float]] = {}
         self.machine = 0.0
         self.irq = 0.0
         self.wall = 0.0
@@ -473,14 +488,15 @@ class PerProcessCpu:
         self._t0: float | None = None
 
     def start(self) -> None:
-        from bench.procs import cpu_seconds
+        from bench.procs import cpu_seconds, thread_cpu_seconds
 
         self._c0 = {pid: cpu_seconds(pid) for pid in self.used}
+        self._tc0 = {g: thread_cpu_seconds(pid) for g, pid in self.threads.items()}
         self._m0 = machine_cpu_seconds()
         self._t0 = time.perf_counter()
 
     def pause(self) -> None:
-        from bench.procs import cpu_seconds
+        from bench.procs import cpu_seconds, thread_cpu_seconds
 
         if self._t0 is None:
             return
@@ -490,6 +506,12 @@ class PerProcessCpu:
             c1 = cpu_seconds(pid)
             if c0 is not None and c1 is not None:
                 self.used[pid] += c1 - c0
+        for group, pid in self.threads.items():
+            before = self._tc0.get(group, {})
+            used = self.thread_used[group]
+            for tid, t1 in thread_cpu_seconds(pid).items():
+                if tid in before:
+                    used[tid] = used.get(tid, 0.0) + t1 - before[tid]
         m1 = machine_cpu_seconds()
         if self._m0 is not None and m1 is not None:
             self.machine += m1[0] - self._m0[0]
@@ -497,7 +519,8 @@ class PerProcessCpu:
 
     def result(self) -> dict[str, Any]:
         """``<group>_cpu`` (cores, summed) and ``<group>_procs`` (each process, 1.0 = one
-        core busy); ``irq_cpu`` for interrupt work (loopback TCP's softirq, mostly ours) and
+        core busy), ``<group>_threads`` (each thread of a group's process kept apart, by
+        thread id); ``irq_cpu`` for interrupt work (loopback TCP's softirq, mostly ours) and
         ``other_cpu`` for the rest of the machine (other processes)."""
         wall = self.wall or 1.0
         out: dict[str, Any] = {"wall_s": round(self.wall, 3)}
@@ -507,6 +530,8 @@ class PerProcessCpu:
             out[f"{group}_cpu"] = round(sum(each), 3) if pids else None
             out[f"{group}_procs"] = each
             ours += sum(self.used[pid] for pid in pids)
+        for group, used in self.thread_used.items():
+            out[f"{group}_threads"] = [round(used[tid] / wall, 3) for tid in sorted(used)]
         out["irq_cpu"] = round(self.irq / wall, 3)
         out["other_cpu"] = round(max(0.0, self.machine - self.irq - ours) / wall, 3)
         return out
@@ -531,7 +556,19 @@ def limits_of(c: dict[str, Any], cores: int | None = None) -> list[str]:
     if hot:
         found.append("proxy (" + ", ".join(f"{x:.0%}" for x in hot) + " of a core in "
                      f"{len(hot)} of its {len(proxy)} processes)")
-    total = sum(c.get(f"{g}_cpu") or 0.0 for g in ("loadgen", "proxy", "backend", "irq"))
+    # The C relay is one process: bound when one of its threads is (or, threads not known,
+    # when the process uses a core).
+    relay = c.get("relay_threads") or c.get("relay_procs") or []
+    hot = [x for x in relay if x >= BUSY]
+    if hot and len(relay) == 1:
+        found.append(f"C relay ({hot[0]:.0%} of a core, one "
+                     + ("thread)" if c.get("relay_threads") else "process)"))
+    elif hot:
+        unit = "threads" if c.get("relay_threads") else "processes"
+        found.append("C relay (" + ", ".join(f"{x:.0%}" for x in hot) + " of a core in "
+                     f"{len(hot)} of its {len(relay)} {unit})")
+    total = sum(c.get(f"{g}_cpu") or 0.0
+                for g in ("loadgen", "proxy", "relay", "backend", "irq"))
     total += c.get("other_cpu") or 0.0
     if total >= 0.9 * cores:
         found.append(f"the machine: all {cores} cores busy ({total:.2f} used"
@@ -557,8 +594,15 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
     worker count that the bench's own proxy (--proxy-workers) is not, on the same backend;
     against a deployment (--url) there is one proxy path, of unknown worker count.
 
-    CPU is kept per process (``PerProcessCpu``) and ``limits_of`` names, per path, what was
-    CPU-bound: a load-generator process, the backend stub, proxy processes, the machine."""
+    With the C relay (``bench.relay``) two more paths, ``relay-1t`` and ``relay-2t``: the
+    direct path's clients through HAProxy with 1 and with 2 threads (``nbthread``; the
+    bench's relay serves for its own thread count, the other one is started for this
+    scenario). What a C relay gains from a second thread here is what the machine leaves
+    for a second proxy worker (``relay_threads_ratio`` next to ``workers_ratio``).
+
+    CPU is kept per process (``PerProcessCpu``; the relay's also per thread) and
+    ``limits_of`` names, per path, what was CPU-bound: a load-generator process, the
+    backend stub, proxy processes, a relay thread, the machine."""
     from bench.procs import process_tree
     from rpcproxy.workers import owner_of
 
@@ -570,6 +614,7 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
     totals: dict[str, list[float]] = {}
     meters: dict[str, PerProcessCpu] = {}
     split: dict[str, list[int]] = {}
+    relay_skipped: str | None = None
     try:
         if bench.spawn_proxy is not None and bench.proxy_proc is not None:
             for w in sorted(set(bench.aggregate_workers)):
@@ -585,9 +630,12 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
             paths.append(_AggPath("proxy", None, bench.proxy, bench.proxy_proc))
         if bench.direct is not None:
             paths.append(_AggPath("direct", None, None))
+            if bench.relay is not None:
+                relay_skipped = await _relay_paths(bench, n, paths)
         for path in paths:
             kind = "direct" if path.target is None else "proxy"
-            specs = _holder_specs(bench, kind, n, per_holder=per_holder, proxy=path.target)
+            specs = _holder_specs(bench, kind, n, per_holder=per_holder, proxy=path.target,
+                                  address=path.relay)
             if path.workers and path.workers > 1 and bench.aggregate_placement == "balanced":
                 j = 0
                 for spec in specs:  # VC j goes to worker j mod workers
@@ -599,6 +647,7 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
                 await h.start()
         await asyncio.gather(*(h.wait_ready(bench.timeout + n / 20)
                                for path in paths for h in path.holders))
+        has_relay = any(p.relay is not None for p in paths)
         for path in paths:
             groups: dict[str, list[int]] = {
                 "loadgen": [os.getpid(), *(h.pid for h in path.holders if h.pid is not None)],
@@ -606,13 +655,20 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
                 path.target is not None else [],
                 "backend": [bench.backend_proc.pid] if bench.backend_proc is not None else [],
             }
-            meters[path.name] = PerProcessCpu(groups)
+            threads: dict[str, int] = {}
+            if has_relay:  # every path says what the relay used: nothing unless it is one
+                groups["relay"] = []
+                if path.relay is not None and path.proc is not None:
+                    groups["relay"] = [path.proc.pid]
+                    threads["relay"] = path.proc.pid
+            meters[path.name] = PerProcessCpu(groups, threads)
             totals[path.name] = [0.0, 0.0, 0.0]  # bytes, seconds, calls
             if path.workers and path.workers > 1:
-                cookies = [c for h in path.holders for c in await h.cookies(bench.timeout)]
+                cookies = [cookie for h in path.holders
+                           for cookie in await h.cookies(bench.timeout)]
                 counts = [0] * path.workers
-                for c in cookies:
-                    counts[owner_of(c, path.workers)] += 1
+                for cookie in cookies:
+                    counts[owner_of(cookie, path.workers)] += 1
                 split[path.name] = counts
         per = max(0.1, bench.duration / (rounds * len(paths)))
 
@@ -650,7 +706,9 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
              if p.own and p.proc is not None and p.proc.proc is not None
              and p.proc.proc.returncode not in (0, None)}
     if exits:
-        raise RuntimeError(f"aggregate: proxy exited with {exits}")
+        kinds = sorted({"relay" if p.relay is not None else "proxy" for p in paths
+                        if p.name in exits})
+        raise RuntimeError(f"aggregate: {' and '.join(kinds)} exited with {exits}")
     mb = {name: round(t[0] / t[1] / 1e6, 1) for name, t in totals.items() if t[1]}
     direct = mb.get("direct")
     cpu = {name: m.result() for name, m in meters.items()}
@@ -660,26 +718,34 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
         lim = limits_of(cpu[path.name])
         c = cpu[path.name]
         gb = totals[path.name][0] / 1e9
+        is_relay = path.relay is not None
+        cost_groups = ("loadgen", "proxy", "backend", "irq") + (("relay",) if is_relay else ())
         details[path.name] = {
             "mb_s": mb.get(path.name), "workers": path.workers,
-            "ratio_vs_direct": ratio(mb.get(path.name), direct) if path.target else None,
+            "ratio_vs_direct": (ratio(mb.get(path.name), direct) if path.target or is_relay
+                                else None),
             "calls": int(totals[path.name][2]), "limited_by": lim or None,
             # CPU seconds each part spent per GB of payload: what a byte costs where
             "cpu_s_per_gb": {g: round((c.get(f"{g}_cpu") or 0.0) * c["wall_s"] / gb, 2)
-                             for g in ("loadgen", "proxy", "backend", "irq")} if gb else None,
+                             for g in cost_groups} if gb else None,
         }
         if path.target is not None and c.get("proxy_cpu"):
             # Payload the proxy forwards per core-second of its own CPU: the figure it could
             # reach per worker with a core to itself, at this cost per byte.
             details[path.name]["mb_s_per_proxy_core"] = round(
                 (mb.get(path.name) or 0.0) / c["proxy_cpu"], 1)
+        if is_relay:
+            details[path.name]["threads"] = path.threads
+            if c.get("relay_cpu"):  # the same for the C relay
+                details[path.name]["mb_s_per_relay_core"] = round(
+                    (mb.get(path.name) or 0.0) / c["relay_cpu"], 1)
         if path.name in split:
             details[path.name]["vcs_per_worker"] = split[path.name]
         if lim:
             notes.append(f"{path.name} limited by " + "; ".join(lim))
         bench.progress(f"aggregate {path.name:>8}: {mb.get(path.name)} MB/s"
                        + (f" ({details[path.name]['ratio_vs_direct']}x direct)"
-                          if path.target and direct else "")
+                          if (path.target or is_relay) and direct else "")
                        + (f", VCs per worker {split[path.name]}" if path.name in split else "")
                        + (f"; limited by {'; '.join(lim)}" if lim else ""))
     proxies = [p for p in paths if p.target is not None]
@@ -699,6 +765,15 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
         out["workers_compared"] = [lo, hi]
         out["workers_ratio"] = ratio(by_workers[hi], by_workers[lo])
         out[f"ratio_{hi}w_{lo}w"] = out["workers_ratio"]
+    by_threads = {p.threads: mb.get(p.name) for p in paths if p.relay is not None and p.threads}
+    for t, v in sorted(by_threads.items()):
+        out[f"relay_{t}t"] = v
+    if len(by_threads) >= 2:
+        lo, hi = min(by_threads), max(by_threads)
+        out["relay_threads_compared"] = [lo, hi]
+        out["relay_threads_ratio"] = ratio(by_threads[hi], by_threads[lo])
+    if relay_skipped:
+        out["relay_skipped"] = relay_skipped
     out.update({
         "vcs": n, "load_processes": nprocs, "depth": bench.depth, "pdu_bytes": PDU,
         "placement": bench.aggregate_placement,
@@ -706,6 +781,34 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
         "bottleneck": " | ".join(notes) if notes else "no process CPU-bound",
     })
     return out
+
+
+async def _relay_paths(bench: Bench, n: int, paths: list[_AggPath]) -> str | None:
+    """Append the aggregate scenario's C relay paths (``aggregate_relay_threads``) to
+    ``paths``: the bench's relay for its own thread count, another HAProxy started
+    (``spawn_relay``) for each other count. Returns why they were left out, or None."""
+    need = n + 16
+    if (bench.relay_maxconn or 0) < need:
+        reason = (f"HAProxy's maxconn {bench.relay_maxconn} (from the hard RLIMIT_NOFILE) is "
+                  f"below the {need} connections this needs")
+        bench.progress(f"aggregate: C relay skipped: {reason}")
+        return reason
+    for t in sorted(set(bench.aggregate_relay_threads)):
+        if t == bench.relay_threads:
+            paths.append(_AggPath(f"relay-{t}t", None, None, bench.relay_proc,
+                                  relay=bench.relay, threads=t))
+            continue
+        if bench.spawn_relay is None:
+            continue
+        try:
+            child = await bench.spawn_relay(t)
+        except RuntimeError as exc:
+            reason = f"HAProxy with {t} threads did not start: {exc}"
+            bench.progress(f"aggregate: C relay with {t} threads skipped: {reason}")
+            return reason
+        paths.append(_AggPath(f"relay-{t}t", None, None, child, own=True,
+                              relay=(child.host, child.port), threads=t))
+    return None
 
 
 # --- latency ----------------------------------------------------------------------------------
@@ -810,9 +913,10 @@ def _fd_limit(pid: int) -> int | None:
 
 
 def _holder_specs(bench: Bench, path: str, n: int, *, per_holder: int = HOLDER_MAX_VCS,
-                  proxy: ProxyTarget | None = None) -> list[HolderSpec]:
+                  proxy: ProxyTarget | None = None,
+                  address: tuple[str, int] | None = None) -> list[HolderSpec]:
     """Holder processes for ``n`` VCs of ``path``: "proxy", or "direct" / "relay" (plain
-    ncacn_ip_tcp clients, to the backend or to the relay)."""
+    ncacn_ip_tcp clients, to the backend or to the relay; to ``address`` when given)."""
     specs: list[HolderSpec] = []
     per_vc = 2 if path == "proxy" else 1
     import resource
@@ -826,7 +930,7 @@ def _holder_specs(bench: Bench, path: str, n: int, *, per_holder: int = HOLDER_M
         count = min(cap, left)
         left -= count
         if path in ("direct", "relay"):
-            host, port = bench.address(path)
+            host, port = address or bench.address(path)
             specs.append(HolderSpec("direct", host, port, count, timeout=bench.timeout))
             continue
         p = proxy or bench.proxy

@@ -261,6 +261,7 @@ def _haproxy_installed() -> bool:
 
 RELAY_SCENARIOS = ("throughput", "latency", "concurrency", "setup")
 RELAY_ROW = "C relay (HAProxy TCP, splice) vs direct"
+RELAY_THREADS_ROW = "C relay 2 threads / 1 thread"
 
 
 def _run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -302,10 +303,12 @@ def test_cli_short_run_writes_json_with_ratios(tmp_path: Path) -> None:
     page = html.read_text()
     assert "<svg" in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     assert "throughput" in proc.stdout  # the terminal table
-    _check_aggregate(doc["scenarios"]["aggregate"], vcs=4, procs=2)
+    _check_aggregate(doc["scenarios"]["aggregate"], vcs=4, procs=2, relay=relay)
     assert "2 workers / 1 worker" in proc.stdout
     if relay:
         _check_relay(doc, proc.stdout)
+    else:
+        assert RELAY_THREADS_ROW not in proc.stdout
 
 
 def _check_relay(doc: dict[str, Any], table: str) -> None:
@@ -331,11 +334,25 @@ def _check_relay(doc: dict[str, Any], table: str) -> None:
     assert len(lines) == len(RELAY_SCENARIOS), table
     r = doc["scenarios"]["throughput"]
     assert f"{r['relay_ratio']:.3g}" in lines[0]  # relay / direct in the ratio column
+    # The aggregate scenario's relay with 1 and 2 threads: MB/s rows and 2 threads / 1.
+    agg = doc["scenarios"]["aggregate"]
+    lines = [line for line in table.splitlines() if RELAY_THREADS_ROW in line]
+    assert len(lines) == 1 and lines[0].split()[-2:] == [
+        f"{agg['relay_threads_ratio']:.3g}", "x"], table
+    for threads, key in ((1, "relay_1t"), (2, "relay_2t")):
+        label = ["C", "relay", str(threads), "threads" if threads > 1 else "thread"]
+        row = [cells for cells in (line.split() for line in table.splitlines())
+               if cells[:4] == label and cells[4:5] != ["/"]]
+        assert len(row) == 1 and row[0][-1] == "MB/s", table
+        # its MB/s in the proxy column, direct's next to it (as the proxy worker rows)
+        assert float(row[0][-4].replace(",", "")) == pytest.approx(agg[key], rel=0.01), table
+        assert float(row[0][-3].replace(",", "")) == pytest.approx(agg["direct"], rel=0.01)
 
 
 def test_cli_relay_none_measures_no_relay(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    proc = _run_cli("--duration", "0.3", "--scenarios", "throughput,latency", "--clients", "2",
+    proc = _run_cli("--duration", "0.3", "--scenarios", "throughput,latency,aggregate",
+                    "--clients", "2", "--aggregate-vcs", "2", "--aggregate-procs", "1",
                     "--relay", "none", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
@@ -344,6 +361,9 @@ def test_cli_relay_none_measures_no_relay(tmp_path: Path) -> None:
         assert not any(k.startswith("relay") or k.endswith("relay") for k in r), name
         assert r["proxy"] > 0 and r["direct"] > 0, name
     assert "relay" not in doc["scenarios"]["latency"]["levels"]["1"]
+    agg = doc["scenarios"]["aggregate"]
+    assert list(agg["paths"]) == ["proxy-1w", "proxy-2w", "direct"]
+    assert not any(k.startswith("relay") for c in agg["cpu"].values() for k in c)
     assert "C relay" not in proc.stdout
 
 
@@ -351,7 +371,7 @@ def test_relay_config_loopback_only_and_maxconn_from_fd_limit(tmp_path: Path) ->
     """HAProxy wants 2 descriptors per connection and 2 per splice pipe (a quarter of
     maxconn): the generated config must fit under the hard limit it inherits, or HAProxy
     refuses to start."""
-    from bench.relay import MAXCONN_CAP, haproxy_config, relay_maxconn
+    from bench.relay import MAXCONN_CAP, RelayProcess, haproxy_config, relay_maxconn
 
     assert relay_maxconn(20_000) == 7960
     assert relay_maxconn(resource.RLIM_INFINITY) == MAXCONN_CAP
@@ -360,6 +380,7 @@ def test_relay_config_loopback_only_and_maxconn_from_fd_limit(tmp_path: Path) ->
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     assert relay_maxconn() == relay_maxconn(hard)
     cfg = haproxy_config(40001, ("127.0.0.1", 40002), relay_maxconn(1000))
+    assert cfg == haproxy_config(40001, ("127.0.0.1", 40002), relay_maxconn(1000), threads=1)
     words = [line.split() for line in cfg.splitlines() if line.strip()]
     assert [w for w in words if w[0] == "bind"] == [["bind", "127.0.0.1:40001"]]
     assert [w for w in words if w[0] == "server"] == [["server", "stub", "127.0.0.1:40002"]]
@@ -367,6 +388,22 @@ def test_relay_config_loopback_only_and_maxconn_from_fd_limit(tmp_path: Path) ->
     for needed in (["mode", "tcp"], ["option", "splice-auto"], ["nbthread", "1"]):
         assert needed in words
     assert not any(w[0] in ("daemon", "user", "chroot") for w in words)
+    # Threads: nbthread N and nothing else changes.
+    cfg2 = haproxy_config(40001, ("127.0.0.1", 40002), relay_maxconn(1000), threads=2)
+    words2 = [line.split() for line in cfg2.splitlines() if line.strip()]
+    assert [w for w in words2 if w[0] == "nbthread"] == [["nbthread", "2"]]
+    assert [w for w in words2 if w[0] != "nbthread"] == [w for w in words if w[0] != "nbthread"]
+    with pytest.raises(ValueError):
+        haproxy_config(40001, ("127.0.0.1", 40002), 100, threads=0)
+    one = RelayProcess("haproxy", ("127.0.0.1", 9), maxconn=10)
+    more = RelayProcess("haproxy", ("127.0.0.1", 9), maxconn=10, threads=2)
+    try:
+        assert (one.name, one.threads) == ("relay", 1)
+        assert (more.name, more.threads) == ("relay-2t", 2)
+    finally:  # never started: only their log files and temp dirs to clean up
+        for made in (one, more):
+            asyncio.run(made.stop())
+            made.remove_log()
     if not _haproxy_installed():
         return
     # The real thing under a 1000-descriptor limit: it must start and listen.
@@ -376,7 +413,7 @@ def test_relay_config_loopback_only_and_maxconn_from_fd_limit(tmp_path: Path) ->
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     path = tmp_path / "haproxy.cfg"
-    path.write_text(haproxy_config(port, ("127.0.0.1", 9), relay_maxconn(1000)))
+    path.write_text(haproxy_config(port, ("127.0.0.1", 9), relay_maxconn(1000), threads=2))
 
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1000, 1000))
@@ -393,16 +430,19 @@ def test_relay_config_loopback_only_and_maxconn_from_fd_limit(tmp_path: Path) ->
             except OSError:
                 time.sleep(0.05)
         assert listening, child.communicate(timeout=5)[0] if child.poll() is not None else ""
+        assert len(os.listdir(f"/proc/{child.pid}/task")) == 2  # nbthread 2: two threads
     finally:
         child.terminate()
         child.communicate(timeout=10)
 
 
-def _check_aggregate(r: dict[str, object], *, vcs: int, procs: int) -> None:
-    """The aggregate scenario's JSON: 1 worker, 2 workers and direct, every figure apart."""
+def _check_aggregate(r: dict[str, Any], *, vcs: int, procs: int, relay: bool = False) -> None:
+    """The aggregate scenario's JSON: 1 worker, 2 workers and direct, every figure apart;
+    with the C relay also HAProxy with 1 and with 2 threads."""
     paths = r["paths"]
     assert isinstance(paths, dict)
-    assert list(paths) == ["proxy-1w", "proxy-2w", "direct"]
+    relays = ["relay-1t", "relay-2t"] if relay else []
+    assert list(paths) == ["proxy-1w", "proxy-2w", "direct", *relays]
     assert r["vcs"] == vcs and r["load_processes"] == procs
     assert r["proxy"] == r["proxy_2w"] and r["ratio"] == r["ratio_2w"]
     for key in ("proxy_1w", "proxy_2w", "ratio_1w", "ratio_2w", "workers_ratio"):
@@ -418,10 +458,35 @@ def _check_aggregate(r: dict[str, object], *, vcs: int, procs: int) -> None:
         c = cpu[name]
         assert len(c["loadgen_procs"]) == 1 + procs  # the bench itself + its holders
         assert len(c["backend_procs"]) == 1
-        assert set(d["cpu_s_per_gb"]) == {"loadgen", "proxy", "backend", "irq"}
+        assert set(d["cpu_s_per_gb"]) == {"loadgen", "proxy", "backend", "irq",
+                                          *(["relay"] if name in relays else [])}
+        assert (c.get("relay_procs") == []) == (relay and name not in relays), name
     assert len(cpu["proxy-1w"]["proxy_procs"]) == 1
     assert len(cpu["proxy-2w"]["proxy_procs"]) == 3  # supervisor + 2 workers
     assert cpu["direct"]["proxy_procs"] == []
+    if not relay:
+        assert not any(k.startswith("relay") for k in r)
+        assert not any(k.startswith("relay") for c in cpu.values() for k in c)
+        return
+    for key in ("relay_1t", "relay_2t", "relay_threads_ratio"):
+        assert isinstance(r[key], float) and r[key] > 0, key
+    assert r["relay_1t"] == paths["relay-1t"]["mb_s"]
+    assert r["relay_2t"] == paths["relay-2t"]["mb_s"]
+    assert r["relay_threads_compared"] == [1, 2]
+    assert r["relay_threads_ratio"] == pytest.approx(r["relay_2t"] / r["relay_1t"], rel=0.02)
+    for threads, name in ((1, "relay-1t"), (2, "relay-2t")):
+        d, c = paths[name], cpu[name]
+        assert d["threads"] == threads and d["workers"] is None
+        assert d["ratio_vs_direct"] == pytest.approx(d["mb_s"] / r["direct"], rel=0.02)
+        # HAProxy's own CPU, under "relay": one process, each of its threads apart.
+        assert len(c["relay_procs"]) == 1 and c["relay_cpu"] > 0, name
+        assert len(c["relay_threads"]) == threads, name
+        # Its threads' CPU adds up to the process's, give or take a clock tick or two each
+        # (the kernel scales a thread's and a process's tick counts apart).
+        tick = 1 / os.sysconf("SC_CLK_TCK") / c["wall_s"]
+        assert sum(c["relay_threads"]) == pytest.approx(c["relay_cpu"],
+                                                        abs=2 * (threads + 1) * tick), name
+        assert c["proxy_procs"] == [] and d["cpu_s_per_gb"]["relay"] > 0, name
 
 
 def test_cli_aggregate_fails_loudly_on_corruption(tmp_path: Path) -> None:
@@ -469,3 +534,13 @@ def test_bottleneck_notes_judge_the_busiest_process() -> None:
     found = limits_of(per_process, cores=4)
     assert len(found) == 1 and found[0].startswith("backend stub (90%")
     assert any(x.startswith("the machine") for x in limits_of(per_process, cores=2))
+    # The C relay: bound when one of its threads is, whatever its process's sum.
+    relay = dict(per_process, backend_cpu=0.3, backend_procs=[0.3], relay_cpu=1.0,
+                 relay_procs=[1.0], relay_threads=[0.9, 0.1])
+    assert limits_of(relay, cores=8) == ["C relay (90% of a core in 1 of its 2 threads)"]
+    assert limits_of(dict(relay, relay_threads=[0.5, 0.5]), cores=8) == []
+    one = dict(relay, relay_threads=[])
+    assert limits_of(one, cores=8) == ["C relay (100% of a core, one process)"]
+    assert limits_of(dict(relay, relay_cpu=0.2, relay_procs=[0.2], relay_threads=[0.2]),
+                     cores=2) == []  # 1.6 cores used in all: under 90% of 2
+    assert any(x.startswith("the machine") for x in limits_of(relay, cores=2))
