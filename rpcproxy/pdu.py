@@ -115,6 +115,27 @@ def parse_header(data: bytes | bytearray | memoryview, offset: int = 0) -> PduHe
     return PduHeader(ptype, flags, little, frag_length, auth_length, call_id)
 
 
+_BE_LENGTHS = struct.Struct(">HH")
+
+
+def single_pdu_ptype(data: bytes) -> int:
+    """The PTYPE of ``data`` when it is exactly one well-formed PDU, else -1.
+
+    Never raises: the data paths' fast-path test (one read = one PDU is the common case);
+    anything else goes through ``PduFramer``, which reports what is wrong.
+    """
+    if len(data) < HEADER_LEN:
+        return -1
+    vers, minor, ptype, _flags, drep0, frag_length, auth_length, _call_id = (
+        _HEAD_LE.unpack_from(data))
+    if not drep0 & 0xF0:
+        frag_length, auth_length = _BE_LENGTHS.unpack_from(data, 8)
+    if (vers != RPC_VERSION or minor not in RPC_VERSION_MINORS or frag_length != len(data)
+            or auth_length > frag_length - HEADER_LEN):
+        return -1
+    return int(ptype)
+
+
 class Pdu(NamedTuple):
     """One whole fragment: its parsed header and its exact bytes."""
 

@@ -18,6 +18,7 @@ from rpcproxy.pdu import (
     PduHeader,
     PType,
     parse_header,
+    single_pdu_ptype,
 )
 
 
@@ -315,3 +316,40 @@ def test_random_header_only_protocol_error(raw: bytes) -> None:
     assert raw[0] == 5 and raw[1] in (0, 1)
     assert HEADER_LEN <= h.frag_length <= 0xFFFF
     assert h.auth_length <= h.frag_length - HEADER_LEN
+
+
+# --- single_pdu_ptype: the data paths' fast-path test --------------------------------------
+
+
+@pytest.mark.parametrize("little", [True, False])
+def test_single_pdu_ptype_of_exactly_one_pdu(little: bool) -> None:
+    one = pdu(40, ptype=PType.RESPONSE, little=little)
+    assert single_pdu_ptype(one) == PType.RESPONSE
+    assert single_pdu_ptype(one + one) == -1  # two PDUs
+    assert single_pdu_ptype(one[:-1]) == -1  # short of its frag_length
+    assert single_pdu_ptype(one[:10]) == -1  # not even a header
+
+
+@pytest.mark.parametrize("bad", [
+    header(vers=4, frag_length=HEADER_LEN),
+    header(minor=2, frag_length=HEADER_LEN),
+    header(frag_length=HEADER_LEN, auth_length=1),
+    header(frag_length=HEADER_LEN + 8, auth_length=9) + bytes(8),
+])
+def test_single_pdu_ptype_refuses_what_parse_header_refuses(bad: bytes) -> None:
+    assert single_pdu_ptype(bad) == -1
+    with pytest.raises(ProtocolError):
+        parse_header(bad)
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=0, max_size=64))
+def test_single_pdu_ptype_agrees_with_the_framer(data: bytes) -> None:
+    """-1, or the PTYPE of the one PDU the framer cuts from exactly these bytes."""
+    got = single_pdu_ptype(data)
+    try:
+        pdus = PduFramer().feed(data)
+        framed = pdus[0].header.ptype if len(pdus) == 1 and len(pdus[0].data) == len(data) else -1
+    except ProtocolError:
+        framed = -1
+    assert got == framed
