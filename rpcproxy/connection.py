@@ -221,6 +221,18 @@ class OutChannel:
     def __post_init__(self) -> None:
         self.available = self.peer_window
 
+    def admits(self, size: int) -> bool:
+        """May an RPC PDU of ``size`` bytes go out now (3.2.1.5.1)?
+
+        Yes when it fits in the window the client left us. Also when it does not fit but
+        less than half of the client's window is unacknowledged: clients acknowledge only
+        once more than half of their window has been used (W's rule, note <27>; impacket
+        and Samba do the same), so holding the PDU would wait for an ack that never comes
+        (a 64 KiB fragment after a small PDU in a 64 KiB window). The overrun is at most
+        one PDU, which the client can always take: it is the whole window when nothing is
+        outstanding."""
+        return size <= self.available or 2 * (self.peer_window - self.available) < self.peer_window
+
 
 @dataclass(slots=True)
 class InChannel:
@@ -485,8 +497,7 @@ class VirtualConnection:
                 and not self._backend_framer.buffered
                 and single_pdu_ptype(data) in SERVER_PTYPES):
             size = len(data)
-            if out.bytes_left - size >= self.settings.out_reserve and (
-                    size <= out.available or out.available == out.peer_window):
+            if out.bytes_left - size >= self.settings.out_reserve and out.admits(size):
                 self.traffic.backend_to_client += size
                 out.available -= size
                 out.bytes_sent += size
@@ -551,8 +562,7 @@ class VirtualConnection:
             if out.bytes_left - size < self.settings.out_reserve:
                 self._begin_out_recycle(out, now)
                 break
-            fits = size <= out.available or out.available == out.peer_window
-            if not fits:
+            if not out.admits(size):
                 break
             queue.popleft()
             out.available -= size

@@ -110,6 +110,23 @@ async def test_out_recycling_with_a7_before_c1(stack: Stack) -> None:
         await conn.close()
 
 
+@pytest.mark.parametrize("window", [0x10000, 0x8000])
+async def test_outlook_sized_window_with_64k_fragments_never_stalls(stack: Stack,
+                                                                   window: int) -> None:
+    """Outlook's default OUT window is 64 KiB and the stub's fragments are 65,528 bytes:
+    after the BIND_ACK a whole fragment no longer fits, and the client acks only past half
+    its window. The proxy must send it anyway (it used to wait for that ack forever)."""
+    conn = await stack.client(receive_window=window)
+    try:
+        session = BenchSession(conn, timeout=5.0)
+        await session.bind()
+        result = await session.stream(want=65_480, length=16, depth=2, count=20)
+        assert result.calls == 20
+        assert conn.acks_sent >= 10
+    finally:
+        await conn.close()
+
+
 async def test_direct_client_same_api(stack: Stack) -> None:
     conn = await DirectClient.connect("127.0.0.1", stack.backend.port, timeout=5.0)
     try:

@@ -584,12 +584,29 @@ def test_pdu_larger_than_window_goes_when_nothing_outstanding() -> None:
     assert vc.backend_data(small, 1.0) == [PauseBackend()]
     assert vc.in_data(IN, out_ack(0x3000, 0x2000), 2.0) == [SendToClient(OUT, small),
                                                             ResumeBackend()]
-    # but not while something is outstanding
+    # but not while half the window or more is outstanding: the client will ack that
     vc2 = opened(window=0x2000)
-    assert vc2.backend_data(small, 1.0) == [SendToClient(OUT, small)]
+    half = rpc(PType.RESPONSE, 0x1000)
+    assert vc2.backend_data(half, 1.0) == [SendToClient(OUT, half)]
     assert vc2.backend_data(huge, 1.0) == [PauseBackend()]
-    assert vc2.in_data(IN, out_ack(100, 0x2000), 2.0) == [SendToClient(OUT, huge),
-                                                          ResumeBackend()]
+    assert vc2.in_data(IN, out_ack(0x1000, 0x2000), 2.0) == [SendToClient(OUT, huge),
+                                                             ResumeBackend()]
+
+
+@pytest.mark.parametrize("window", [0x2000, 0x8000, 0x10000])
+def test_pdu_that_does_not_fit_goes_while_less_than_half_is_outstanding(window: int) -> None:
+    """A client acks only once more than half its window is used (W, impacket, Samba): a
+    PDU held for an ack while less than that is outstanding would wait forever. Seen with
+    64 KiB fragments after a 60-byte BIND_ACK in Outlook's default 64 KiB window."""
+    vc = opened(window=window)
+    bind_ack = rpc(PType.BIND_ACK, 60)
+    big = rpc(PType.RESPONSE, window - 8)  # does not fit in window - 60
+    assert vc.backend_data(bind_ack, 1.0) == [SendToClient(OUT, bind_ack)]
+    assert vc.backend_data(big, 1.0) == [SendToClient(OUT, big)]
+    # now more than half is outstanding: the next one waits for the client's ack
+    assert vc.backend_data(bind_ack, 1.0) == [PauseBackend()]
+    assert vc.in_data(IN, out_ack(window + 52, window), 2.0) == [
+        SendToClient(OUT, bind_ack), ResumeBackend()]
 
 
 # --- pings and keep-alive -------------------------------------------------------------------------
