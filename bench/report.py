@@ -126,42 +126,43 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
     return out
 
 
-def _aggregate_rows(r: dict[str, Any]) -> list[list[str]]:
-    """Each proxy path against direct, 2 workers / 1, then (with the C relay) each relay path
-    against direct and 2 threads / 1, then the cores each path's processes used."""
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def _scaling_rows(r: dict[str, Any], paths: dict[str, Any], what: str, unit: str,
+                  ratio_key: str, compared_key: str, ratio_prefix: str) -> list[list[str]]:
+    """One kind of path (proxy workers or relay threads): each against direct, its MB/s per
+    core of its own CPU, then the higher count over the lower."""
     out: list[list[str]] = []
-    paths = r.get("paths", {})
-    relays = {name: d for name, d in paths.items() if name.startswith("relay-")}
-    for name, d in paths.items():
-        if name == "direct" or name in relays:
-            continue
-        w = d.get("workers")
-        label = f"  proxy {w} worker{'s' if w != 1 else ''}" if w else "  proxy"
+    for d in paths.values():
+        n = d.get(unit + "s")
+        label = f"  {what} {_plural(n, unit)}" if n else f"  {what}"
         if d.get("vcs_per_worker"):
             label += " (VCs per worker " + "/".join(str(x) for x in d["vcs_per_worker"]) + ")"
         out.append(["", label, _fmt(d.get("mb_s")), _fmt(r.get("direct")),
                     _fmt(d.get("ratio_vs_direct")), "MB/s"])
+    kind = "proxy" if what == "proxy" else "relay"
     for name, d in paths.items():
-        if d.get("mb_s_per_proxy_core"):
-            out.append(["", f"  {name}: MB/s per core of proxy CPU",
-                        _fmt(d["mb_s_per_proxy_core"]), "", "", "MB/s"])
-    if r.get("workers_ratio") is not None:
-        lo, hi = r["workers_compared"]
-        out.append(["", f"  {hi} workers / {lo} worker{'s' if lo != 1 else ''}", "", "",
-                    _fmt(r["workers_ratio"]), "x"])
-    for d in relays.values():
-        t = d.get("threads")
-        label = f"  C relay {t} thread{'s' if t != 1 else ''}" if t else "  C relay"
-        out.append(["", label, _fmt(d.get("mb_s")), _fmt(r.get("direct")),
-                    _fmt(d.get("ratio_vs_direct")), "MB/s"])
-    for name, d in relays.items():
-        if d.get("mb_s_per_relay_core"):
-            out.append(["", f"  {name}: MB/s per core of relay CPU",
-                        _fmt(d["mb_s_per_relay_core"]), "", "", "MB/s"])
-    if r.get("relay_threads_ratio") is not None:
-        lo, hi = r["relay_threads_compared"]
-        out.append(["", f"  C relay {hi} threads / {lo} thread{'s' if lo != 1 else ''}", "",
-                    "", _fmt(r["relay_threads_ratio"]), "x"])
+        if d.get(f"mb_s_per_{kind}_core"):
+            out.append(["", f"  {name}: MB/s per core of {kind} CPU",
+                        _fmt(d[f"mb_s_per_{kind}_core"]), "", "", "MB/s"])
+    if r.get(ratio_key) is not None:
+        lo, hi = r[compared_key]
+        out.append(["", f"  {ratio_prefix}{_plural(hi, unit)} / {_plural(lo, unit)}", "", "",
+                    _fmt(r[ratio_key]), "x"])
+    return out
+
+
+def _aggregate_rows(r: dict[str, Any]) -> list[list[str]]:
+    """Each proxy path against direct, 2 workers / 1, then (with the C relay) each relay path
+    against direct and 2 threads / 1, then the cores each path's processes used."""
+    paths = r.get("paths", {})
+    relays = {name: d for name, d in paths.items() if name.startswith("relay-")}
+    proxies = {name: d for name, d in paths.items() if name != "direct" and name not in relays}
+    out = _scaling_rows(r, proxies, "proxy", "worker", "workers_ratio", "workers_compared", "")
+    out += _scaling_rows(r, relays, "C relay", "thread", "relay_threads_ratio",
+                         "relay_threads_compared", "C relay ")
     if r.get("relay_skipped"):
         out.append(["", f"  note: C relay skipped: {r['relay_skipped']}", "", "", "", ""])
     for name, c in r.get("cpu", {}).items():
