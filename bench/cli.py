@@ -51,6 +51,7 @@ from bench.proxyproc import LOCAL_NTLM_PASSWORD, LOCAL_NTLM_USER
 from bench.relay import RelayProcess, find_haproxy, relay_maxconn
 from bench.scenarios import SCENARIOS, Bench, ProxyTarget
 from bench.session import RpcFault
+from rpcproxy.rts import MAX_RECEIVE_WINDOW, MIN_RECEIVE_WINDOW
 
 DEFAULT_SCENARIOS = ("throughput", "aggregate", "latency", "concurrency", "setup", "soak")
 
@@ -115,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "scenarios as the best a one-hop proxy does on this machine, and "
                         "with 1 and 2 threads in the aggregate scenario (auto: when haproxy "
                         "is installed; haproxy: required; none: off)")
+    p.add_argument("--client-window", type=_window, default=MAX_RECEIVE_WINDOW, metavar="BYTES",
+                   help="OUT-channel receive window the bench's RPC-over-HTTP clients announce "
+                        "in CONN/A1, 0x2000..0x40000, decimal or 0x hex (default 0x40000 = "
+                        "256 KiB, as Samba and impacket; Outlook uses 0x10000 = 64 KiB)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     # Self-tests of the harness: make the backend stub damage or stall the stream.
     p.add_argument("--inject-corrupt", type=int, metavar="N", help=argparse.SUPPRESS)
@@ -136,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ntlm-server", metavar="HOST:PORT",
                    help="self-contained mode, but HTTP auth verified by this Samba")
     return p
+
+
+def _window(text: str) -> int:
+    """``--client-window``: an int (0x hex too) within MS-RPCH's receive window bounds."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes") from None
+    if not MIN_RECEIVE_WINDOW <= value <= MAX_RECEIVE_WINDOW:
+        raise argparse.ArgumentTypeError(
+            f"{text} is outside 0x{MIN_RECEIVE_WINDOW:x}..0x{MAX_RECEIVE_WINDOW:x} "
+            f"({MIN_RECEIVE_WINDOW // 1024}..{MAX_RECEIVE_WINDOW // 1024} KiB, MS-RPCH)")
+    return value
+
+
+def window_text(value: int) -> str:
+    """``0x10000 (64 KiB)``: how the progress lines name a receive window."""
+    return f"0x{value:x} ({value / 1024:g} KiB)"
 
 
 class Progress:
@@ -335,9 +358,11 @@ async def amain(args: argparse.Namespace) -> int:
                                 u.path or "/rpc/rpcproxy.dll", _auth(args), ctx, u.hostname,
                                 insecure=args.insecure)
             direct = _endpoint(args.direct) if args.direct else None
-            bench = Bench(proxy, direct, args.duration, progress, timeout=args.timeout)
+            bench = Bench(proxy, direct, args.duration, progress, timeout=args.timeout,
+                          client_window=args.client_window)
             progress(f"driving {args.url}?{args.target}" + (
-                f", direct {args.direct}" if direct else ", no direct path (--direct)"))
+                f", direct {args.direct}" if direct else ", no direct path (--direct)")
+                + f", client receive window {window_text(args.client_window)}")
         else:
             argv = ["-m", "bench.backend"]
             if args.inject_corrupt is not None:
@@ -358,7 +383,8 @@ async def amain(args: argparse.Namespace) -> int:
                 auth = BasicAuth("bench", "bench")
             proxy = ProxyTarget(proxy_proc.host, proxy_proc.port, "bench:6001", auth=auth)
             bench = Bench(proxy, (bhost, bport), args.duration, progress,
-                          proxy_proc=proxy_proc, backend_proc=backend, timeout=args.timeout)
+                          proxy_proc=proxy_proc, backend_proc=backend, timeout=args.timeout,
+                          client_window=args.client_window)
             relay = (await start_relay(haproxy, (bhost, bport), args.relay == "haproxy",
                                        children, progress) if haproxy else None)
             if relay is not None:
@@ -402,7 +428,8 @@ async def amain(args: argparse.Namespace) -> int:
 
             bench.spawn_proxy = spawn_more_proxy
             progress(f"backend stub pid {backend.pid} on {backend_addr}, proxy pid "
-                     f"{proxy_proc.pid} on {proxy_proc.host}:{proxy_proc.port}")
+                     f"{proxy_proc.pid} on {proxy_proc.host}:{proxy_proc.port}, client "
+                     f"receive window {window_text(args.client_window)}")
         bench.connections = args.connections
         bench.clients = args.clients
         bench.active = args.active

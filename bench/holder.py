@@ -56,6 +56,7 @@ class HolderSpec:
     server_hostname: str | None = None
     timeout: float = 10.0
     concurrency: int = 100
+    receive_window: int = 0x40000  # OUT-channel window announced in CONN/A1 (proxy path)
     # Place VC i on proxy worker owners[i] of owner_count (a cookie chosen so that
     # rpcproxy.workers.owner_of maps it there); empty: random cookies.
     owners: list[int] = field(default_factory=list)
@@ -100,7 +101,7 @@ async def _child(spec: HolderSpec) -> int:
                 t = await RpchClient.connect(
                     spec.host, spec.port, target=spec.target, path=spec.url_path, auth=auth,
                     ssl=ctx, server_hostname=spec.server_hostname, timeout=spec.timeout,
-                    vc_cookie=cookie)
+                    vc_cookie=cookie, receive_window=spec.receive_window)
             s = BenchSession(t, timeout=spec.timeout)
             sessions.append(s)
             await s.bind()

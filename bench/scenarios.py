@@ -71,6 +71,8 @@ class Bench:
     spawn_relay: Callable[[int], Awaitable[ChildProcess]] | None = None
     aggregate_relay_threads: tuple[int, ...] = (1, 2)  # relay thread counts in aggregate
     timeout: float = 10.0
+    # OUT-channel receive window every RpchClient of the bench (holders too) announces.
+    client_window: int = 0x40000
     connections: int = 1000
     clients: int = 32
     active: int = 10
@@ -117,7 +119,8 @@ class Bench:
             kwargs["in_content_length"] = in_content_length
         return await RpchClient.connect(
             p.host, p.port, target=p.target, path=p.path, auth=p.auth, ssl=p.ssl,
-            server_hostname=p.server_hostname, timeout=self.timeout, **kwargs)
+            server_hostname=p.server_hostname, timeout=self.timeout,
+            receive_window=self.client_window, **kwargs)
 
     async def session(self, path: str, **kw: Any) -> BenchSession:
         t = await self.open(path, **kw)
@@ -941,7 +944,8 @@ def _holder_specs(bench: Bench, path: str, n: int, *, per_holder: int = HOLDER_M
         specs.append(HolderSpec("proxy", p.host, p.port, count, target=p.target,
                                 url_path=p.path, auth=auth, user=user, password=password,
                                 domain=domain, tls=p.ssl is not None, insecure=p.insecure,
-                                server_hostname=p.server_hostname, timeout=bench.timeout))
+                                server_hostname=p.server_hostname, timeout=bench.timeout,
+                                receive_window=bench.client_window))
     return specs
 
 

@@ -366,6 +366,52 @@ def _check_relay(doc: dict[str, Any], table: str) -> None:
         assert float(row[0][-3].replace(",", "")) == pytest.approx(agg["direct"], rel=0.01)
 
 
+def test_cli_outlook_client_window_streams_64k_fragments(tmp_path: Path) -> None:
+    """``--client-window 0x10000`` (Outlook's default) with the stub's 65,528-byte fragments,
+    through the bench's own clients (throughput) and holder processes (concurrency's
+    streaming VCs, aggregate): a whole fragment does not fit the window after the BIND_ACK,
+    and a proxy that waits for an ack the client only sends past half its window stalls."""
+    out = tmp_path / "bench.json"
+    proc = _run_cli("--duration", "0.3", "--scenarios", "throughput,concurrency,aggregate",
+                    "--client-window", "0x10000", "--connections", "4", "--active", "1",
+                    "--streams", "2", "--aggregate-vcs", "2", "--aggregate-procs", "1",
+                    "--aggregate-workers", "1", "--relay", "none", "--timeout", "3",
+                    "--json", str(out), timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["ok"] is True and doc["errors"] == []
+    assert doc["config"]["client_window"] == 0x10000
+    assert "client receive window 0x10000 (64 KiB)" in proc.stderr
+    for name, r in doc["scenarios"].items():
+        assert r["proxy"] > 0 and r["direct"] > 0, name
+
+
+def test_client_window_reaches_holders_and_is_bounded() -> None:
+    """The window travels to holder processes in their JSON spec; out-of-range values are
+    usage errors (exit 2)."""
+    from dataclasses import asdict
+
+    from bench.cli import build_parser
+    from bench.holder import HolderSpec
+    from bench.scenarios import Bench, ProxyTarget, _holder_specs
+
+    bench = Bench(ProxyTarget("127.0.0.1", 1, TARGET, auth=BasicAuth("u", "p")), None, 1.0,
+                  print, client_window=0x10000)
+    spec, = _holder_specs(bench, "proxy", 3)
+    assert spec.receive_window == 0x10000
+    assert HolderSpec(**json.loads(json.dumps(asdict(spec)))) == spec
+    assert HolderSpec("proxy", "h", 1, 1).receive_window == 0x40000
+    parser = build_parser()
+    assert parser.parse_args([]).client_window == 0x40000
+    assert parser.parse_args(["--client-window", "0x2000"]).client_window == 0x2000
+    assert parser.parse_args(["--client-window", "65536"]).client_window == 0x10000
+    for bad in ("100", "0x40001", "64k"):
+        proc = _run_cli("--client-window", bad, "--scenarios", "throughput", timeout=30)
+        assert proc.returncode == 2, (bad, proc.stderr)
+        assert "--client-window" in proc.stderr and "Traceback" not in proc.stderr, bad
+        assert proc.stdout == ""
+
+
 def test_cli_relay_none_measures_no_relay(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = _run_cli("--duration", "0.3", "--scenarios", "throughput,latency,aggregate",
