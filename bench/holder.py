@@ -140,8 +140,8 @@ async def _child(spec: HolderSpec) -> int:
                 say(f"ERROR checking: {type(exc).__name__}: {exc}")
                 code = 1
         elif line == "INFO":
-            cookies = [s.t.vc_cookie.hex() for s in sessions if isinstance(s.t, RpchClient)]
-            say(" ".join(["INFO", *cookies]))
+            hex_cookies = [s.t.vc_cookie.hex() for s in sessions if isinstance(s.t, RpchClient)]
+            say(" ".join(["INFO", *hex_cookies]))
         elif line.startswith("STREAM "):
             # Every session streams 64 KiB responses for N seconds (see the module docstring).
             try:
