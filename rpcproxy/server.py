@@ -88,6 +88,8 @@ IN_MAX_CONTENT_LENGTH = 0x80000000
 OUT_NEW_CONTENT_LENGTH = 76  # CONN/A1
 OUT_SUCCESSOR_CONTENT_LENGTH = 120  # OUT_R2/A3 (96) + OUT_R2/C1 (24)
 MAX_OPENING_PDU = 256  # the largest first PDU of a channel body is 104 bytes
+FREEZE_FIRST = 512  # open VCs at the first gc.freeze() (see _tune_gc)
+FREEZE_GROWTH = 1.25  # then at each new high this much above the previous one
 
 
 
@@ -579,12 +581,15 @@ class ProxyServer:
         # NTLM state is per TCP connection: drop it (and any Samba socket) on close.
         self.guard.on_lost = self.authenticator.forget
         self.vcs: dict[bytes, VcRuntime] = {}
+        self.freeze_mark = FREEZE_FIRST  # VC count at which the next gc.freeze() runs
+        self._freeze_pending = False
         self.vcs_per_user: collections.Counter[Hashable] = collections.Counter()
         self.stats: dict[str, int] = {
             "backend_connect_failures": 0,
             "vcs_opened": 0,
             "auth_denied": 0,
             "targets_refused": 0,
+            "gc_freezes": 0,
         }
         self.runner: web.AppRunner | None = None
         self.servers: list[asyncio.AbstractServer] = []
@@ -807,7 +812,19 @@ class ProxyServer:
         self.vcs[cookie] = rt
         self.vcs_per_user[identity] += 1
         self.stats["vcs_opened"] += 1
+        if len(self.vcs) >= self.freeze_mark and not self._freeze_pending:
+            self._freeze_pending = True
+            asyncio.get_running_loop().call_soon(self._freeze_long_lived)
         return rt
+
+    def _freeze_long_lived(self) -> None:
+        """A new high of open VCs: move what is alive out of the collector's way (see
+        ``_tune_gc``); the next freeze comes at FREEZE_GROWTH times this many VCs."""
+        self._freeze_pending = False
+        gc.collect(1)  # young garbage first, so that it is not frozen with the VCs
+        gc.freeze()
+        self.freeze_mark = max(FREEZE_FIRST, int(len(self.vcs) * FREEZE_GROWTH))
+        self.stats["gc_freezes"] += 1
 
     async def _channel(self, request: web.Request, identity: Identity, target: Target,
                        endpoint: Endpoint, length: int) -> web.StreamResponse:
@@ -1035,6 +1052,16 @@ def _tune_gc() -> None:
     190 ms, the default keeps them under 20 ms. Channels and backend protocols
     drop their runtime when their connection ends, so a closed VC is freed by
     reference counting, not by the collector.
+
+    That is also why the VCs themselves can be frozen: CPython runs a full
+    collection each time a quarter more objects have survived into the old
+    generation, and it walks every VC: measured with 4,200 VCs in a worker, 190 ms
+    of CPU and 600 ms of wall time in which no channel moved, again and again
+    while clients connect. ``ProxyServer`` therefore freezes what is alive
+    whenever the number of open VCs reaches a new high (FREEZE_FIRST, then
+    FREEZE_GROWTH times the previous freeze): full collections then walk only
+    what came since. Frozen objects are still freed by reference counting;
+    only garbage in a reference cycle at the moment of a freeze would stay.
     """
     gc.collect()
     gc.freeze()
