@@ -63,6 +63,7 @@ nothing was written for ``ping_interval``.
 from __future__ import annotations
 
 import enum
+import struct
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ from rpcproxy.errors import (
 )
 from rpcproxy.pdu import (
     CLIENT_PTYPES,
+    HEADER_LEN,
     SERVER_PTYPES,
     Pdu,
     PduFramer,
@@ -85,6 +87,7 @@ from rpcproxy.pdu import (
 )
 
 Channel = Hashable  # whatever the adapter uses to name one HTTP channel
+_BINDS = frozenset({PType.BIND, PType.ALTER_CONTEXT})  # carry the client's max_xmit_frag
 
 
 # --- actions ---------------------------------------------------------------------------------
@@ -278,6 +281,12 @@ class VirtualConnection:
         self.close_reason: str | None = None
         self.keepalive_ms = 300_000
         self._ping_s = self._ping_interval_for(self.keepalive_ms)
+        # IN flow control: ack once this many bytes are unacknowledged. Half the window, as
+        # W does; less when the client's fragments (max_xmit_frag of its BIND) would not
+        # fit in what is left, else a client holding such a fragment for our ack waits
+        # forever (seen with a 64 KiB window and 64 KiB fragments).
+        self.in_ack_after = settings.receive_window // 2
+        self._client_max_frag = 0
         self.backend_connected = False
         self.backend_requested = False
         self.backend_paused = False
@@ -680,14 +689,14 @@ class VirtualConnection:
     def in_data(self, channel: Channel, data: bytes, now: float) -> list[Action]:
         """Bytes of an IN request body after its first PDU."""
         # Fast path, same result as the general one: the open VC's current IN channel, no
-        # partial PDU held, and the read is exactly one client RPC PDU after which no
+        # partial PDU held, and the read is exactly one REQUEST PDU after which no
         # flow-control ack is due yet. It goes straight to the backend.
         cur = self.in_
         if (self.fast_paths and cur is not None and self.phase is Phase.OPENED
                 and type(data) is bytes and channel == cur.channel
                 and not cur.framer.buffered
-                and cur.unacked + len(data) <= self.settings.receive_window // 2
-                and single_pdu_ptype(data) in CLIENT_PTYPES):
+                and cur.unacked + len(data) <= self.in_ack_after
+                and single_pdu_ptype(data) == PType.REQUEST):
             size = len(data)
             self.traffic.client_to_backend += size
             cur.bytes_received += size
@@ -716,11 +725,13 @@ class VirtualConnection:
         if self.phase is not Phase.OPENED:
             raise ProtocolError("RPC PDU on the IN channel before the connection was opened")
         size = len(pdu.data)
+        if pdu.header.ptype in _BINDS and size >= HEADER_LEN + 2:
+            self._note_client_max_frag(pdu)
         self.traffic.client_to_backend += size
         self._emit(SendToBackend(pdu.data))
         ch.bytes_received += size
         ch.unacked += size
-        if ch.unacked > self.settings.receive_window // 2:
+        if ch.unacked > self.in_ack_after:
             ch.unacked = 0
             self._send_rts_to_client(
                 rts.flow_control_ack(
@@ -729,6 +740,15 @@ class VirtualConnection:
                 ),
                 now,
             )
+
+    def _note_client_max_frag(self, pdu: Pdu) -> None:
+        """A BIND or ALTER_CONTEXT: its max_xmit_frag bounds the client's fragments."""
+        fmt = "<H" if pdu.header.little_endian else ">H"
+        (max_xmit,) = struct.unpack_from(fmt, pdu.data, HEADER_LEN)
+        if max_xmit > self._client_max_frag:
+            self._client_max_frag = max_xmit
+            window = self.settings.receive_window
+            self.in_ack_after = max(0, min(window // 2, window - max_xmit))
 
     def _in_rts(self, ch: InChannel, pdu: rts.RtsPdu, now: float) -> None:
         kind = rts.identify(pdu)

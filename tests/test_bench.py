@@ -127,6 +127,27 @@ async def test_outlook_sized_window_with_64k_fragments_never_stalls(stack: Stack
         await conn.close()
 
 
+async def test_small_in_window_with_64k_request_fragments_never_stalls() -> None:
+    """The mirror case on the IN side: the proxy announces a 64 KiB window (an admin's
+    receive_window) and the client sends 64 KiB fragments, holding each until it fits.
+    After the BIND the proxy must ack early enough; it used to wait for half a window."""
+    s = await _stack(BenchBackend(), receive_window=0x10000)
+    try:
+        conn = await s.client()
+        try:
+            session = BenchSession(conn, timeout=5.0)
+            await session.bind()
+            result = await session.stream(want=16, length=65_480, depth=2, count=20)
+            assert result.calls == 20
+            assert conn.acks_received >= 20
+        finally:
+            await conn.close()
+    finally:
+        await s.server.stop()
+        await s.backend.stop()
+        s.auth.close()
+
+
 async def test_direct_client_same_api(stack: Stack) -> None:
     conn = await DirectClient.connect("127.0.0.1", stack.backend.port, timeout=5.0)
     try:

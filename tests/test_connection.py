@@ -473,6 +473,44 @@ def test_in_flow_control_ack_in_one_chunk() -> None:
                     SendToBackend(pdus[3]), SendToBackend(pdus[4])]
 
 
+def bind_pdu(max_xmit: int, little: bool = True) -> bytes:
+    """A BIND whose max_xmit_frag is ``max_xmit`` (no presentation contexts)."""
+    if little:
+        head = bytes([5, 0, PType.BIND, 3, 0x10, 0, 0, 0]) + struct.pack("<HHI", 28, 0, 1)
+        return head + struct.pack("<HHIB3x", max_xmit, max_xmit, 0, 0)
+    head = bytes([5, 0, PType.BIND, 3, 0, 0, 0, 0]) + struct.pack(">HHI", 28, 0, 1)
+    return head + struct.pack(">HHIB3x", max_xmit, max_xmit, 0, 0)
+
+
+@pytest.mark.parametrize("little", [True, False])
+def test_in_ack_comes_early_enough_for_the_clients_fragments(little: bool) -> None:
+    """With a 64 KiB IN window and a client that may send 65,528-byte fragments, waiting
+    for half a window would let the client hold such a fragment for an ack that never
+    comes: the ack must come while the client still has room for one."""
+    vc = opened(VcSettings(receive_window=0x10000))
+    bind = bind_pdu(0xFFF8, little)
+    ack1 = rts.flow_control_ack(ForwardDestination.CLIENT, len(bind), 0x10000, IN_CK)
+    assert vc.in_data(IN, bind, 1.0) == [SendToBackend(bind), SendToClient(OUT, ack1)]
+    assert vc.in_ack_after == 8  # 0x10000 - 0xFFF8
+    req = rpc(PType.REQUEST, 100)
+    ack2 = rts.flow_control_ack(ForwardDestination.CLIENT, len(bind) + 100, 0x10000, IN_CK)
+    assert vc.in_data(IN, req, 2.0) == [SendToBackend(req), SendToClient(OUT, ack2)]
+
+
+def test_in_ack_stays_at_half_a_window_for_small_fragments() -> None:
+    vc = opened(VcSettings(receive_window=0x10000))
+    bind = bind_pdu(5840)  # Windows' usual fragment size
+    assert vc.in_data(IN, bind, 1.0) == [SendToBackend(bind)]
+    assert vc.in_ack_after == 0x8000
+    # a later ALTER_CONTEXT can only widen the client's fragments, never narrow them back
+    alter = bytearray(bind_pdu(0xFFF8))
+    alter[2] = PType.ALTER_CONTEXT
+    vc.in_data(IN, bytes(alter), 1.0)
+    assert vc.in_ack_after == 8
+    vc.in_data(IN, bind_pdu(2000), 1.0)
+    assert vc.in_ack_after == 8
+
+
 def test_in_ack_goes_out_even_when_out_window_is_closed() -> None:
     vc = opened(VcSettings(receive_window=0x2000), window=0x2000)
     big = rpc(PType.RESPONSE, 0x2000)
@@ -1240,6 +1278,11 @@ class Driver:
             self.apply(vc.backend_data(rpc(PType.RESPONSE, 16 + size, fill=size), self.now))
         elif op == "client_rpc":
             self.apply(vc.in_data(self.cur_in, rpc(PType.REQUEST, 16 + size * 4), self.now))
+        elif op == "client_bind":  # a BIND announcing the client's largest fragment
+            max_xmit = 16 + size * 90
+            head = bytes([5, 0, PType.BIND, 3, 0x10, 0, 0, 0]) + struct.pack("<HHI", 28, 0, 1)
+            self.apply(vc.in_data(self.cur_in, head + struct.pack(
+                "<HHIB3x", min(max_xmit, 0xFFFF), 0xFFFF, 0, 0), self.now))
         elif op == "client_two":  # two PDUs in one read
             two = rpc(PType.REQUEST, 16 + size) + rpc(PType.ALTER_CONTEXT, 24)
             self.apply(vc.in_data(self.cur_in, two, self.now))
@@ -1328,7 +1371,8 @@ class Driver:
 # weighted: enough backend traffic and acks to fill OUT channels and force recycling
 SAFE_OPS = ["tick", "backend", "backend", "backend", "backend", "client_rpc", "client_rpc",
             "ping", "keepalive", "ack", "ack", "out_a3", "out_a7", "out_c1", "in_a1",
-            "in_succ_rpc", "in_a5", "client_two", "backend_split", "client_split"]
+            "in_succ_rpc", "in_a5", "client_two", "backend_split", "client_split",
+            "client_bind"]
 HOSTILE_OPS = ["client_bad_ptype", "garbage", "bogus_ack", "close_channel", "backend_closed",
                "close"]
 
