@@ -50,11 +50,17 @@ IN direction: the proxy is the receiver with window ``receive_window``
 (announced in CONN/C2); PDUs are consumed as soon as they are handed to the
 backend, and once more than half a window has arrived since the last ack a
 FlowControlAckWithDestination(FDClient) naming the IN channel cookie goes out
-on OUT. OUT direction: the proxy is the sender; the client's window comes from
-CONN/A1 (or OUT_R2/A3); a PDU is sent only if it fits, else it is queued and
-the backend is paused until a FlowControlAck(WithDestination FDOutProxy) for
-the OUT channel cookie reopens the window. A PDU larger than the whole window
-is sent when nothing is outstanding, so a tiny window cannot deadlock.
+on OUT (earlier when the client's fragments, max_xmit_frag of its BIND, would
+no longer fit in what is left: it may hold one until it fits). OUT direction:
+the proxy is the sender; the client's window comes from CONN/A1 (or
+OUT_R2/A3); a PDU is sent if it fits, or if less than half the window is
+unacknowledged (clients ack only past half, so waiting then would deadlock);
+else it is queued and the backend is paused until a FlowControlAck(With
+Destination FDOutProxy) for the OUT channel cookie reopens the window.
+
+The data paths have fast paths for the common read (one read = one whole RPC
+PDU, nothing held or due) that give exactly the general paths' result; the
+tests compare the two on random event sequences.
 
 Keep-alive (3.2.4.2, rpch-notes 6): after CONN/C2 a Ping goes on OUT whenever
 nothing was written for ``ping_interval``.
@@ -354,6 +360,8 @@ class VirtualConnection:
         # client's keep-alive) can fire: half of the smaller, capped.
         half = min(self.settings.connection_timeout_ms, keepalive_ms) / 2000.0
         return min(half, self.settings.max_ping_interval)
+
+    # ---- channel opening ----------------------------------------------------------------
 
     def open_out(self, channel: Channel, a1: rts.RtsPdu, *, identity: Hashable,
                  target: Hashable, now: float) -> list[Action]:
