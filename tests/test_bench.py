@@ -110,21 +110,28 @@ async def test_out_recycling_with_a7_before_c1(stack: Stack) -> None:
         await conn.close()
 
 
+async def _stream_20_calls(s: Stack, want: int, length: int, **client: object) -> RpchClient:
+    """Bind, then 20 calls two deep with 64 KiB fragments one way; returns the (closed)
+    client for its flow-control counters."""
+    conn = await s.client(**client)
+    try:
+        session = BenchSession(conn, timeout=5.0)
+        await session.bind()
+        result = await session.stream(want=want, length=length, depth=2, count=20)
+        assert result.calls == 20
+    finally:
+        await conn.close()
+    return conn
+
+
 @pytest.mark.parametrize("window", [0x10000, 0x8000])
 async def test_outlook_sized_window_with_64k_fragments_never_stalls(stack: Stack,
                                                                    window: int) -> None:
     """Outlook's default OUT window is 64 KiB and the stub's fragments are 65,528 bytes:
     after the BIND_ACK a whole fragment no longer fits, and the client acks only past half
     its window. The proxy must send it anyway (it used to wait for that ack forever)."""
-    conn = await stack.client(receive_window=window)
-    try:
-        session = BenchSession(conn, timeout=5.0)
-        await session.bind()
-        result = await session.stream(want=65_480, length=16, depth=2, count=20)
-        assert result.calls == 20
-        assert conn.acks_sent >= 10
-    finally:
-        await conn.close()
+    conn = await _stream_20_calls(stack, 65_480, 16, receive_window=window)
+    assert conn.acks_sent >= 10
 
 
 async def test_small_in_window_with_64k_request_fragments_never_stalls() -> None:
@@ -133,15 +140,8 @@ async def test_small_in_window_with_64k_request_fragments_never_stalls() -> None
     After the BIND the proxy must ack early enough; it used to wait for half a window."""
     s = await _stack(BenchBackend(), receive_window=0x10000)
     try:
-        conn = await s.client()
-        try:
-            session = BenchSession(conn, timeout=5.0)
-            await session.bind()
-            result = await session.stream(want=16, length=65_480, depth=2, count=20)
-            assert result.calls == 20
-            assert conn.acks_received >= 20
-        finally:
-            await conn.close()
+        conn = await _stream_20_calls(s, 16, 65_480)
+        assert conn.acks_received >= 20
     finally:
         await s.server.stop()
         await s.backend.stop()
