@@ -376,22 +376,24 @@ class VirtualConnection:
     def open_out_successor(self, channel: Channel, a3: rts.RtsPdu, *, identity: Hashable,
                            target: Hashable, now: float) -> list[Action]:
         """A replacement OUT channel request whose body started with OUT_R2/A3."""
-        if self.phase is Phase.CLOSED:
-            return [CloseChannel(channel, ProtocolError("virtual connection is closed"))]
-        refusal = self._refuse_foreign(channel, identity, target)
-        if refusal:
-            return refusal
-        return self._run_opening(channel, self._open_out_successor, channel, a3, now)
+        return self._open_successor(channel, self._open_out_successor, a3, identity, target,
+                                    now)
 
     def open_in_successor(self, channel: Channel, a1: rts.RtsPdu, *, identity: Hashable,
                           target: Hashable, now: float) -> list[Action]:
         """A replacement IN channel request whose body started with IN_R2/A1."""
+        return self._open_successor(channel, self._open_in_successor, a1, identity, target,
+                                    now)
+
+    def _open_successor(self, channel: Channel, handler: object, pdu: rts.RtsPdu,
+                        identity: Hashable, target: Hashable, now: float) -> list[Action]:
+        """A recycling channel joins only an open VC, and only for its user and target."""
         if self.phase is Phase.CLOSED:
             return [CloseChannel(channel, ProtocolError("virtual connection is closed"))]
         refusal = self._refuse_foreign(channel, identity, target)
         if refusal:
             return refusal
-        return self._run_opening(channel, self._open_in_successor, channel, a1, now)
+        return self._run_opening(channel, handler, channel, pdu, now)
 
     def _refuse_foreign(self, channel: Channel, identity: Hashable,
                         target: Hashable) -> list[Action] | None:
