@@ -448,8 +448,10 @@ def test_metrics_follow_traffic(samba_dc: SambaDC, tmp_path: Path,
     assert metric_value(text, "rpcproxy_virtual_connections_closed_total",
                         'how="pairing_timeout"') == 1
     assert metric_value(text, "rpcproxy_virtual_connections_closed_total", 'how="backend"') >= 1
+    # The good VC, closed by its client; plus, in the same race as above, the dead target's
+    # late IN channel, which starts a VC of its own that the refused client then closes.
     assert metric_value(text, "rpcproxy_virtual_connections_closed_total",
-                        'how="client_closed"') == 1
+                        'how="client_closed"') in (1, 2)
 
 
 # --- several workers under one supervisor ----------------------------------------------------
