@@ -3,8 +3,9 @@
 Self-contained by default: starts the DCE/RPC backend stub (``python -m bench.backend``) and
 the proxy (``python -m bench.proxyproc``, ProxyServer with a permissive Basic authenticator)
 as child processes on 127.0.0.1, then runs each scenario over the proxy and directly against
-the backend. With ``--ntlm-server HOST:PORT --user U --password P [--domain D]`` the proxy
-child uses the real authenticator and the clients authenticate with NTLM against that Samba.
+the backend. With ``--ntlm-helper COMMAND --user U --password P [--domain D]`` the proxy
+child uses the real authenticator (winbind through that ntlm_auth command) and the clients
+authenticate with NTLM against that Samba.
 
 The C relay reference (``--relay``, self-contained mode only): when HAProxy is installed the
 bench also starts it (TCP mode, ``option splice-auto``, one thread, on 127.0.0.1) in front of
@@ -133,13 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--password")
     g.add_argument("--domain", default="")
     g.add_argument("--auth", choices=["basic", "ntlm"], default=None,
-                   help="HTTP authentication (default: ntlm with --url or --ntlm-server; "
+                   help="HTTP authentication (default: ntlm with --url or --ntlm-helper; "
                         "self-contained: basic, or ntlm verified locally in the proxy child)")
     g.add_argument("--direct", metavar="HOST:PORT",
                    help="the backend's ncacn_ip_tcp address for the direct figures")
     g.add_argument("--insecure", action="store_true", help="do not verify the TLS certificate")
-    g.add_argument("--ntlm-server", metavar="HOST:PORT",
-                   help="self-contained mode, but HTTP auth verified by this Samba")
+    g.add_argument("--ntlm-helper", metavar="COMMAND",
+                   help="self-contained mode, but HTTP auth judged by winbind through this "
+                        "ntlm_auth command (e.g. 'ntlm_auth --helper-protocol=squid-2.5-ntlmssp')")
     return p
 
 
@@ -332,8 +334,8 @@ async def amain(args: argparse.Namespace) -> int:
         argv = ["-m", "bench.proxyproc", "--backend", backend,
                 "--out-content-length", str(out_cl), "--loop", args.proxy_loop,
                 "--workers", str(workers)]
-        if args.ntlm_server:
-            argv += ["--ntlm-server", args.ntlm_server]
+        if args.ntlm_helper:
+            argv += ["--ntlm-helper", args.ntlm_helper]
         elif args.auth == "ntlm":
             argv += ["--local-ntlm"]
         name = "proxy" if workers == args.proxy_workers else f"proxy-{workers}w"
@@ -375,7 +377,7 @@ async def amain(args: argparse.Namespace) -> int:
             backend_addr = f"{bhost}:{bport}"
             proxy_proc = await spawn_proxy(args.out_content_length, backend_addr)
             auth: BasicAuth | NtlmAuth
-            if args.ntlm_server:
+            if args.ntlm_helper:
                 auth = _auth(args)
             elif args.auth == "ntlm":  # NTLM handshakes verified locally in the proxy child
                 auth = NtlmAuth(LOCAL_NTLM_USER, LOCAL_NTLM_PASSWORD, "BENCH")

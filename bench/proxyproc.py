@@ -11,9 +11,9 @@ core's event loop (that would make the generator's work look like proxy latency)
 
 Authentication: by default ``bench.auth.BenchAuthenticator`` (Basic with any password; no
 Samba needed; with ``--local-ntlm`` also NTLM for ``BENCH\\bench``/``bench``, verified
-locally by pyspnego). With ``--ntlm-server HOST:PORT`` the real ``HttpAuthenticator`` is
-used and NTLM (and Basic over plain HTTP) is verified by that Samba, so set-up figures
-include NTLM pass-through.
+locally by pyspnego). With ``--ntlm-helper COMMAND`` the real ``HttpAuthenticator`` is
+used and NTLM (and Basic over plain HTTP) is judged by winbind through that ntlm_auth,
+so set-up figures include real NTLM verification.
 """
 
 from __future__ import annotations
@@ -52,15 +52,15 @@ def _config(args: argparse.Namespace) -> Any:
         "max_connections_per_user": 1_000_000,
         "basic_over_http": True,
     }
-    if args.ntlm_server:
-        overrides["ntlm_server"] = args.ntlm_server
+    if args.ntlm_helper:
+        overrides["ntlm_helper"] = args.ntlm_helper
     return config_mod.load(None, overrides)
 
 
 def _authenticator(args: argparse.Namespace) -> Any:
     from bench.auth import BenchAuthenticator
 
-    if args.ntlm_server:
+    if args.ntlm_helper:
         return None  # the real HttpAuthenticator, verified by that Samba
     users = {("BENCH", LOCAL_NTLM_USER): LOCAL_NTLM_PASSWORD} if args.local_ntlm else None
     return BenchAuthenticator(ntlm_users=users)
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
     p.add_argument("--out-content-length", type=int, default=0x40000000)
     p.add_argument("--receive-window", type=int, default=0x40000)
-    p.add_argument("--ntlm-server", metavar="HOST:PORT")
+    p.add_argument("--ntlm-helper", metavar="COMMAND")
     p.add_argument("--local-ntlm", action="store_true",
                    help="also accept NTLM for BENCH\\bench (password bench), checked locally")
     p.add_argument("--workers", type=int, default=1,

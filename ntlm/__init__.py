@@ -3,8 +3,11 @@
 Modules, one concept each:
 * ``errors``      - NtlmError / AuthenticationFailed (401) / NtlmServerUnavailable (503)
 * ``messages``    - parsing NTLM NEGOTIATE / CHALLENGE / AUTHENTICATE ([MS-NLMP] 2.2)
-* ``dcerpc_auth`` - the DCE/RPC BIND / ALTER_CONTEXT PDUs that carry NTLM to Samba
-* ``passthrough`` - NtlmVerifier / PendingHandshake / Identity: one handshake relayed to Samba
+* ``dcerpc_auth`` - the DCE/RPC BIND / ALTER_CONTEXT PDUs (used to probe DCE/RPC endpoints)
+* ``verifier``    - Identity (the account Samba authenticated), the Verifier interface,
+                    the refusal of client-written names with NUL or control characters
+* ``helper_protocol`` - the squid-2.5-ntlmssp lines of Samba's ntlm_auth, as a pure codec
+* ``winbind``     - WinbindVerifier / HelperPool: handshakes judged by winbind via ntlm_auth
 * ``basic``       - verify_password: Basic credentials checked through NTLM
 * ``http_auth``   - HttpAuthenticator: HTTP Authorization headers, state per TCP connection
 
@@ -21,7 +24,8 @@ from .http_auth import (
     HttpAuthenticator,
     Unavailable,
 )
-from .passthrough import Identity, NtlmVerifier, PendingHandshake
+from .verifier import Handshake, Identity, Verifier
+from .winbind import HelperPool, WinbindVerifier
 
 __all__ = [
     "AuthOutcome",
@@ -33,8 +37,10 @@ __all__ = [
     "Identity",
     "NtlmError",
     "NtlmServerUnavailable",
-    "NtlmVerifier",
-    "PendingHandshake",
+    "Handshake",
+    "HelperPool",
+    "Verifier",
+    "WinbindVerifier",
     "Unavailable",
     "verify_password",
 ]

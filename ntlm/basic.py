@@ -2,7 +2,7 @@
 
 Theory of operation: with Basic auth the proxy holds the clear-text password, so it plays the
 NTLM *client* itself (pyspnego's built-in NTLM implementation): it produces a NEGOTIATE, relays
-it through ``NtlmVerifier.begin`` to get Samba's CHALLENGE, computes the AUTHENTICATE (NTLMv2)
+it through ``Verifier.begin`` to get Samba's CHALLENGE, computes the AUTHENTICATE (NTLMv2)
 and lets Samba judge it exactly like a relayed browser handshake.  No password is stored or
 compared locally.  Accepted user spellings: ``user``, ``DOMAIN\\user`` and ``user@realm``.
 """
@@ -13,10 +13,10 @@ import spnego
 from spnego.exceptions import SpnegoError
 
 from .errors import AuthenticationFailed
-from .passthrough import Identity, NtlmVerifier
+from .verifier import Identity, Verifier, check_client_name
 
 
-async def verify_password(verifier: NtlmVerifier, user: str, password: str) -> Identity:
+async def verify_password(verifier: Verifier, user: str, password: str) -> Identity:
     """Ask the NTLM server whether ``password`` is right for ``user``.
 
     Raises AuthenticationFailed (wrong password, unknown or disabled user, empty input) or
@@ -24,6 +24,7 @@ async def verify_password(verifier: NtlmVerifier, user: str, password: str) -> I
     """
     if not user or not user.strip("\\@ ") or not password:
         raise AuthenticationFailed("empty user name or password")
+    check_client_name(user, "Basic user name")
     try:
         client = spnego.client(
             user,

@@ -19,10 +19,10 @@ connection; they are refused on plain HTTP unless configured otherwise.  ``Negot
 accepted only when its token is raw NTLMSSP (what Windows sends when Kerberos is not possible);
 the answer then uses the ``Negotiate`` scheme name.  Kerberos / SPNEGO tokens are denied.
 
-Resources are bounded: at most ``max_pending`` handshakes hold a socket to Samba at once
+Resources are bounded: at most ``max_pending`` handshakes hold a verifier slot at once
 (between NEGOTIATE and verdict, Basic checks included); a pending handshake expires after
 ``handshake_timeout``; when the server calls ``forget(conn)`` or ``conn`` is garbage-collected,
-its pending Samba socket is closed.
+its pending handshake is given up (its helper goes back to the pool).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 from . import messages
 from .basic import verify_password
-from .errors import AuthenticationFailed, NtlmError, NtlmServerUnavailable
-from .passthrough import Identity, NtlmVerifier, PendingHandshake
+from .errors import AuthenticationFailed, NtlmError, NtlmServerUnavailable, Refusal, Unreachable
+from .verifier import Handshake, Identity, Verifier, check_client_names
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,13 @@ class Challenge:
 class Denied:
     reason: str
     www_authenticate: list[str]
+    code: Refusal = Refusal.MALFORMED
 
 
 @dataclass(frozen=True)
 class Unavailable:
     reason: str
+    code: Unreachable = Unreachable.NTLM_SERVER
 
 
 AuthOutcome = Authenticated | Challenge | Denied | Unavailable
@@ -74,7 +76,7 @@ class _ConnState:
     def __init__(self, ref: weakref.ref[object]) -> None:
         self.ref = ref
         self.identity: Identity | None = None
-        self.pending: PendingHandshake | None = None
+        self.pending: Handshake | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.generation = 0
 
@@ -91,7 +93,7 @@ class HttpAuthenticator:
 
     def __init__(
         self,
-        verifier: NtlmVerifier,
+        verifier: Verifier,
         *,
         allow_basic: bool = True,
         basic_requires_tls: bool = True,
@@ -151,10 +153,11 @@ class HttpAuthenticator:
             if kind == "basic":
                 return await self._basic(param, tls)
         except AuthenticationFailed as exc:
-            return self._denied(exc.reason, tls)
+            return self._denied(exc.reason, tls, exc.code)
         except NtlmServerUnavailable as exc:
-            return Unavailable(exc.reason)
-        return self._denied(f"unsupported authentication scheme {scheme!r}", tls)
+            return Unavailable(exc.reason, exc.code)
+        return self._denied(f"unsupported authentication scheme {scheme[:32]!r}", tls,
+                            Refusal.UNSUPPORTED_SCHEME)
 
     # -- NTLM -----------------------------------------------------------------------------
 
@@ -163,7 +166,8 @@ class HttpAuthenticator:
         if not messages.looks_like_ntlm(token):
             if scheme.lower() == "negotiate":
                 raise AuthenticationFailed(
-                    "Negotiate token is not NTLMSSP (Kerberos/SPNEGO is not supported; use NTLM)"
+                    "Negotiate token is not NTLMSSP (Kerberos/SPNEGO is not supported; use NTLM)",
+                    Refusal.UNSUPPORTED_SCHEME,
                 )
             raise AuthenticationFailed("NTLM token is not an NTLMSSP message")
         try:
@@ -174,7 +178,7 @@ class HttpAuthenticator:
             return await self._ntlm_negotiate(conn, scheme, token)
         if mtype is messages.MessageType.AUTHENTICATE:
             return await self._ntlm_authenticate(conn, token)
-        raise AuthenticationFailed("client sent an NTLM CHALLENGE message")
+        raise AuthenticationFailed("client sent an NTLM CHALLENGE message", Refusal.OUT_OF_ORDER)
 
     async def _ntlm_negotiate(self, conn: object, scheme: str, token: bytes) -> AuthOutcome:
         key = id(conn)
@@ -188,7 +192,7 @@ class HttpAuthenticator:
         state.generation += 1
         generation = state.generation
         if self._open >= self.max_pending:
-            return Unavailable("too many pending handshakes")
+            return Unavailable("too many pending handshakes", Unreachable.BUSY)
         self._open += 1
         try:
             handshake = await self.verifier.begin(token)
@@ -199,7 +203,8 @@ class HttpAuthenticator:
             # The connection went away (or restarted) while Samba was answering.
             handshake.close()
             self._open -= 1
-            raise AuthenticationFailed("handshake superseded or connection closed")
+            raise AuthenticationFailed("handshake superseded or connection closed",
+                                       Refusal.OUT_OF_ORDER)
         state.pending = handshake
         loop = asyncio.get_running_loop()
         state.timer = loop.call_later(self.handshake_timeout, self._expire, key, handshake)
@@ -211,7 +216,8 @@ class HttpAuthenticator:
         state = self._states.get(key)
         if state is None or state.pending is None:
             raise AuthenticationFailed(
-                "NTLM AUTHENTICATE without a pending handshake on this connection"
+                "NTLM AUTHENTICATE without a pending handshake on this connection",
+                Refusal.OUT_OF_ORDER,
             )
         handshake = state.pending
         state.pending = None
@@ -223,11 +229,13 @@ class HttpAuthenticator:
             # Anonymous logons never reach Samba (it accepts them).  complete() checks this
             # too; checking here keeps the rule independent of the verifier implementation.
             try:
-                anonymous = messages.parse_authenticate(token).is_anonymous
+                parsed = messages.parse_authenticate(token)
+                anonymous = parsed.is_anonymous
             except NtlmError as exc:
                 raise AuthenticationFailed(f"malformed NTLM AUTHENTICATE: {exc.reason}") from None
             if anonymous:
-                raise AuthenticationFailed("anonymous NTLM logon refused")
+                raise AuthenticationFailed("anonymous NTLM logon refused", Refusal.ANONYMOUS)
+            check_client_names(parsed)
             identity = await handshake.complete(token)
         finally:
             handshake.close()
@@ -241,9 +249,11 @@ class HttpAuthenticator:
 
     async def _basic(self, param: str, tls: bool) -> AuthOutcome:
         if not self.allow_basic:
-            raise AuthenticationFailed("Basic authentication is disabled")
+            raise AuthenticationFailed("Basic authentication is disabled",
+                                       Refusal.BASIC_NOT_ALLOWED)
         if not self.basic_allowed(tls=tls):
-            raise AuthenticationFailed("Basic authentication refused without TLS")
+            raise AuthenticationFailed("Basic authentication refused without TLS",
+                                       Refusal.BASIC_NOT_ALLOWED)
         raw = _b64decode(param)
         try:
             text = raw.decode("utf-8")
@@ -253,7 +263,7 @@ class HttpAuthenticator:
         if not sep:
             raise AuthenticationFailed("Basic credentials lack a ':'")
         if self._open >= self.max_pending:
-            return Unavailable("too many pending handshakes")
+            return Unavailable("too many pending handshakes", Unreachable.BUSY)
         self._open += 1
         try:
             identity = await verify_password(self.verifier, user, password)
@@ -263,9 +273,9 @@ class HttpAuthenticator:
 
     # -- bookkeeping ----------------------------------------------------------------------
 
-    def _denied(self, reason: str, tls: bool) -> Denied:
+    def _denied(self, reason: str, tls: bool, code: Refusal) -> Denied:
         log.debug("HTTP authentication denied: %s", reason)
-        return Denied(reason, self.offers(tls=tls))
+        return Denied(reason, self.offers(tls=tls), code)
 
     def _watch(self, conn: object, key: int) -> weakref.ref[object]:
         me = weakref.ref(self)
@@ -296,7 +306,7 @@ class HttpAuthenticator:
         if self._states.get(key) is state:
             del self._states[key]
 
-    def _expire(self, key: int, handshake: PendingHandshake) -> None:
+    def _expire(self, key: int, handshake: Handshake) -> None:
         state = self._states.get(key)
         if state is not None and state.pending is handshake:
             state.timer = None

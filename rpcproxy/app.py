@@ -118,8 +118,9 @@ class ProxyProcess:
         tls = "TLS" if config.tls_cert else "HTTP"
         for host, port in self.bound:
             log.info("listening on %s:%d (%s)", host, port, tls)
-        log.info("backend %s, NTLM server %s, %d target rule(s): %s", config.backend_endpoint(),
-                 config.ntlm_endpoint(), len(self.server.allow_list),
+        log.info("backend %s, NTLM judged by %s (up to %d at once), %d target rule(s): %s",
+                 config.backend_endpoint(), " ".join(config.ntlm_helper), config.ntlm_helpers,
+                 len(self.server.allow_list),
                  ", ".join(str(r) for r in self.server.allow_list.rules))
         if self.metrics_listen:
             await self._start_metrics(self.metrics_listen)
@@ -223,6 +224,7 @@ class ProxyProcess:
 
     def _reload(self) -> bool:
         from rpcproxy.certs import CertificateError, load_cert_chain, server_ssl_context
+        from rpcproxy.server import helper_pool
 
         old = self.config
         server = self.server
@@ -230,7 +232,6 @@ class ProxyProcess:
             new = self._load()
             allow_list = new.allow_list()
             settings = new.vc_settings()
-            ntlm = new.ntlm_endpoint()
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc.reason)
             return False
@@ -260,7 +261,13 @@ class ProxyProcess:
         server.config = new
         server.allow_list = allow_list
         server.settings = settings
-        server.verifier.server = (ntlm.host, ntlm.port)
+        if new.ntlm_helper != old.ntlm_helper:
+            old_pool = server.verifier.pool
+            server.verifier.pool = helper_pool(new)
+            old_pool.close()  # handshakes under way finish on their helpers
+        else:
+            server.verifier.pool.size = new.ntlm_helpers
+            server.verifier.pool.queue_timeout = new.auth_queue_timeout
         auth = server.authenticator
         auth.allow_basic = new.allow_basic
         auth.basic_requires_tls = not new.basic_over_http

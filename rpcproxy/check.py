@@ -5,9 +5,10 @@ Reads the configuration exactly like ``rpcproxy serve`` (same file, same flags),
 1. configuration   every value valid (a failure here stops the other checks);
 2. certificate     key matches, not expired / not yet valid, covers the names clients use;
 3. backend         each backend of the allow-list accepts a TCP connection;
-4. NTLM server     answers a DCE/RPC BIND carrying an NTLM NEGOTIATE with a CHALLENGE;
-5. test login      with ``--user``: a real NTLM login through the pass-through path the
-                   proxy uses for Basic credentials (``ntlm.verify_password``).
+4. NTLM (winbind)  the configured ntlm_auth helper starts and winbind gives verdicts (a
+                   logon of an account that does not exist is rejected);
+5. test login      with ``--user``: a real NTLM login through the same helper pool the proxy
+                   uses (``ntlm.verify_password``), printing the account Samba authenticated.
 
 Lines start with ``[ OK ]``, ``[FAIL]``, ``[WARN]`` (works, but look at it) or ``[SKIP]``.
 The exit status is 0 only when nothing failed.
@@ -117,40 +118,43 @@ async def check_backend(endpoint: Endpoint) -> Result:
     return Result(OK, what, f"{endpoint} accepts TCP connections ({ms:.0f} ms)")
 
 
-async def check_ntlm(endpoint: Endpoint) -> Result:
-    from ntlm import AuthenticationFailed, NtlmServerUnavailable, NtlmVerifier
-    from ntlm.messages import build_negotiate
+async def check_ntlm(config: Config) -> Result:
+    """winbind answers through the configured ntlm_auth helper (a logon of an account that
+    does not exist must be *rejected*; only a verdict proves winbindd is reachable)."""
+    from ntlm import NtlmServerUnavailable, WinbindVerifier
+    from rpcproxy.server import helper_pool
 
-    what = "NTLM server"
-    verifier = NtlmVerifier((endpoint.host, endpoint.port), connect_timeout=CONNECT_TIMEOUT,
-                            reply_timeout=CONNECT_TIMEOUT)
+    what = "NTLM (winbind)"
+    command = " ".join(config.ntlm_helper)
+    verifier = WinbindVerifier(helper_pool(config), reply_timeout=CONNECT_TIMEOUT)
     try:
-        handshake = await verifier.begin(build_negotiate())
+        await verifier.probe()
     except NtlmServerUnavailable as exc:
         return Result(FAIL, what, f"{exc.reason}. Logins cannot be checked, so every client "
-                      "would get 503")
-    except AuthenticationFailed as exc:
-        return Result(FAIL, what, f"{endpoint} refused the NTLM BIND: {exc.reason}")
-    domain = handshake.domain
-    handshake.close()
-    return Result(OK, what, f"{endpoint} answered a BIND with an NTLM challenge "
-                  f"(domain {domain or '?'})")
+                      "would get 503. Is winbindd running (samba on a DC, the winbind service "
+                      "on a member), and may this user read its privileged pipe (Debian: "
+                      "group winbindd_priv)? (rpcproxy provision winbind)")
+    finally:
+        await verifier.aclose()
+    return Result(OK, what, f"{command} gives verdicts (an unknown account was rejected)")
 
 
-async def check_login(endpoint: Endpoint, user: str, password: str) -> Result:
-    from ntlm import AuthenticationFailed, NtlmServerUnavailable, NtlmVerifier, verify_password
+async def check_login(config: Config, user: str, password: str) -> Result:
+    from ntlm import AuthenticationFailed, NtlmServerUnavailable, WinbindVerifier, verify_password
+    from rpcproxy.server import helper_pool
 
     what = "test login"
-    verifier = NtlmVerifier((endpoint.host, endpoint.port), connect_timeout=CONNECT_TIMEOUT,
-                            reply_timeout=CONNECT_TIMEOUT)
+    verifier = WinbindVerifier(helper_pool(config), reply_timeout=CONNECT_TIMEOUT)
     try:
         identity = await verify_password(verifier, user, password)
     except AuthenticationFailed as exc:
         return Result(FAIL, what, f"{user} was refused: {exc.reason} (wrong password, unknown "
                       "or disabled user, or an expired password)")
     except NtlmServerUnavailable as exc:
-        return Result(FAIL, what, f"could not ask the NTLM server: {exc.reason}")
-    return Result(OK, what, f"{user} logged in as {identity} through the NTLM pass-through")
+        return Result(FAIL, what, f"could not ask winbind: {exc.reason}")
+    finally:
+        await verifier.aclose()
+    return Result(OK, what, f"{user} logged in as {identity} (the account Samba authenticated)")
 
 
 # --- running them ----------------------------------------------------------------------------
@@ -174,16 +178,15 @@ async def run_checks(config: Config, args: argparse.Namespace, password: str | N
         backends.append(config.backend_endpoint())
     for endpoint in backends:
         add(await check_backend(endpoint))
-    ntlm_ep = config.ntlm_endpoint()
-    ntlm = await check_ntlm(ntlm_ep)
+    ntlm = await check_ntlm(config)
     add(ntlm)
     if not args.user:
         add(Result(SKIP, "test login", "give --user DOMAIN\\name --password P to try a real "
                    "login"))
     elif ntlm.status == FAIL:
-        add(Result(SKIP, "test login", "the NTLM server does not answer"))
+        add(Result(SKIP, "test login", "winbind gives no verdicts"))
     else:
-        add(await check_login(ntlm_ep, args.user, password or ""))
+        add(await check_login(config, args.user, password or ""))
     return results
 
 
@@ -191,8 +194,8 @@ def _describe(config: Config, path: str | None) -> str:
     source = f"{path} is valid" if path else "built-in defaults and command-line options are valid"
     tls = "TLS" if config.tls_cert else "plain HTTP"
     rules = config.allow_list()
-    return (f"{source}: listen {config.listen} ({tls}), backend {config.backend}, NTLM server "
-            f"{config.ntlm_endpoint()}, {len(rules)} target rule(s): "
+    return (f"{source}: listen {config.listen} ({tls}), backend {config.backend}, NTLM judged "
+            f"by {' '.join(config.ntlm_helper)}, {len(rules)} target rule(s): "
             f"{', '.join(str(r) for r in rules.rules)}")
 
 
@@ -207,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         config.allow_list()
     except ConfigError as exc:
         emit(Result(FAIL, "configuration", exc.reason))
-        for what in ("certificate", "backend", "NTLM server", "test login"):
+        for what in ("certificate", "backend", "NTLM (winbind)", "test login"):
             emit(Result(SKIP, what, "the configuration is not valid"))
         print("1 check failed")
         return 1

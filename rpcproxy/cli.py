@@ -36,8 +36,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                         "<server names>:6001,6002,6004 -> backend)")
     p.add_argument("--server-name", metavar="NAME", action="append", dest="server_names",
                    help="server name clients put in the URL (repeatable; for the default rules)")
-    p.add_argument("--ntlm-server", metavar="HOST:PORT",
-                   help="where NTLM is verified (default: the backend)")
+    p.add_argument("--ntlm-helper", metavar="COMMAND",
+                   help="the winbind NTLM helper that judges logins (default: "
+                        "'ntlm_auth --helper-protocol=squid-2.5-ntlmssp')")
     p.add_argument("--tls-cert", metavar="PEM")
     p.add_argument("--tls-key", metavar="PEM")
     p.add_argument("--http-listen", metavar="HOST:PORT",
@@ -54,7 +55,7 @@ def config_from_args(args: argparse.Namespace) -> config_mod.Config:
         "backend": args.backend,
         "targets": args.target,
         "server_names": args.server_names,
-        "ntlm_server": args.ntlm_server,
+        "ntlm_helper": args.ntlm_helper,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "http_listen": args.http_listen,

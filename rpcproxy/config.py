@@ -17,12 +17,14 @@ Example file::
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ntlm.winbind import DEFAULT_HELPER
 from rpcproxy.connection import VcSettings
 from rpcproxy.errors import ConfigError
 from rpcproxy.targets import (
@@ -47,7 +49,12 @@ def _default_server_names() -> list[str]:
 class Config:
     listen: str = "127.0.0.1:8080"  # plain HTTP; put TLS in front or set tls_cert/tls_key
     backend: str = "127.0.0.1:1024"  # the Samba mapiproxy endpoint (ncacn_ip_tcp)
-    ntlm_server: str | None = None  # where NTLM is verified; defaults to backend
+    # NTLM is judged by winbind through Samba's ntlm_auth helper (ntlm.winbind): the command
+    # (a list, or a string split like a shell would), how many run at once per worker, and how
+    # long a login may wait for a free one before it is answered 503.
+    ntlm_helper: list[str] = field(default_factory=lambda: list(DEFAULT_HELPER))
+    ntlm_helpers: int = 32
+    auth_queue_timeout: float = 15.0
     server_names: list[str] = field(default_factory=_default_server_names)
     targets: list[str] = field(default_factory=list)  # replaces the default rules when set
     tls_cert: str | None = None
@@ -76,9 +83,6 @@ class Config:
     def backend_endpoint(self) -> Endpoint:
         return parse_endpoint(self.backend, "backend")
 
-    def ntlm_endpoint(self) -> Endpoint:
-        return parse_endpoint(self.ntlm_server or self.backend, "ntlm_server")
-
     def listen_endpoint(self) -> Endpoint:
         return parse_endpoint(self.listen, "listen", listen=True)
 
@@ -104,8 +108,11 @@ class Config:
         """Raise ConfigError with a readable reason for the first bad value."""
         self.listen_endpoint()
         self.backend_endpoint()
-        if self.ntlm_server:
-            parse_endpoint(self.ntlm_server, "ntlm_server")
+        if not self.ntlm_helper or not all(isinstance(a, str) and a for a in self.ntlm_helper):
+            raise ConfigError("ntlm_helper must be a non-empty command, e.g. "
+                              "[\"ntlm_auth\", \"--helper-protocol=squid-2.5-ntlmssp\"]")
+        if self.auth_queue_timeout <= 0:
+            raise ConfigError("auth_queue_timeout must be positive")
         if self.http_listen:
             parse_endpoint(self.http_listen, "http_listen", listen=True)
         if self.metrics_listen:
@@ -119,12 +126,18 @@ class Config:
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
         for name in ("max_pending_handshakes", "max_unauthenticated_connections",
-                     "max_connections_per_user"):
+                     "max_connections_per_user", "ntlm_helpers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# Keys that existed once: a file that still sets one is told what replaced it.
+_REMOVED = {
+    "ntlm_server": "NTLM is no longer relayed to a DCE/RPC port: winbind judges it through "
+                   "Samba's ntlm_auth (see ntlm_helper); remove ntlm_server",
+}
 
 
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -140,6 +153,8 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         for key, value in data.items():
             name = key.replace("-", "_")
+            if name in _REMOVED:
+                raise ConfigError(f"config file {path}: {key!r}: {_REMOVED[name]}")
             if name not in _FIELDS:
                 raise ConfigError(f"config file {path}: unknown key {key!r}")
             values[name] = value
@@ -149,6 +164,8 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
     config = Config()
     for name, value in values.items():
         default = getattr(config, name)
+        if name == "ntlm_helper" and isinstance(value, str):
+            value = shlex.split(value)
         if default is not None and not isinstance(value, type(default)):
             if isinstance(default, float) and isinstance(value, int):
                 value = float(value)

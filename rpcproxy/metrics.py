@@ -82,29 +82,6 @@ def _float_str(value: float) -> str:
     return repr(float(value))
 
 
-def classify_denial(reason: str) -> str:
-    """A bounded label for an authentication denial (the full reason goes to the log)."""
-    text = reason.lower()
-    if "anonymous" in text:
-        return "anonymous"
-    if "basic authentication" in text:
-        return "basic_not_allowed"
-    if "unsupported authentication scheme" in text or "kerberos" in text:
-        return "unsupported_scheme"
-    if "pending handshake" in text or "superseded" in text or "already completed" in text:
-        return "out_of_order"
-    if "rejected the credentials" in text or "did not accept" in text:
-        return "bad_credentials"
-    if ("malformed" in text or "base64" in text or "not an ntlmssp" in text or "empty" in text
-            or "lacks" in text or "challenge message" in text):
-        return "malformed"
-    return "rejected"
-
-
-def classify_unavailable(reason: str) -> str:
-    return "too_many_pending" if "too many" in reason.lower() else "ntlm_server_unavailable"
-
-
 CLOSE_KINDS = ("client_closed", "backend", "pairing_timeout", "timeout", "shutdown",
                "protocol_error", "closed")
 
@@ -159,9 +136,9 @@ class ServerMetrics:
         elif isinstance(outcome, Challenge):
             key = ("challenged", "ntlm_challenge" if had_credentials else "no_credentials")
         elif isinstance(outcome, Denied):
-            key = ("denied", classify_denial(outcome.reason))
+            key = ("denied", outcome.code.value)
         elif isinstance(outcome, Unavailable):
-            key = ("unavailable", classify_unavailable(outcome.reason))
+            key = ("unavailable", outcome.code.value)
         else:
             key = ("unknown", type(outcome).__name__)
         self.auth_results[key] += 1

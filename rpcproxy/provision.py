@@ -1,4 +1,4 @@
-"""``rpcproxy provision samba|user|dns``: the Samba/OpenChange/DNS side of an install.
+"""``rpcproxy provision samba|user|dns|winbind``: the Samba/OpenChange/DNS side of an install.
 
 These replace the hand-edited steps of the SOGo/OpenChange guide:
 
@@ -9,6 +9,7 @@ These replace the hand-edited steps of the SOGo/OpenChange guide:
 * ``user``   ``samba-tool user create`` + ``setexpiry --noexpiry``, then
   ``openchange_newuser --create`` when OpenChange is installed (guide section 7).
 * ``dns``    the autodiscover records and a hosts-file line (guide sections 6.5 and 8).
+* ``winbind`` what logins judged by winbind need on this host (``rpcproxy.provision_winbind``).
 
 Why per-interface ports: Samba binds an interface that keeps state between calls (as
 EMSMDB, NSPI and RFR do) in one process and only honours ``rpc server port:<interface>``
@@ -31,6 +32,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from rpcproxy import provision_winbind
 
 MAPIPROXY_INTERFACES = ("exchange_emsmdb", "exchange_nsp", "exchange_ds_rfr")
 DEFAULT_PORT = 1024
@@ -414,7 +417,7 @@ def provision_dns(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = "Provisioning helpers for Samba, OpenChange users and DNS."
+    p.description = "Provisioning helpers for Samba, OpenChange users, DNS and winbind."
     sub = p.add_subparsers(dest="what", required=True)
 
     s = sub.add_parser("samba", help="smb.conf lines for the OpenChange mapiproxy endpoint",
@@ -445,6 +448,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--dns-server", default="localhost",
                    help="DNS server for the samba-tool lines (default localhost)")
     d.set_defaults(provision=provision_dns)
+
+    provision_winbind.add_parser(sub)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,8 +38,10 @@ import aiohttp.http_parser
 import aiohttp.web_protocol
 from aiohttp import web
 
+from ntlm.errors import Unreachable
 from ntlm.http_auth import Authenticated, Challenge, Denied, HttpAuthenticator, Unavailable
-from ntlm.passthrough import Identity, NtlmVerifier
+from ntlm.verifier import Identity
+from ntlm.winbind import HelperPool, WinbindVerifier
 from rpcproxy import rts
 from rpcproxy.config import Config
 from rpcproxy.connection import (
@@ -556,6 +558,12 @@ class ConnectionGuard:
             transport.close()
 
 
+def helper_pool(config: Config) -> HelperPool:
+    """The pool of ntlm_auth helpers the configuration asks for."""
+    return HelperPool(config.ntlm_helper, size=config.ntlm_helpers,
+                      queue_timeout=config.auth_queue_timeout)
+
+
 class ProxyServer:
     """Owns the configuration, the authenticator, the VC registry and the listeners."""
 
@@ -567,8 +575,7 @@ class ProxyServer:
         self.listen_sockets = listen_sockets  # pre-bound by the supervisor
         self.settings: VcSettings = config.vc_settings()
         self.allow_list: AllowList = config.allow_list()
-        ntlm_ep = config.ntlm_endpoint()
-        self.verifier = NtlmVerifier((ntlm_ep.host, ntlm_ep.port))
+        self.verifier = WinbindVerifier(helper_pool(config))
         self.authenticator = authenticator or HttpAuthenticator(
             self.verifier,
             allow_basic=config.allow_basic,
@@ -675,6 +682,7 @@ class ProxyServer:
             except TimeoutError:
                 pass
         self.servers.clear()
+        await self.verifier.aclose()
 
     def forget_vc(self, rt: VcRuntime) -> None:
         if self.vcs.get(rt.vc.cookie) is rt:
@@ -747,7 +755,7 @@ class ProxyServer:
             log.warning("authentication unavailable for %s: %s", _peer(request), outcome.reason)
             return rpc_error_response(
                 RpcProxyError(outcome.reason, rpc_error=RPC_S_SERVER_TOO_BUSY
-                              if "too many" in outcome.reason else RPC_S_SERVER_UNAVAILABLE)
+                              if outcome.code is Unreachable.BUSY else RPC_S_SERVER_UNAVAILABLE)
             )
         headers: list[tuple[str, str]] = [("WWW-Authenticate", v)
                                           for v in outcome.www_authenticate]

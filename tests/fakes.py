@@ -10,7 +10,7 @@ import base64
 import struct
 
 from ntlm.http_auth import Authenticated, AuthOutcome, Challenge, Denied
-from ntlm.passthrough import Identity
+from ntlm.verifier import Identity
 from rpcproxy.pdu import PduFramer, PType
 
 

@@ -24,7 +24,9 @@ import atexit
 import contextlib
 import fcntl
 import functools
+import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -40,6 +42,15 @@ DOMAIN = "EXAMPLE"
 HOST_NAME = "DC1"
 ADMIN_PASSWORD = "Passw0rd!x"
 USERS = {"testuser": "Test1234", "otheruser": "Other1234"}
+# An account whose userPrincipalName looks like another account's name (AD allows it: UPNs that
+# look like e-mail addresses often differ from account names), and that other account.
+UPN_USER, UPN_PASSWORD, UPN_SUFFIX = "asmith", "Asmith1234", "corp.test"
+VICTIM_USER, VICTIM_PASSWORD = "victim", "Victim1234"
+UPN = f"{VICTIM_USER}@{UPN_SUFFIX}"  # belongs to asmith, not to victim
+# libwbclient (ntlm_auth, wbinfo) finds winbindd only at its compiled-in socket directory, not
+# at smb.conf's "winbindd socket directory"; helpers for this DC run in a private mount
+# namespace where the DC's directory is bind-mounted there.
+WINBINDD_DEFAULT_DIR = "/run/samba/winbindd"
 DISABLED_USER = "disableduser"
 DISABLED_PASSWORD = "Disabled1234"
 EPM_PORT = 135
@@ -189,11 +200,14 @@ class SambaDC:
         self.admin_password = ADMIN_PASSWORD
         self.users = dict(USERS)
         self.disabled_user = DISABLED_USER
+        self.upn_user, self.upn_password, self.upn = UPN_USER, UPN_PASSWORD, UPN
+        self.victim_user, self.victim_password = VICTIM_USER, VICTIM_PASSWORD
         self.disabled_password = DISABLED_PASSWORD
         self.smb_conf = base / "etc" / "smb.conf"
         self.log_file = base / "log" / "samba.log"
         self._stdout_file = base / "log" / "samba.stdout"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._upn_set = False
         self._lock = lock
 
     # -- provisioning ---------------------------------------------------------------------
@@ -261,6 +275,9 @@ class SambaDC:
             self._tool("user", "create", name, password, conf)
             self._tool("user", "setexpiry", name, "--noexpiry", conf)
         self._tool("user", "disable", DISABLED_USER, conf)
+        for name, password in ((UPN_USER, UPN_PASSWORD), (VICTIM_USER, VICTIM_PASSWORD)):
+            self._tool("user", "create", name, password, conf)
+            self._tool("user", "setexpiry", name, "--noexpiry", conf)
 
     # -- process control ------------------------------------------------------------------
 
@@ -306,6 +323,12 @@ class SambaDC:
             raise RuntimeError(
                 f"samba {state} within {timeout:.0f} s on {self.host}.\n{self.log_tail()}"
             )
+        self.wait_winbind()
+        if not self._upn_set:  # needs the running DC (the suffix list is changed over LSA)
+            conf = f"--configfile={self.smb_conf}"
+            self._tool("domain", "trust", "namespaces", f"--add-upn-suffix={UPN_SUFFIX}", conf)
+            self._tool("user", "rename", UPN_USER, f"--upn={UPN}", conf)
+            self._upn_set = True
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop samba (no-op when not running): SIGTERM to our child, then its process group."""
@@ -346,6 +369,37 @@ class SambaDC:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.1)
+
+    # -- winbind -------------------------------------------------------------------------
+
+    def in_winbind_namespace(self, *argv: str) -> list[str]:
+        """``argv`` run where libwbclient finds this DC's winbindd (see WINBINDD_DEFAULT_DIR)."""
+        os.makedirs(WINBINDD_DEFAULT_DIR, exist_ok=True)
+        inner = (f"mount --bind {shlex.quote(str(self.base / 'winbindd'))} "
+                 f"{WINBINDD_DEFAULT_DIR} && exec {shlex.join(argv)}")
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", inner]
+
+    def ntlm_helper(self) -> list[str]:
+        """The ntlm_helper command for a proxy whose logins this DC judges."""
+        return self.in_winbind_namespace(
+            "ntlm_auth", f"--configfile={self.smb_conf}", "--helper-protocol=squid-2.5-ntlmssp")
+
+    def ntlm_helper_toml(self) -> str:
+        """The ntlm_helper line of an rpcproxy TOML file."""
+        return f"ntlm_helper = {json.dumps(self.ntlm_helper())}\n"
+
+    def ntlm_helper_flag(self) -> list[str]:
+        """The --ntlm-helper option of ``rpcproxy serve`` / ``check``."""
+        return ["--ntlm-helper", shlex.join(self.ntlm_helper())]
+
+    def wait_winbind(self, timeout: float = 60.0) -> None:
+        """Wait until winbindd answers (it starts a moment after samba's ports open)."""
+        def ping() -> bool:
+            done = subprocess.run(self.in_winbind_namespace("wbinfo", "--ping-dc"),
+                                  env=_tool_env(), capture_output=True, timeout=30)
+            return done.returncode == 0
+        if not self._wait(ping, timeout):
+            raise RuntimeError(f"winbindd of the test DC does not answer.\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
         parts = []

@@ -35,6 +35,7 @@ def good(samba_dc: SambaDC, tmp_path: Path) -> Path:
     conf.write_text(
         'listen = "127.0.0.1:8443"\n'
         f'backend = "{samba_dc.host}:{samba_dc.port}"\n'
+        + samba_dc.ntlm_helper_toml() +
         'server_names = ["mail.example.com", "localhost"]\n'
         f'tls_cert = "{pair.cert_path}"\ntls_key = "{pair.key_path}"\n'
     )
@@ -51,13 +52,13 @@ def test_all_pass(samba_dc: SambaDC, good: Path, capsys: pytest.CaptureFixture[s
     code, lines, out = _check(capsys, "--config", str(good), "--user", "EXAMPLE\\testuser",
                               "--password", samba_dc.users["testuser"])
     assert code == 0, out
-    assert set(lines) == {"configuration", "certificate", "backend", "NTLM server",
+    assert set(lines) == {"configuration", "certificate", "backend", "NTLM (winbind)",
                           "test login"}
-    for what in ("configuration", "backend", "NTLM server", "test login"):
+    for what in ("configuration", "backend", "NTLM (winbind)", "test login"):
         assert lines[what].startswith("[ OK ]"), out
     assert lines["certificate"].startswith("[ OK ]") and "self-signed" in lines["certificate"]
     assert "covers mail.example.com;" in lines["certificate"]
-    assert "(domain EXAMPLE)" in lines["NTLM server"]
+    assert "gives verdicts" in lines["NTLM (winbind)"]
     assert "logged in as EXAMPLE\\testuser" in lines["test login"]
     assert out.rstrip().endswith("all checks passed")
 
@@ -65,24 +66,25 @@ def test_all_pass(samba_dc: SambaDC, good: Path, capsys: pytest.CaptureFixture[s
 def test_backend_down(samba_dc: SambaDC, good: Path, capsys: pytest.CaptureFixture[str]) -> None:
     port = unused_port()
     code, lines, out = _check(capsys, "--config", str(good), "--backend", f"127.0.0.1:{port}",
-                              "--ntlm-server", f"{samba_dc.host}:{samba_dc.port}")
+                              *samba_dc.ntlm_helper_flag())
     assert code == 1
     assert lines["backend"] == (f"[FAIL] backend: cannot connect to 127.0.0.1:{port}: "
                                 "Connection refused. Is Samba running with the mapiproxy "
                                 "endpoint on that port? (rpcproxy provision samba)")
-    assert lines["NTLM server"].startswith("[ OK ]")
+    assert lines["NTLM (winbind)"].startswith("[ OK ]")
     assert lines["test login"].startswith("[SKIP]")
     assert "1 check(s) failed" in out
 
 
 def test_ntlm_server_down_skips_login(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    port = unused_port()
-    code, lines, out = _check(capsys, "--config", str(good), "--ntlm-server", f"127.0.0.1:{port}",
+    code, lines, out = _check(capsys, "--config", str(good),
+                              "--ntlm-helper", "/nonexistent/ntlm_auth",
                               "--user", "EXAMPLE\\testuser", "--password", "x")
     assert code == 1
-    assert lines["NTLM server"].startswith("[FAIL] NTLM server: cannot connect to NTLM server "
-                                           f"127.0.0.1:{port}")
-    assert lines["test login"] == "[SKIP] test login: the NTLM server does not answer"
+    assert lines["NTLM (winbind)"].startswith(
+        "[FAIL] NTLM (winbind): cannot start the NTLM helper '/nonexistent/ntlm_auth'")
+    assert "winbindd_priv" in lines["NTLM (winbind)"]
+    assert lines["test login"] == "[SKIP] test login: winbind gives no verdicts"
 
 
 def test_wrong_password(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,7 +93,7 @@ def test_wrong_password(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 1
     assert lines["test login"].startswith("[FAIL] test login: EXAMPLE\\testuser was refused: ")
     assert "wrong password" in lines["test login"]
-    assert lines["NTLM server"].startswith("[ OK ]")
+    assert lines["NTLM (winbind)"].startswith("[ OK ]")
 
 
 def test_disabled_user(samba_dc: SambaDC, good: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -148,13 +150,14 @@ def test_invalid_configuration_stops_early(tmp_path: Path,
     assert code == 1
     assert lines["configuration"].startswith("[FAIL] configuration: ")
     assert "99999" in lines["configuration"]
-    assert all(lines[w].startswith("[SKIP]") for w in ("certificate", "backend", "NTLM server"))
+    assert all(lines[w].startswith("[SKIP]") for w in ("certificate", "backend", "NTLM (winbind)"))
     code, lines, _ = _check(capsys, "--config", str(tmp_path / "missing.toml"))
     assert code == 1 and "cannot read config file" in lines["configuration"]
 
 
 def test_plain_http_is_a_warning(samba_dc: SambaDC, capsys: pytest.CaptureFixture[str]) -> None:
-    code, lines, out = _check(capsys, "--backend", f"{samba_dc.host}:{samba_dc.port}")
+    code, lines, out = _check(capsys, "--backend", f"{samba_dc.host}:{samba_dc.port}",
+                              *samba_dc.ntlm_helper_flag())
     assert code == 0, out
     assert lines["certificate"].startswith("[WARN] certificate: TLS is off")
     assert "all checks passed (1 warning(s))" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ntlm import NtlmVerifier, verify_password
+from ntlm import HelperPool, WinbindVerifier, verify_password
 from rpcproxy import provision
 from rpcproxy.cli import main
 from tests.samba_dc import SambaDC
@@ -177,8 +178,13 @@ def test_dns_ipv6_and_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def _login(dc: SambaDC, user: str, password: str) -> str:
-    verifier = NtlmVerifier((dc.host, dc.port))
-    return str(asyncio.run(verify_password(verifier, f"{dc.domain}\\{user}", password)))
+    async def login() -> str:
+        verifier = WinbindVerifier(HelperPool(dc.ntlm_helper(), size=1))
+        try:
+            return str(await verify_password(verifier, f"{dc.domain}\\{user}", password))
+        finally:
+            await verifier.aclose()
+    return asyncio.run(login())
 
 
 def _fake_openchange(tmp_path: Path) -> tuple[Path, Path]:
@@ -248,3 +254,29 @@ def test_user_failures_are_reported(samba_dc: SambaDC, tmp_path: Path,
                  "-s", str(samba_dc.smb_conf)])
     out = capsys.readouterr().out
     assert code == 1 and "[FAIL]" in out, out
+
+
+# --- provision winbind -----------------------------------------------------------------------
+
+
+@pytest.mark.samba
+def test_provision_winbind_against_the_dc(samba_dc: SambaDC,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["provision", "winbind", "--user", "nobody",
+                 "--ntlm-helper", shlex.join(samba_dc.ntlm_helper())])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "[WARN] nobody is not in winbindd_priv: run `usermod -aG winbindd_priv nobody`" in out
+    assert "[ OK ] winbind gives verdicts" in out
+
+
+def test_provision_winbind_without_winbind(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["provision", "winbind", "--ntlm-helper", "/nonexistent/ntlm_auth"]) == 1
+    assert "[FAIL] /nonexistent/ntlm_auth is not installed: apt-get install winbind" in (
+        capsys.readouterr().out)
+    # A helper that starts but reaches no winbindd: no verdict, said in words.
+    assert main(["provision", "winbind", "--user", "root", "--ntlm-helper",
+                 "ntlm_auth --helper-protocol=squid-2.5-ntlmssp "
+                 "--configfile=/nonexistent/smb.conf"]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] winbind gives no verdicts" in out

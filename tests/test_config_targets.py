@@ -88,7 +88,7 @@ def test_embedded_defaults_are_valid() -> None:
     cfg = config_mod.load()
     assert cfg.listen == "127.0.0.1:8080"
     assert cfg.backend_endpoint() == BACKEND
-    assert cfg.ntlm_endpoint() == BACKEND
+    assert cfg.ntlm_helper == ["ntlm_auth", "--helper-protocol=squid-2.5-ntlmssp"]
     assert len(cfg.allow_list()) == 3 * len(cfg.server_names)
     assert cfg.vc_settings().receive_window == 0x40000
 
@@ -97,7 +97,7 @@ def test_file_then_overrides(tmp_path: Path) -> None:
     f = tmp_path / "rpcproxy.toml"
     f.write_text('listen = "0.0.0.0:443"\nbackend = "10.0.0.5:1024"\n'
                  'targets = ["mail:6001"]\nsetup-timeout = 5\n')
-    cfg = config_mod.load(f, {"listen": "127.0.0.1:9000", "ntlm_server": None})
+    cfg = config_mod.load(f, {"listen": "127.0.0.1:9000", "ntlm_helper": None})
     assert cfg.listen == "127.0.0.1:9000"
     assert cfg.backend == "10.0.0.5:1024"
     assert cfg.setup_timeout == 5.0
@@ -128,14 +128,32 @@ def test_cli_flags_reach_config() -> None:
     args = cli.build_parser().parse_args([
         "serve", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1300",
         "--target", "mail:6001", "--target", "mail:6004=127.0.0.1:1400",
-        "--ntlm-server", "127.0.0.1:1500", "--basic-over-http",
+        "--ntlm-helper", "/usr/bin/ntlm_auth --helper-protocol=squid-2.5-ntlmssp -d 0",
+        "--basic-over-http",
     ])
     cfg = cli.config_from_args(args)
     allow = cfg.allow_list()
     assert allow.resolve(Target("mail", 6001)) == Endpoint("127.0.0.1", 1300)
     assert allow.resolve(Target("mail", 6004)) == Endpoint("127.0.0.1", 1400)
-    assert cfg.ntlm_endpoint() == Endpoint("127.0.0.1", 1500)
+    assert cfg.ntlm_helper == ["/usr/bin/ntlm_auth", "--helper-protocol=squid-2.5-ntlmssp",
+                               "-d", "0"]
     assert cfg.basic_over_http is True
+
+
+def test_ntlm_helper_in_file_and_removed_ntlm_server(tmp_path: Path) -> None:
+    f = tmp_path / "a.toml"
+    f.write_text('ntlm_helper = "ntlm_auth --helper-protocol=squid-2.5-ntlmssp -s \'/etc/x y\'"\n'
+                 "ntlm_helpers = 4\nauth_queue_timeout = 3\n")
+    cfg = config_mod.load(f)
+    assert cfg.ntlm_helper == ["ntlm_auth", "--helper-protocol=squid-2.5-ntlmssp", "-s", "/etc/x y"]
+    assert (cfg.ntlm_helpers, cfg.auth_queue_timeout) == (4, 3.0)
+    f.write_text('ntlm_server = "127.0.0.1:1024"\n')
+    with pytest.raises(ConfigError, match="winbind judges it"):
+        config_mod.load(f)
+    for bad in ("ntlm_helper = []\n", "ntlm_helpers = 0\n", "auth_queue_timeout = 0\n"):
+        f.write_text(bad)
+        with pytest.raises(ConfigError):
+            config_mod.load(f)
 
 
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -130,7 +130,7 @@ class Deployment:
         conf = tmp / "rpcproxy.toml"
         conf.write_text(
             f'backend = "127.0.0.1:{backend_port}"\n'
-            f'ntlm_server = "{dc.host}:{dc.port}"\n'
+            + dc.ntlm_helper_toml() +
             f'targets = ["{TARGET}"]\n'
             "basic_over_http = true\n"
             "setup_timeout = 3.0\n"

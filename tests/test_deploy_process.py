@@ -110,6 +110,7 @@ def _write_config(path: Path, dc: SambaDC, targets: list[str], extra: str = "") 
     rules = ", ".join(f'"{t}"' for t in targets)
     path.write_text(
         f'backend = "{dc.host}:{dc.port}"\n'
+        + dc.ntlm_helper_toml() +
         f"targets = [{rules}]\n"
         "basic_over_http = true\n"
         "setup_timeout = 2.0\n" + extra
@@ -155,12 +156,16 @@ def test_sighup_adds_target_keeps_live_vc_and_cli_overrides(
     samba_dc: SambaDC, tmp_path: Path, procs: list[ServeProcess]
 ) -> None:
     conf = tmp_path / "rpcproxy.toml"
-    # The file names an NTLM server that does not exist; --ntlm-server on the command line
+    # The file names an NTLM helper that does not exist; --ntlm-helper on the command line
     # overrides it, and must still do so after the reload.
-    bogus = f'ntlm_server = "127.0.0.1:{unused_port()}"\n'
-    _write_config(conf, samba_dc, ["mail.example.com:6001"], bogus)
+    def write_bogus(targets: list[str]) -> None:
+        _write_config(conf, samba_dc, targets)
+        conf.write_text(conf.read_text().replace(samba_dc.ntlm_helper_toml(),
+                                                 'ntlm_helper = ["/nonexistent/ntlm_auth"]\n'))
+
+    write_bogus(["mail.example.com:6001"])
     notify = NotifySocket(tmp_path)
-    p = _serve(procs, "--config", str(conf), "--ntlm-server", f"{samba_dc.host}:{samba_dc.port}",
+    p = _serve(procs, "--config", str(conf), *samba_dc.ntlm_helper_flag(),
                "--metrics-listen", "127.0.0.1:0", env={"NOTIFY_SOCKET": notify.env_value})
     port, mport = p.port(), p.metrics_port()
     notify.wait_for("READY=1")
@@ -173,8 +178,7 @@ def test_sighup_adds_target_keeps_live_vc_and_cli_overrides(
             assert status.startswith("HTTP/1.1 503"), (status, body)
             assert "not on the allow-list" in body
 
-            _write_config(conf, samba_dc, ["mail.example.com:6001", "new.example.com:6001"],
-                          bogus)
+            write_bogus(["mail.example.com:6001", "new.example.com:6001"])
             mark = p.line_count()
             notify.messages.clear()
             p.signal(signal.SIGHUP)
@@ -183,7 +187,7 @@ def test_sighup_adds_target_keeps_live_vc_and_cli_overrides(
             await asyncio.to_thread(notify.wait_for, "READY=1")
             assert any("RELOADING=1" in m.split("\n") for m in notify.messages)
 
-            # The new rule works (and authentication still goes to --ntlm-server).
+            # The new rule works (and authentication still goes to --ntlm-helper).
             fresh = await open_vc("127.0.0.1", port, "new.example.com:6001", auth)
             try:
                 assert (await fresh.bind_mgmt())[2] == BIND_ACK_PTYPE
@@ -319,6 +323,7 @@ def test_tls_vc_with_basic_auth_and_certificate_reload(
     pair = certs.create_self_signed("mail.example.com", tls_dir)
     conf = tmp_path / "rpcproxy.toml"
     conf.write_text(f'backend = "{samba_dc.host}:{samba_dc.port}"\n'
+                    + samba_dc.ntlm_helper_toml() +
                     'targets = ["mail.example.com:6001"]\n'
                     f'tls_cert = "{pair.cert_path}"\ntls_key = "{pair.key_path}"\n')
     p = _serve(procs, "--config", str(conf))

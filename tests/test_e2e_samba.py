@@ -37,6 +37,7 @@ GIB = 1 << 30
 def proxy(samba_dc: SambaDC) -> Iterator[ProxyThread]:
     p = ProxyThread(
         backend=f"{samba_dc.host}:{samba_dc.port}",
+        ntlm_helper=samba_dc.ntlm_helper(),
         server_names=["dc1", "dc1.example.com"],
         basic_over_http=True,
     )
@@ -50,7 +51,7 @@ def spy_proxy(samba_dc: SambaDC) -> Iterator[tuple[ProxyThread, SpyBackend]]:
     spy = SpyBackend()
     p = ProxyThread(
         backend=spy.endpoint,
-        ntlm_server=f"{samba_dc.host}:{samba_dc.port}",
+        ntlm_helper=samba_dc.ntlm_helper(),
         server_names=["dc1"],
         basic_over_http=True,
     )
@@ -272,7 +273,8 @@ def test_target_off_allow_list_refused(spy_proxy: tuple[ProxyThread, SpyBackend]
 
 
 def test_samba_stopped_mid_session_closes_both_channels(samba_dc: SambaDC) -> None:
-    proxy = ProxyThread(backend=f"{samba_dc.host}:{samba_dc.port}", server_names=["dc1"])
+    proxy = ProxyThread(backend=f"{samba_dc.host}:{samba_dc.port}", server_names=["dc1"],
+                        ntlm_helper=samba_dc.ntlm_helper())
     try:
         t = transport.DCERPCTransportFactory("ncacn_http:DC1[6001]")
         t.set_rpc_proxy_url(proxy.url)

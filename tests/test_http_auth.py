@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
-import socket
 import struct
 from collections.abc import Callable
 
@@ -17,7 +16,7 @@ import pytest
 import spnego
 
 from ntlm import messages
-from ntlm.errors import AuthenticationFailed, NtlmServerUnavailable
+from ntlm.errors import AuthenticationFailed, NtlmServerUnavailable, Refusal, Unreachable
 from ntlm.http_auth import (
     Authenticated,
     Challenge,
@@ -25,7 +24,8 @@ from ntlm.http_auth import (
     HttpAuthenticator,
     Unavailable,
 )
-from ntlm.passthrough import Identity, NtlmVerifier, PendingHandshake
+from ntlm.verifier import Handshake, Identity
+from ntlm.winbind import HelperPool, WinbindVerifier
 from tests.samba_dc import SambaDC
 
 TESTUSER = Identity("testuser", "EXAMPLE")
@@ -72,12 +72,6 @@ class HttpClient:
         return await self.send(f"{scheme} {b64(self.ntlm.step(base64.b64decode(token)) or b'')}")
 
 
-def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def wait_until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
     """Poll (no timing assertion: the bound only keeps a broken test from hanging)."""
     loop = asyncio.get_running_loop()
@@ -87,9 +81,14 @@ async def wait_until(predicate: Callable[[], bool], limit: float = 10.0) -> None
         await asyncio.sleep(0.01)
 
 
+def unreachable_verifier() -> WinbindVerifier:
+    """A verifier whose helper cannot even start (no winbind on this host)."""
+    return WinbindVerifier(HelperPool(["/nonexistent/ntlm_auth"]))
+
+
 @pytest.fixture
 def auth(samba_dc: SambaDC) -> HttpAuthenticator:
-    return HttpAuthenticator(NtlmVerifier((samba_dc.host, samba_dc.port)))
+    return HttpAuthenticator(WinbindVerifier(HelperPool(samba_dc.ntlm_helper())))
 
 
 # -- with the real Samba ---------------------------------------------------------------------
@@ -137,7 +136,7 @@ async def test_ntlm_rejected(auth: HttpAuthenticator, user: str, password: str) 
     client = HttpClient(auth, user, password, tls=False)
     outcome = await client.login()
     assert isinstance(outcome, Denied)
-    assert "0x00000721" in outcome.reason
+    assert outcome.code is Refusal.BAD_CREDENTIALS and "NT_STATUS_" in outcome.reason
     assert outcome.www_authenticate == ["NTLM"]
     assert auth.pending_count() == 0
     assert isinstance(await client.send(None), Challenge)
@@ -196,7 +195,7 @@ async def test_negotiate_wrapping_raw_ntlm(auth: HttpAuthenticator) -> None:
 
 
 async def test_negotiate_with_kerberos_token_denied() -> None:
-    auth = HttpAuthenticator(NtlmVerifier(("127.0.0.1", dead_port())))
+    auth = HttpAuthenticator(unreachable_verifier())
     spnego_init = b"\x60\x28\x06\x06\x2b\x06\x01\x05\x05\x02\xa0\x1e" + b"\x00" * 30
     outcome = await auth.authenticate(Conn(), f"Negotiate {b64(spnego_init)}", tls=True)
     assert isinstance(outcome, Denied)
@@ -219,7 +218,7 @@ async def test_basic(auth: HttpAuthenticator) -> None:
 
 @pytest.mark.samba
 async def test_basic_refused_on_plain_http(samba_dc: SambaDC) -> None:
-    verifier = NtlmVerifier((samba_dc.host, samba_dc.port))
+    verifier = WinbindVerifier(HelperPool(samba_dc.ntlm_helper()))
     strict = HttpAuthenticator(verifier)
     outcome = await strict.authenticate(Conn(), basic("testuser", "Test1234"), tls=False)
     assert isinstance(outcome, Denied) and "TLS" in outcome.reason
@@ -236,7 +235,7 @@ async def test_basic_refused_on_plain_http(samba_dc: SambaDC) -> None:
 
 @pytest.mark.samba
 async def test_max_pending(samba_dc: SambaDC) -> None:
-    auth = HttpAuthenticator(NtlmVerifier((samba_dc.host, samba_dc.port)), max_pending=2)
+    auth = HttpAuthenticator(WinbindVerifier(HelperPool(samba_dc.ntlm_helper())), max_pending=2)
     a = HttpClient(auth, "testuser", "Test1234")
     b = HttpClient(auth, "testuser", "Test1234")
     c = HttpClient(auth, "testuser", "Test1234")
@@ -244,7 +243,7 @@ async def test_max_pending(samba_dc: SambaDC) -> None:
     await b.type1()
     assert auth.pending_count() == 2
     full = await c.send(f"NTLM {b64(c.ntlm.step() or b'')}")
-    assert full == Unavailable("too many pending handshakes")
+    assert full == Unavailable("too many pending handshakes", Unreachable.BUSY)
     assert await auth.authenticate(Conn(), basic("testuser", "Test1234"), tls=True) == full
     auth.forget(a.conn)
     assert auth.pending_count() == 1
@@ -255,7 +254,8 @@ async def test_max_pending(samba_dc: SambaDC) -> None:
 
 @pytest.mark.samba
 async def test_handshake_expires(samba_dc: SambaDC) -> None:
-    auth = HttpAuthenticator(NtlmVerifier((samba_dc.host, samba_dc.port)), handshake_timeout=0.05)
+    auth = HttpAuthenticator(WinbindVerifier(HelperPool(samba_dc.ntlm_helper())),
+                             handshake_timeout=0.05)
     client = HttpClient(auth, "testuser", "Test1234")
     challenge = await client.type1()
     await wait_until(lambda: auth.pending_count() == 0)
@@ -278,11 +278,11 @@ async def test_garbage_collected_connection_releases_samba_socket(
 
 
 async def test_samba_unreachable_is_unavailable_not_denied() -> None:
-    auth = HttpAuthenticator(NtlmVerifier(("127.0.0.1", dead_port())))
+    auth = HttpAuthenticator(unreachable_verifier())
     client = HttpClient(auth, "testuser", "Test1234")
     outcome = await client.send(f"NTLM {b64(client.ntlm.step() or b'')}")
     assert isinstance(outcome, Unavailable)
-    assert "cannot connect" in outcome.reason
+    assert "cannot start the NTLM helper" in outcome.reason
     assert auth.pending_count() == 0
     outcome = await auth.authenticate(Conn(), basic("testuser", "Test1234"), tls=True)
     assert isinstance(outcome, Unavailable)
@@ -303,7 +303,7 @@ async def test_samba_unreachable_is_unavailable_not_denied() -> None:
     ],
 )
 async def test_bad_headers_denied(header: str, reason: str) -> None:
-    auth = HttpAuthenticator(NtlmVerifier(("127.0.0.1", dead_port())))
+    auth = HttpAuthenticator(unreachable_verifier())
     outcome = await auth.authenticate(Conn(), header, tls=True)
     assert isinstance(outcome, Denied), outcome
     assert reason in outcome.reason
@@ -329,21 +329,23 @@ class FakeHandshake:
         self.closed = True
 
 
-class FakeVerifier(NtlmVerifier):
+class FakeVerifier:
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 9))
         self.gate: asyncio.Event | None = None
         self.unavailable = False
         self.handshakes: list[FakeHandshake] = []
 
-    async def begin(self, negotiate: bytes) -> PendingHandshake:
+    async def probe(self) -> None:
+        pass
+
+    async def begin(self, negotiate: bytes) -> Handshake:
         if self.gate is not None:
             await self.gate.wait()
         if self.unavailable:
             raise NtlmServerUnavailable("fake server down")
         handshake = FakeHandshake(Identity("alice", "EXAMPLE"))
         self.handshakes.append(handshake)
-        return handshake  # type: ignore[return-value]
+        return handshake
 
 
 TYPE1 = "NTLM " + b64(messages.build_negotiate())
@@ -400,7 +402,7 @@ async def test_in_flight_begins_count_against_max_pending() -> None:
     task = asyncio.create_task(auth.authenticate(Conn(), TYPE1, tls=True))
     await wait_until(lambda: auth.pending_count() == 1)
     assert await auth.authenticate(Conn(), TYPE1, tls=True) == Unavailable(
-        "too many pending handshakes"
+        "too many pending handshakes", Unreachable.BUSY
     )
     verifier.gate.set()
     assert isinstance(await task, Challenge)
