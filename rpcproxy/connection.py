@@ -323,6 +323,13 @@ class VirtualConnection:
                 found.append(ch.channel)
         return found
 
+    def channel_counts(self) -> tuple[int, int]:
+        """(IN, OUT) channels attached now, each counted once: while an OUT channel recycles,
+        the old one is both ``out`` and ``old_out``."""
+        outs = {id(c) for c in (self.out, self.old_out, self.out_successor) if c is not None}
+        ins = {id(c) for c in (self.in_, self.in_successor) if c is not None}
+        return len(ins), len(outs)
+
     def _emit(self, action: Action) -> None:
         self._out.append(action)
 

@@ -185,8 +185,9 @@ class ProxyCollector:
         for rt in list(server.vcs.values()):
             vc = rt.vc
             phases[vc.phase.name.lower()] += 1
-            channels["out"] += sum(c is not None for c in (vc.out, vc.out_successor, vc.old_out))
-            channels["in"] += sum(c is not None for c in (vc.in_, vc.in_successor))
+            ins, outs = vc.channel_counts()
+            channels["in"] += ins
+            channels["out"] += outs
             live_up += vc.traffic.client_to_backend
             live_down += vc.traffic.backend_to_client
 

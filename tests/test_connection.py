@@ -1456,3 +1456,15 @@ def test_fast_paths_are_taken() -> None:
     vc.in_data(IN, rpc(PType.REQUEST, 64) * 2, 1.0)  # two PDUs: the general path
     vc.backend_data(response[:10], 1.0)  # a partial PDU: the general path
     assert calls == ["_in_data", "_backend_data"]
+
+
+def test_channel_counts_during_out_recycle() -> None:
+    """The recycling OUT channel is ``out`` and ``old_out`` at once: it counts once (the
+    metrics' rpcproxy_channels{direction="out"} read one too many while a VC recycled)."""
+    vc = opened()
+    assert vc.channel_counts() == (1, 1)
+    vc, _ = recycle_to_a2()
+    assert vc.old_out is vc.out
+    assert vc.channel_counts() == (1, 1)
+    vc, _ = recycle_to_a6()
+    assert vc.channel_counts() == (1, 2)

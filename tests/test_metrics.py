@@ -59,3 +59,19 @@ async def test_probe_stops_with_the_listener() -> None:
     seen = server.metrics.loop_lag.count
     await asyncio.sleep(2 * LOOP_LAG_INTERVAL)
     assert server.metrics.loop_lag.count == seen
+
+
+def test_recycling_out_channel_counted_once() -> None:
+    """rpcproxy_channels{direction="out"} read 2 for one OUT channel while it recycled (the old
+    channel is both ``out`` and ``old_out`` until the successor arrives)."""
+    from types import SimpleNamespace
+
+    from rpcproxy.metrics import ProxyCollector
+    from tests.test_connection import recycle_to_a2
+
+    server = _server()
+    vc, _ = recycle_to_a2()
+    server.vcs[vc.cookie] = SimpleNamespace(vc=vc)  # type: ignore[assignment]
+    (family,) = [f for f in ProxyCollector(server).collect() if f.name == "rpcproxy_channels"]
+    counts = {s.labels["direction"]: s.value for s in family.samples}
+    assert counts == {"in": 1, "out": 1}
