@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import datetime
 import os
+import shlex
 import ssl
 import sys
 import time
@@ -50,11 +51,15 @@ from bench.procs import ChildProcess
 from bench.protocol import IntegrityError
 from bench.proxyproc import LOCAL_NTLM_PASSWORD, LOCAL_NTLM_USER
 from bench.relay import RelayProcess, find_haproxy, relay_maxconn
-from bench.scenarios import SCENARIOS, Bench, ProxyTarget
+from bench.scenarios import SCENARIOS as BASE_SCENARIOS
+from bench.scenarios import Bench, ProxyTarget
 from bench.session import RpcFault
+from bench.storm import run_storm, samba_logins_per_s
 from rpcproxy.rts import MAX_RECEIVE_WINDOW, MIN_RECEIVE_WINDOW
 
 DEFAULT_SCENARIOS = ("throughput", "aggregate", "latency", "concurrency", "setup", "soak")
+# storm needs real NTLM (--ntlm-helper): run on request, not by default.
+SCENARIOS = {**BASE_SCENARIOS, "storm": run_storm}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--setup-workers", type=int, default=8,
                    help="parallel openers in the setup scenario (default 8)")
     p.add_argument("--soak-connections", type=int, default=16)
+    p.add_argument("--storm-vcs", type=int, default=1000,
+                   help="VCs the storm scenario opens at once (default 1000)")
+    p.add_argument("--storm-wrong-passwords", type=int, default=0,
+                   help="storm: this many VCs use a wrong password (a harness self-check: "
+                        "each must count as a failure)")
+    p.add_argument("--ntlm-helpers", type=int, default=32,
+                   help="ntlm_auth helpers of the proxy and of the Samba-alone baseline "
+                        "(default 32)")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds before any single wait counts as a stall (default 10)")
     p.add_argument("--out-content-length", type=int, default=1 << 30,
@@ -267,6 +280,8 @@ def scenario_limit(name: str, args: argparse.Namespace, relay: bool = False) -> 
         base += args.clients * 0.2
     if name == "aggregate":  # proxies to start, holders to open
         base += 20 + args.aggregate_vcs * 3 / 20
+    if name == "storm":  # all at once, then the Samba-alone baseline
+        base += args.storm_vcs / 5
     return float(base)
 
 
@@ -335,7 +350,7 @@ async def amain(args: argparse.Namespace) -> int:
                 "--out-content-length", str(out_cl), "--loop", args.proxy_loop,
                 "--workers", str(workers)]
         if args.ntlm_helper:
-            argv += ["--ntlm-helper", args.ntlm_helper]
+            argv += ["--ntlm-helper", args.ntlm_helper, "--ntlm-helpers", str(args.ntlm_helpers)]
         elif args.auth == "ntlm":
             argv += ["--local-ntlm"]
         name = "proxy" if workers == args.proxy_workers else f"proxy-{workers}w"
@@ -445,6 +460,11 @@ async def amain(args: argparse.Namespace) -> int:
         bench.aggregate_procs = args.aggregate_procs or os.cpu_count() or 1
         bench.aggregate_workers = aggregate_workers
         bench.aggregate_placement = args.aggregate_placement
+        if args.ntlm_helper:
+            bench.ntlm_helper = shlex.split(args.ntlm_helper)
+        bench.ntlm_helpers = args.ntlm_helpers
+        bench.storm_vcs = args.storm_vcs
+        bench.storm_wrong_passwords = args.storm_wrong_passwords
 
         for name in names:
             progress(f"--- {name}")
@@ -471,6 +491,17 @@ async def amain(args: argparse.Namespace) -> int:
                     if msg not in doc["errors"]:
                         doc["errors"].append(msg)
                         doc["ok"] = False
+            if name == "setup" and bench.ntlm_helper and result.get("proxy"):
+                # With real NTLM: what the same Samba verifies alone, for comparison.
+                assert isinstance(bench.proxy.auth, (BasicAuth, NtlmAuth))
+                a = bench.proxy.auth
+                result["samba"] = await samba_logins_per_s(
+                    bench.ntlm_helper, f"{a.domain}\\{a.user}" if a.domain else a.user,
+                    a.password, logins=500, helpers=bench.ntlm_helpers)
+            if result.get("failures"):
+                doc["errors"].append(f"{name}: {result['failures']} of {result['vcs']} VCs "
+                                     f"failed: {result.get('failure_kinds')}")
+                doc["ok"] = False
             doc["scenarios"][name] = result
             if not bench.proxy_proc or bench.proxy_proc.alive():
                 continue

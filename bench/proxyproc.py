@@ -54,6 +54,7 @@ def _config(args: argparse.Namespace) -> Any:
     }
     if args.ntlm_helper:
         overrides["ntlm_helper"] = args.ntlm_helper
+        overrides["ntlm_helpers"] = args.ntlm_helpers
     return config_mod.load(None, overrides)
 
 
@@ -146,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out-content-length", type=int, default=0x40000000)
     p.add_argument("--receive-window", type=int, default=0x40000)
     p.add_argument("--ntlm-helper", metavar="COMMAND")
+    p.add_argument("--ntlm-helpers", type=int, default=32)
     p.add_argument("--local-ntlm", action="store_true",
                    help="also accept NTLM for BENCH\\bench (password bench), checked locally")
     p.add_argument("--workers", type=int, default=1,

@@ -91,6 +91,11 @@ class Bench:
     # ``await spawn_proxy(out_content_length, workers=None)`` (None: --proxy-workers).
     spawn_proxy: Callable[..., Awaitable[ChildProcess]] | None = None
     samples: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    # The storm scenario (bench.storm): real NTLM through this ntlm_auth command.
+    ntlm_helper: list[str] | None = None
+    ntlm_helpers: int = 32  # helpers of the proxy, and of the Samba-alone baseline
+    storm_vcs: int = 1000
+    storm_wrong_passwords: int = 0
 
     @property
     def paths(self) -> list[str]:

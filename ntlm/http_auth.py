@@ -97,7 +97,7 @@ class HttpAuthenticator:
         *,
         allow_basic: bool = True,
         basic_requires_tls: bool = True,
-        max_pending: int = 256,
+        max_pending: int = 4096,
         handshake_timeout: float = 30.0,
         realm: str = "rpcproxy",
     ) -> None:

@@ -63,9 +63,11 @@ class Config:
     metrics_listen: str | None = None
     allow_basic: bool = True
     basic_over_http: bool = False  # Basic without TLS only when explicitly allowed
-    max_pending_handshakes: int = 256
+    # Handshakes waiting for or holding an ntlm_auth helper (a waiting one costs a few hundred
+    # bytes: a reconnect storm of thousands of channels queues instead of failing).
+    max_pending_handshakes: int = 4096
     handshake_timeout: float = 30.0  # seconds a connection may stay unauthenticated
-    max_unauthenticated_connections: int = 1024
+    max_unauthenticated_connections: int = 4096
     max_connections_per_user: int = 100  # virtual connections one user may hold (per worker)
     backend_connect_timeout: float = 5.0
     backend_connect_retries: int = 2

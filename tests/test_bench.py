@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import resource
+import shlex
 import shutil
 import socket
 import subprocess
@@ -32,6 +33,7 @@ from bench.protocol import IntegrityError
 from bench.session import BenchSession
 from rpcproxy import config as config_mod
 from rpcproxy.server import ProxyServer
+from tests.samba_dc import SambaDC
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = "bench:6001"
@@ -628,3 +630,34 @@ def test_bottleneck_notes_judge_the_busiest_process() -> None:
     assert limits_of(dict(relay, relay_cpu=0.2, relay_procs=[0.2], relay_threads=[0.2]),
                      cores=2) == []  # 1.6 cores used in all: under 90% of 2
     assert any(x.startswith("the machine") for x in limits_of(relay, cores=2))
+
+
+@pytest.mark.samba
+def test_cli_storm_through_real_ntlm_counts_refused_logins(tmp_path: Path,
+                                                           samba_dc: SambaDC) -> None:
+    """The storm scenario opens VCs at once through winbind: with the right password none
+    fails; an injected wrong password is counted as a failure. The Samba-alone baseline is
+    reported as the direct figure, and the setup scenario reports it too."""
+    helper = shlex.join(samba_dc.ntlm_helper())
+    common = ("--scenarios", "storm", "--ntlm-helper", helper, "--ntlm-helpers", "4",
+              "--user", "testuser", "--password", samba_dc.users["testuser"],
+              "--domain", "EXAMPLE", "--relay", "none", "--storm-vcs", "30")
+    out = tmp_path / "storm.json"
+    proc = _run_cli(*common, "--json", str(out), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    storm = json.loads(out.read_text())["scenarios"]["storm"]
+    assert (storm["vcs"], storm["opened"], storm["failures"]) == (30, 30, 0), storm
+    assert storm["direct"] > 0 and storm["samba"]["failed"] == 0
+    assert storm["ratio"] == round(storm["proxy"] * 2 / storm["direct"], 3)
+    proc = _run_cli(*common, "--storm-wrong-passwords", "1", "--json", str(out), timeout=240)
+    assert proc.returncode == 1  # a failed login fails the run
+    doc = json.loads(out.read_text())
+    storm = doc["scenarios"]["storm"]
+    assert (storm["opened"], storm["failures"]) == (29, 1), storm
+    assert sum(storm["failure_kinds"].values()) == 1, storm  # named, e.g. the 401's close
+    assert doc["ok"] is False and "storm: 1 of 30 VCs failed" in doc["errors"][0]
+    proc = _run_cli("--scenarios", "setup", "--duration", "0.5", "--setup-workers", "2",
+                    *common[2:], "--json", str(out), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    setup = json.loads(out.read_text())["scenarios"]["setup"]
+    assert setup["proxy"] > 0 and setup["samba"]["per_s"] > 0
