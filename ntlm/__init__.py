@@ -1,9 +1,8 @@
-"""NTLM pass-through authentication for rpcproxy: Samba gives the verdict.
+"""NTLM authentication for rpcproxy: Samba's winbind gives the verdict and names the account.
 
 Modules, one concept each:
 * ``errors``      - NtlmError / AuthenticationFailed (401) / NtlmServerUnavailable (503)
 * ``messages``    - parsing NTLM NEGOTIATE / CHALLENGE / AUTHENTICATE ([MS-NLMP] 2.2)
-* ``dcerpc_auth`` - the DCE/RPC BIND / ALTER_CONTEXT PDUs (used to probe DCE/RPC endpoints)
 * ``verifier``    - Identity (the account Samba authenticated), the Verifier interface,
                     the refusal of client-written names with NUL or control characters
 * ``helper_protocol`` - the squid-2.5-ntlmssp lines of Samba's ntlm_auth, as a pure codec
@@ -11,7 +10,8 @@ Modules, one concept each:
 * ``basic``       - verify_password: Basic credentials checked through NTLM
 * ``http_auth``   - HttpAuthenticator: HTTP Authorization headers, state per TCP connection
 
-Nothing here imports an HTTP framework; the HTTP server maps outcomes to responses.
+Nothing here imports an HTTP framework or the proxy (rpcproxy imports ntlm, never the
+reverse); the HTTP server maps outcomes to responses.
 """
 
 from .basic import verify_password

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ntlm import dcerpc_auth
+from bench import dcerpc
 from rpcproxy import rts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +37,8 @@ RTS_PTYPE = 20
 BIND_ACK_PTYPE = 12
 IN_CONTENT_LENGTH = 0x40000000
 OUT_CONTENT_LENGTH = 76
+# The mgmt interface (C706 appendix Q), which every DCE/RPC server answers a BIND for.
+MGMT_SYNTAX = dcerpc.syntax(uuid.UUID("afa8bd80-7d8a-11c9-bef4-08002b102989"), 1)
 
 
 def serve_command(*args: str) -> list[str]:
@@ -244,7 +246,7 @@ class RpchVc:
         """BIND to the mgmt interface without auth; returns the answer (BIND_ACK expected)."""
         call_id = self.call_id
         self.call_id += 1
-        await self.send(dcerpc_auth.build_bind(call_id, dcerpc_auth.MGMT_INTERFACE))
+        await self.send(dcerpc.build_bind(call_id, MGMT_SYNTAX, max_xmit=5840, max_recv=5840))
         return await self.read_rpc_pdu(timeout)
 
     def close(self) -> None:
