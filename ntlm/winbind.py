@@ -39,7 +39,7 @@ from . import helper_protocol as hp
 from . import messages
 from .basic import verify_password
 from .errors import AuthenticationFailed, NtlmError, NtlmServerUnavailable, Refusal, Unreachable
-from .verifier import Identity, check_client_names
+from .verifier import Identity, check_client_name, check_client_names
 
 log = logging.getLogger(__name__)
 
@@ -352,9 +352,11 @@ class WinbindVerifier:
     async def begin(self, negotiate: bytes) -> WinbindHandshake:
         """Relay the client's NEGOTIATE; the handshake carries winbind's CHALLENGE."""
         try:
-            messages.parse_negotiate(negotiate)
+            parsed = messages.parse_negotiate(negotiate)
         except NtlmError as exc:
             raise AuthenticationFailed(f"malformed NTLM NEGOTIATE: {exc.reason}") from None
+        check_client_name(parsed.domain, "NTLM NEGOTIATE domain name")
+        check_client_name(parsed.workstation, "NTLM NEGOTIATE workstation name")
         helper = await self.pool.acquire()
         try:
             reply = await helper.ask(hp.Request.NEGOTIATE, negotiate, self.reply_timeout)

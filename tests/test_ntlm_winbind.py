@@ -273,6 +273,19 @@ async def test_control_characters_in_basic_user_refused(name: str) -> None:
     assert verifier.pool.started == 0
 
 
+async def test_control_characters_in_negotiate_names_refused() -> None:
+    flags = (messages.PROBE_NEGOTIATE_FLAGS | messages.Flag.OEM_DOMAIN_SUPPLIED
+             | messages.Flag.OEM_WORKSTATION_SUPPLIED)
+    head = messages.SIGNATURE + struct.pack("<II", messages.MessageType.NEGOTIATE, flags)
+    negotiate = head + struct.pack("<HHIHHI", 3, 3, 32, 2, 2, 35) + b"EX\0WS"
+    assert messages.parse_negotiate(negotiate).domain == "EX\0"
+    verifier = WinbindVerifier(HelperPool(["/nonexistent/ntlm_auth"]))
+    with pytest.raises(AuthenticationFailed) as exc:
+        await verifier.begin(negotiate)
+    assert exc.value.code is Refusal.BAD_NAME
+    assert verifier.pool.started == 0
+
+
 def test_has_control_characters() -> None:
     for ok in ["testuser", "Test User", "jürgen", "o'brien", "victim@corp.test", "EXAMPLE\\x"]:
         assert not has_control_characters(ok)
