@@ -42,6 +42,11 @@ ADMIN_PASSWORD = "Passw0rd!x"
 USERS = {"testuser": "Test1234", "otheruser": "Other1234"}
 DISABLED_USER = "disableduser"
 DISABLED_PASSWORD = "Disabled1234"
+# Directory attributes for Autodiscover: display names, mail addresses, and an account whose
+# userPrincipalName is not sAMAccountName@realm.
+MAIL = {"testuser": ("Test User", "test.user@example.com"),
+        "otheruser": ("Other User", "other.user@example.com")}
+UPN_USER, UPN_PASSWORD, UPN = "upnuser", "Upn12345", "jane.doe@example.com"
 EPM_PORT = 135
 RPC_PORT = 1024  # lsarpc, samr, drsuapi, mgmt (like the mapiproxy endpoint)
 NETLOGON_PORT = 1025
@@ -190,6 +195,10 @@ class SambaDC:
         self.users = dict(USERS)
         self.disabled_user = DISABLED_USER
         self.disabled_password = DISABLED_PASSWORD
+        self.upn_user, self.upn_password, self.upn = UPN_USER, UPN_PASSWORD, UPN
+        # Samba's privileged LDAP socket: system access for whoever can open it (root here)
+        self.ldapi_path = base / "private" / "ldap_priv" / "ldapi"
+        self.tls_ca = base / "private" / "tls" / "ca.pem"  # Samba's self-made LDAPS CA
         self.smb_conf = base / "etc" / "smb.conf"
         self.log_file = base / "log" / "samba.log"
         self._stdout_file = base / "log" / "samba.stdout"
@@ -261,6 +270,12 @@ class SambaDC:
             self._tool("user", "create", name, password, conf)
             self._tool("user", "setexpiry", name, "--noexpiry", conf)
         self._tool("user", "disable", DISABLED_USER, conf)
+        for name, (display, mail) in MAIL.items():
+            self._tool("user", "rename", name, f"--display-name={display}",
+                       f"--mail-address={mail}", conf)
+        self._tool("user", "create", UPN_USER, UPN_PASSWORD, conf)
+        self._tool("user", "setexpiry", UPN_USER, "--noexpiry", conf)
+        self._tool("user", "rename", UPN_USER, f"--upn={UPN}", "--display-name=Jane Doe", conf)
 
     # -- process control ------------------------------------------------------------------
 
