@@ -24,6 +24,7 @@ that failed authentication never reached the directory.
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 import threading
 import urllib.parse
@@ -129,6 +130,12 @@ class LdapDirectory:
                 raise DirectoryUnavailable(
                     f"no answer from {self.table.ldap_url} within "
                     f"{self.table.ldap_timeout * 3:g}s") from None
+            except DirectoryUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever ldap3 raises: a reason, no trace
+                raise DirectoryUnavailable(
+                    f"LDAP with {self.table.ldap_url} failed: {type(exc).__name__}: {exc}"
+                ) from None
 
     # ---- in the worker thread ---------------------------------------------------------
 
@@ -145,11 +152,12 @@ class LdapDirectory:
                 ca_certs_file=t.ldap_ca_file or None, validate=ssl.CERT_REQUIRED,
                 valid_names=[t.ldap_tls_name] if t.ldap_tls_name else None,
                 version=ssl.PROTOCOL_TLS_CLIENT)
-        server = ldap3.Server(url, tls=tls, get_info=ldap3.NONE, connect_timeout=t.ldap_timeout)
+        timeout = max(1, math.ceil(t.ldap_timeout))  # ldap3 packs it into a socket option
+        server = ldap3.Server(url, tls=tls, get_info=ldap3.NONE, connect_timeout=timeout)
         conn = ldap3.Connection(
             server, user=t.ldap_user or None, password=t.password() or None,
             authentication=ldap3.SIMPLE if t.ldap_user else ldap3.ANONYMOUS,
-            read_only=True, auto_referrals=False, receive_timeout=t.ldap_timeout,
+            read_only=True, auto_referrals=False, receive_timeout=timeout,
             raise_exceptions=False)
         self._count()
         try:
