@@ -119,6 +119,16 @@ def _accepts(host: str, port: int) -> bool:
         return False
 
 
+def _accepts_unix(path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            s.connect(str(path))
+            return True
+    except OSError:
+        return False
+
+
 def _claim_host(forced: str | None) -> tuple[str, IO[bytes]]:
     """Pick a loopback address whose Samba ports are free; hold a lock file for it."""
     candidates = [forced] if forced else _HOST_CANDIDATES
@@ -312,7 +322,8 @@ class SambaDC:
         def ready() -> bool:
             if proc.poll() is not None:
                 return True
-            return _accepts(self.host, self.epm_port) and _accepts(self.host, self.port)
+            return (_accepts(self.host, self.epm_port) and _accepts(self.host, self.port)
+                    and _accepts_unix(self.ldapi_path))  # the LDAP server starts last
 
         if not self._wait(ready, timeout) or proc.poll() is not None:
             code = proc.poll()

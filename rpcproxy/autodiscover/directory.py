@@ -137,6 +137,26 @@ class LdapDirectory:
                     f"LDAP with {self.table.ldap_url} failed: {type(exc).__name__}: {exc}"
                 ) from None
 
+    async def naming(self) -> tuple[str, str, str]:
+        """(base DN, realm, NetBIOS domain): is the directory there, and what is it?"""
+
+        def run() -> tuple[str, str, str]:
+            conn = self._connect()
+            try:
+                return self._naming_context(conn)
+            finally:
+                conn.unbind()
+
+        try:
+            async with asyncio.timeout(self.table.ldap_timeout * 3):
+                return await asyncio.to_thread(run)
+        except TimeoutError:
+            raise DirectoryUnavailable(f"no answer from {self.table.ldap_url}") from None
+        except DirectoryUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise DirectoryUnavailable(f"{type(exc).__name__}: {exc}") from None
+
     # ---- in the worker thread ---------------------------------------------------------
 
     def _count(self) -> None:
