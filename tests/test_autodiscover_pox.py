@@ -223,3 +223,20 @@ def test_mailbox_filter_escapes_and_falls_back_to_the_realm() -> None:
     assert realm_of("DC=Example,DC=com") == "example.com"
     assert server_url("ldapi:///var/lib/samba/private/ldap_priv/ldapi") == (
         "ldapi://%2Fvar%2Flib%2Fsamba%2Fprivate%2Fldap_priv%2Fldapi")
+
+
+def test_service_settings_follow_a_reloaded_config() -> None:
+    import dataclasses
+
+    from rpcproxy.autodiscover.service import AutodiscoverService
+    from rpcproxy.config import load
+
+    class Server:
+        config = load(None, {"server_names": ["mail.example.com"]})
+
+    server = Server()
+    service = AutodiscoverService(server)  # type: ignore[arg-type]
+    assert service.resolved().response.proxy_server == "mail.example.com"
+    server.config = dataclasses.replace(server.config,
+                                        autodiscover={"proxy_server": "owa.example.com"})
+    assert service.resolved().response.proxy_server == "owa.example.com"

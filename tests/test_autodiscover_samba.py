@@ -22,7 +22,7 @@ from exchangelib.version import Build
 
 from rpcproxy import certs
 from rpcproxy.autodiscover.directory import LdapDirectory, server_url
-from tests.proxy_harness import ProxyThread
+from tests.proxy_harness import ProxyThread, SpyBackend
 from tests.rawhttp import RawConnection, RawResponse
 from tests.samba_dc import SambaDC
 from tests.test_e2e_samba import run_with_timeout, samr_domains
@@ -433,3 +433,51 @@ def test_impacket_connects_where_autodiscover_said(proxy: ProxyThread, tls_pair:
         f"https://{expr_host}:{proxy.port}/rpc/rpcproxy.dll", f"{exch_host}[{exch_port}]",
         "testuser", "Test1234"))
     assert domains == ["EXAMPLE", "BUILTIN"]
+
+
+# --- an independent spy: the LDAP server address is a recorder ---------------------------------
+
+
+def test_tcp_spy_sees_no_ldap_connection_for_refused_logins(
+        samba_dc: SambaDC, tls_pair: Any) -> None:
+    """Not the directory's own counter: a TCP listener in its place records every connect."""
+    spy = SpyBackend()
+    p = make_proxy(samba_dc, tls_pair, ldap_url=f"ldap://{spy.endpoint}", ldap_timeout=1.0)
+    try:
+        body = request_body("test.user@example.com")
+        for case in sorted(CASES):
+            conn = TlsConnection(p.port, tls_pair.cert_path)
+            try:
+                assert CASES[case](conn, body).status == 401, case
+            finally:
+                conn.close()
+        time.sleep(0.3)
+        assert spy.connections == 0 and spy.received == b""
+        conn = TlsConnection(p.port, tls_pair.cert_path)
+        try:  # the right password does reach it (and a directory that never answers is 603)
+            resp = send(conn, outlook_head(), body, basic("testuser", "Test1234"))
+        finally:
+            conn.close()
+        assert error_code(resp) == "603"
+        assert spy.connections >= 1
+    finally:
+        p.stop()
+        spy.close()
+
+
+def test_basic_refused_without_tls(samba_dc: SambaDC, directory_attrs: None) -> None:
+    p = ProxyThread(backend=f"{samba_dc.host}:{samba_dc.port}", server_names=[HOST],
+                    autodiscover={"ldap_url": f"ldapi://{samba_dc.ldapi_path}"})
+    try:
+        conn = RawConnection(p.port)
+        try:
+            resp = send(conn, outlook_head(), request_body("test.user@example.com"),
+                        basic("testuser", "Test1234"))
+            assert resp.status == 401
+            assert resp.header("WWW-Authenticate") == ["NTLM"]
+            # NTLM over plain HTTP works (for a TLS terminator in front)
+            settings_of(ntlm(conn, "testuser", "Test1234", request_body("test.user@example.com")))
+        finally:
+            conn.close()
+    finally:
+        p.stop()
