@@ -481,3 +481,31 @@ def test_basic_refused_without_tls(samba_dc: SambaDC, directory_attrs: None) -> 
             conn.close()
     finally:
         p.stop()
+
+
+def test_bad_input_memory_is_bounded(proxy: ProxyThread, tls_pair: Any) -> None:
+    """50 entity bombs and 50 claimed 50 MiB bodies: the proxy's peak allocation stays small."""
+    import tracemalloc
+
+    from tests.test_autodiscover_pox import BILLION_LAUGHS
+
+    auth = basic("testuser", "Test1234")
+    tracemalloc.start()
+    try:
+        conn = TlsConnection(proxy.port, tls_pair.cert_path)
+        try:
+            for _ in range(50):
+                assert error_code(send(conn, outlook_head(), BILLION_LAUGHS, auth)) == "600"
+        finally:
+            conn.close()
+        for _ in range(50):
+            conn = TlsConnection(proxy.port, tls_pair.cert_path)
+            try:
+                resp = send(conn, outlook_head(), b"<" * 4096, auth, content_length=50 << 20)
+                assert error_code(resp) == "600"
+            finally:
+                conn.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak

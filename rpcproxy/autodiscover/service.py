@@ -244,8 +244,16 @@ class AutodiscoverService:
         from rpcproxy.server import ConnectionGuard
         from rpcproxy.targets import parse_endpoint
 
-        table = self.resolved().table
-        if not table.enabled or not table.redirect_listen:
+        resolved = self.resolved()
+        table, r = resolved.table, resolved.response
+        if not table.enabled:
+            log.info("autodiscover: off (autodiscover.enabled = false)")
+            return
+        directory = self.directory(table)
+        log.info("autodiscover: EXPR %s (%s, %s), EXCH %s:%d, directory %s", r.proxy_server,
+                 r.auth_package, r.cert_principal_name, r.exch_server, r.port,
+                 directory.describe())
+        if not table.redirect_listen:
             return
         ep = parse_endpoint(table.redirect_listen, "autodiscover.redirect_listen", listen=True)
         config = self.server.config
