@@ -29,13 +29,12 @@ import ssl
 import threading
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
-
-import ldap3
-from ldap3.core.exceptions import LDAPException
-from ldap3.utils.conv import escape_filter_chars
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from rpcproxy.autodiscover.settings import AutodiscoverTable
+
+if TYPE_CHECKING:  # ldap3 is imported when the first lookup runs, not by every process
+    import ldap3
 
 ATTRIBUTES = ["sAMAccountName", "displayName", "legacyExchangeDN", "mail",
               "userPrincipalName", "userAccountControl"]
@@ -62,6 +61,11 @@ class Directory(Protocol):
     async def find(self, address: str) -> DirectoryEntry | None: ...
 
     def describe(self) -> str: ...
+
+
+def escape_filter_chars(value: str) -> str:
+    """RFC 4515 escaping of a value in a search filter."""
+    return "".join(f"\\{ord(c):02x}" if c in "\\*()\x00" else c for c in value)
 
 
 def mailbox_filter(address: str, realm: str) -> str:
@@ -164,6 +168,9 @@ class LdapDirectory:
             self.operations += 1
 
     def _connect(self) -> ldap3.Connection:
+        import ldap3
+        from ldap3.core.exceptions import LDAPException
+
         t = self.table
         tls = None
         url = server_url(t.ldap_url)
@@ -212,6 +219,8 @@ class LdapDirectory:
                 if e.get("type") == "searchResEntry"]
 
     def _naming_context(self, conn: ldap3.Connection) -> tuple[str, str, str]:
+        import ldap3
+
         if self._naming is not None:
             return self._naming
         t = self.table
@@ -238,6 +247,9 @@ class LdapDirectory:
         return self._naming
 
     def _find_sync(self, address: str) -> DirectoryEntry | None:
+        import ldap3
+        from ldap3.core.exceptions import LDAPException
+
         conn = self._connect()
         try:
             base, realm, netbios = self._naming_context(conn)
