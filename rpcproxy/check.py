@@ -8,7 +8,11 @@ Reads the configuration exactly like ``rpcproxy serve`` (same file, same flags),
 4. NTLM (winbind)  the configured ntlm_auth helper starts and winbind gives verdicts (a
                    logon of an account that does not exist is rejected);
 5. test login      with ``--user``: a real NTLM login through the same helper pool the proxy
-                   uses (``ntlm.verify_password``), printing the account Samba authenticated.
+                   uses (``ntlm.verify_password``), printing the account Samba authenticated;
+6. directory       the LDAP directory Autodiscover reads answers (and how rpcproxy binds);
+7. autodiscover    the settings it hands out work (EXCH on the allow-list, EXPR host in the
+                   certificate); with ``--user``, a real Autodiscover request with NTLM
+                   through a proxy started on loopback, and what Outlook would be told.
 
 Lines start with ``[ OK ]``, ``[FAIL]``, ``[WARN]`` (works, but look at it) or ``[SKIP]``.
 The exit status is 0 only when nothing failed.
@@ -49,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--user", metavar="DOMAIN\\NAME",
                    help="try a real login with this user (also NAME or NAME@REALM)")
     p.add_argument("--password", help="the test user's password (asked for when omitted)")
+    p.add_argument("--email", metavar="ADDRESS",
+                   help="address for the Autodiscover check (default: NAME@realm)")
     p.add_argument("--host", action="append", default=[], metavar="NAME",
                    help="name the certificate must cover (repeatable; default: the dotted "
                         "server_names)")
@@ -157,6 +163,161 @@ async def check_login(config: Config, user: str, password: str) -> Result:
     return Result(OK, what, f"{user} logged in as {identity} (the account Samba authenticated)")
 
 
+def check_autodiscover_settings(config: Config) -> list[str]:
+    """Problems with what Autodiscover hands out (empty: none)."""
+    from rpcproxy import certs
+    from rpcproxy.autodiscover.service import resolve
+    from rpcproxy.errors import TargetRefused
+    from rpcproxy.targets import Target
+
+    r = resolve(config).response
+    problems = []
+    rules = config.allow_list()
+    for port in (p for p in (r.port, r.directory_port, r.referral_port) if p):
+        try:
+            rules.resolve(Target(r.exch_server, port))
+        except TargetRefused:
+            problems.append(f"EXCH server {r.exch_server}:{port} is not on the allow-list: "
+                            "Outlook would be refused")
+    if config.tls_cert:
+        try:
+            info = certs.inspect_certificate(config.tls_cert)
+        except certs.CertificateError:
+            info = None
+        if info is not None and not certs.name_covered(info, r.proxy_server):
+            problems.append(f"EXPR proxy host {r.proxy_server} is not covered by "
+                            f"{config.tls_cert}: Outlook would refuse the certificate")
+    return problems
+
+
+async def check_directory(config: Config) -> tuple[Result, str]:
+    """(result, realm) of the LDAP directory Autodiscover reads."""
+    from rpcproxy.autodiscover.directory import DirectoryUnavailable, LdapDirectory
+    from rpcproxy.autodiscover.settings import parse_table
+
+    what = "directory"
+    directory = LdapDirectory(parse_table(config.autodiscover))
+    try:
+        base, realm, netbios = await directory.naming()
+    except DirectoryUnavailable as exc:
+        configured = bool(config.autodiscover)
+        hint = ("" if configured else " (no [autodiscover] table: the default is Samba's "
+                "privileged ldapi socket; set autodiscover.ldap_url)")
+        return Result(FAIL if configured else WARN, what,
+                      f"{directory.describe()}: {exc.reason}{hint}. Autodiscover answers "
+                      "603 until this works"), ""
+    return Result(OK, what, f"{directory.describe()}: naming context {base}, realm {realm}, "
+                  f"domain {netbios}"), realm
+
+
+async def check_autodiscover(config: Config, user: str, password: str, email: str) -> Result:
+    """A real Autodiscover request through a proxy on loopback; what Outlook is told."""
+    import ssl
+
+    import spnego
+
+    from rpcproxy.autodiscover import pox
+    from rpcproxy.server import ProxyServer
+
+    what = "autodiscover"
+    local = dataclasses_replace(config)
+    server = ProxyServer(local)
+    try:
+        bound = await server.start()
+    except OSError as exc:
+        return Result(FAIL, what, f"cannot start a test listener: {exc}")
+    try:
+        host, port = bound[0]
+        ctx = None
+        if config.tls_cert:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE  # our own listener on loopback
+        body = (f'<?xml version="1.0" encoding="utf-8"?><Autodiscover xmlns="{pox.REQUEST_NS}">'
+                f"<Request><EMailAddress>{email}</EMailAddress><AcceptableResponseSchema>"
+                f"{pox.OUTLOOK_RESPONSE_NS}</AcceptableResponseSchema></Request></Autodiscover>"
+                ).encode()
+        client = spnego.client(user.rpartition("\\")[2], password, protocol="ntlm")
+        async with asyncio.timeout(30):
+            reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
+            try:
+                token = client.step()
+                status, data = await _post(reader, writer, body, token)
+                if status == 401 and data:
+                    status, data = await _post(reader, writer, body, client.step(data))
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, spnego.exceptions.SpnegoError) as exc:
+        return Result(FAIL, what, f"the test request failed: {exc}")
+    finally:
+        await server.stop()
+    if status != 200:
+        return Result(FAIL, what, f"{email} as {user}: HTTP {status} (login refused?)")
+    return _describe_answer(email, data if isinstance(data, bytes) else b"")
+
+
+def dataclasses_replace(config: Config) -> Config:
+    import dataclasses
+
+    table = {**config.autodiscover, "redirect_listen": ""}
+    return dataclasses.replace(config, listen="127.0.0.1:0", http_listen=None, workers=1,
+                               metrics_listen=None, autodiscover=table)
+
+
+async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes,
+                token: bytes | None) -> tuple[int, bytes | None]:
+    """One POST; (status, the NTLM challenge of a 401 or the body of anything else)."""
+    import base64
+
+    auth = f"Authorization: NTLM {base64.b64encode(token or b'').decode()}\r\n"
+    writer.write((f"POST /Autodiscover/Autodiscover.xml HTTP/1.1\r\nHost: rpcproxy-check\r\n"
+                  f"Content-Type: text/xml\r\nContent-Length: {len(body)}\r\n{auth}\r\n"
+                  ).encode() + body)
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(head[0].split(" ")[1])
+    headers = [h.split(":", 1) for h in head[1:] if ":" in h]
+    length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
+    data = await reader.readexactly(length) if length else b""
+    if status == 401:
+        for k, v in headers:
+            if k.lower() == "www-authenticate" and v.strip().startswith("NTLM "):
+                return status, base64.b64decode(v.strip()[5:])
+        return status, None
+    return status, data
+
+
+def _describe_answer(email: str, data: bytes) -> Result:
+    import xml.etree.ElementTree as ET  # our own listener's answer, not a client's input
+
+    from rpcproxy.autodiscover import pox
+
+    what = "autodiscover"
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError:
+        return Result(FAIL, what, "the answer is not XML")
+    ns = {"a": pox.OUTLOOK_RESPONSE_NS, "e": pox.RESPONSE_NS}
+    code = root.findtext("e:Response/e:Error/e:ErrorCode", namespaces=ns)
+    if code is not None:
+        message = root.findtext("e:Response/e:Error/e:Message", namespaces=ns)
+        return Result(FAIL, what, f"{email}: error {code} ({message}); the proxy's log "
+                      "says why")
+    told = []
+    for proto in root.iterfind("a:Response/a:Account/a:Protocol", ns):
+        kind = proto.findtext("a:Type", namespaces=ns)
+        fields = {c.tag.split("}")[1]: (c.text or "") for c in proto}
+        if kind == "EXCH":
+            told.append(f"EXCH server {fields.get('Server')} (ports {fields.get('Port', '-')}/"
+                        f"{fields.get('DirectoryPort', '-')}/{fields.get('ReferralPort', '-')}, "
+                        f"version {fields.get('ServerVersion')})")
+        elif kind == "EXPR":
+            told.append(f"Outlook Anywhere proxy {fields.get('Server')} (SSL "
+                        f"{fields.get('SSL')}, {fields.get('AuthPackage')}, "
+                        f"{fields.get('CertPrincipalName')})")
+    name = root.findtext("a:Response/a:User/a:DisplayName", namespaces=ns)
+    return Result(OK, what, f"{email}: Outlook is told: user {name!r}; " + "; ".join(told))
+
+
 # --- running them ----------------------------------------------------------------------------
 
 
@@ -180,13 +341,38 @@ async def run_checks(config: Config, args: argparse.Namespace, password: str | N
         add(await check_backend(endpoint))
     ntlm = await check_ntlm(config)
     add(ntlm)
+    login_ok = False
     if not args.user:
         add(Result(SKIP, "test login", "give --user DOMAIN\\name --password P to try a real "
                    "login"))
     elif ntlm.status == FAIL:
         add(Result(SKIP, "test login", "winbind gives no verdicts"))
     else:
-        add(await check_login(config, args.user, password or ""))
+        login = await check_login(config, args.user, password or "")
+        login_ok = login.status == OK
+        add(login)
+    from rpcproxy.autodiscover.settings import parse_table
+
+    if not parse_table(config.autodiscover).enabled:
+        add(Result(SKIP, "directory", "Autodiscover is turned off (autodiscover.enabled)"))
+        add(Result(SKIP, "autodiscover", "turned off"))
+        return results
+    directory, realm = await check_directory(config)
+    add(directory)
+    problems = check_autodiscover_settings(config)
+    if problems:
+        add(Result(WARN, "autodiscover", "; ".join(problems)))
+    if not args.user:
+        if not problems:
+            add(Result(SKIP, "autodiscover", "give --user and --password to run a real "
+                       "Autodiscover request"))
+    elif not login_ok or directory.status != OK:
+        if not problems:
+            add(Result(SKIP, "autodiscover", "needs winbind, a login and the directory"))
+    else:
+        name = args.user.rpartition("\\")[2].split("@")[0]
+        email = args.email or (args.user if "@" in args.user else f"{name}@{realm}")
+        add(await check_autodiscover(config, args.user, password or "", email))
     return results
 
 
@@ -210,7 +396,8 @@ def run(args: argparse.Namespace) -> int:
         config.allow_list()
     except ConfigError as exc:
         emit(Result(FAIL, "configuration", exc.reason))
-        for what in ("certificate", "backend", "NTLM (winbind)", "test login"):
+        for what in ("certificate", "backend", "NTLM (winbind)", "test login", "directory",
+                     "autodiscover"):
             emit(Result(SKIP, what, "the configuration is not valid"))
         print("1 check failed")
         return 1

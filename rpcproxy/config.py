@@ -79,6 +79,7 @@ class Config:
     workers: int = 1
     log_level: str = "info"
     log_format: str = "text"
+    autodiscover: dict[str, Any] = field(default_factory=dict)  # the [autodiscover] table
 
     # ---- derived views ------------------------------------------------------------------
 
@@ -131,6 +132,9 @@ class Config:
                      "max_connections_per_user", "ntlm_helpers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        from rpcproxy.autodiscover.settings import parse_table
+
+        parse_table(self.autodiscover)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -246,7 +246,7 @@ class ProxyCollector:
         yield c
 
         g = GaugeMetricFamily("rpcproxy_ntlm_handshakes_pending",
-                              "NTLM handshakes holding a connection to the NTLM server")
+                              "NTLM handshakes waiting for or holding an ntlm_auth helper")
         g.add_metric([], server.authenticator.pending_count())
         yield g
 

@@ -43,6 +43,7 @@ from ntlm.http_auth import Authenticated, Challenge, Denied, HttpAuthenticator, 
 from ntlm.verifier import Identity
 from ntlm.winbind import HelperPool, WinbindVerifier
 from rpcproxy import rts
+from rpcproxy.autodiscover.service import AutodiscoverService
 from rpcproxy.config import Config
 from rpcproxy.connection import (
     Action,
@@ -602,6 +603,7 @@ class ProxyServer:
         self.servers: list[asyncio.AbstractServer] = []
         self.ssl_context: ssl.SSLContext | None = None
         self.metrics = ServerMetrics()  # event counters; rpcproxy.metrics reads the rest
+        self.autodiscover = AutodiscoverService(self)  # /autodiscover/autodiscover.xml
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -609,6 +611,7 @@ class ProxyServer:
         app = web.Application(client_max_size=1 << 20)
         for path in PATHS:
             app.router.add_route("*", path, self.handle, expect_handler=_no_expect_handler)
+        self.autodiscover.register(app)
         app.on_response_prepare.append(_server_header)
         return app
 
@@ -646,6 +649,7 @@ class ProxyServer:
                 bound.append((host, port))
         if self.workers is not None:
             self.workers.start_receiving(loop, self._on_handoff)
+        await self.autodiscover.start()
         _tune_gc()
         return bound
 
@@ -668,6 +672,7 @@ class ProxyServer:
         """Stop accepting, close every VC cleanly, then stop the HTTP machinery."""
         for server in self.servers:
             server.close()
+        await self.autodiscover.stop()
         loop = asyncio.get_running_loop()
         if self.workers is not None:
             self.workers.stop_receiving(loop)

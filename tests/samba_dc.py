@@ -44,15 +44,20 @@ ADMIN_PASSWORD = "Passw0rd!x"
 USERS = {"testuser": "Test1234", "otheruser": "Other1234"}
 # An account whose userPrincipalName looks like another account's name (AD allows it: UPNs that
 # look like e-mail addresses often differ from account names), and that other account.
-UPN_USER, UPN_PASSWORD, UPN_SUFFIX = "asmith", "Asmith1234", "corp.test"
+ALIAS_USER, ALIAS_PASSWORD, ALIAS_SUFFIX = "asmith", "Asmith1234", "corp.test"
 VICTIM_USER, VICTIM_PASSWORD = "victim", "Victim1234"
-UPN = f"{VICTIM_USER}@{UPN_SUFFIX}"  # belongs to asmith, not to victim
+ALIAS_UPN = f"{VICTIM_USER}@{ALIAS_SUFFIX}"  # belongs to asmith, not to victim
 # libwbclient (ntlm_auth, wbinfo) finds winbindd only at its compiled-in socket directory, not
 # at smb.conf's "winbindd socket directory"; helpers for this DC run in a private mount
 # namespace where the DC's directory is bind-mounted there.
 WINBINDD_DEFAULT_DIR = "/run/samba/winbindd"
 DISABLED_USER = "disableduser"
 DISABLED_PASSWORD = "Disabled1234"
+# Directory attributes for Autodiscover: display names, mail addresses, and an account whose
+# userPrincipalName is not sAMAccountName@realm.
+MAIL = {"testuser": ("Test User", "test.user@example.com"),
+        "otheruser": ("Other User", "other.user@example.com")}
+UPN_USER, UPN_PASSWORD, UPN = "upnuser", "Upn12345", "jane.doe@example.com"
 EPM_PORT = 135
 RPC_PORT = 1024  # lsarpc, samr, drsuapi, mgmt (like the mapiproxy endpoint)
 NETLOGON_PORT = 1025
@@ -120,6 +125,16 @@ def _port_free(host: str, port: int) -> bool:
 def _accepts(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _accepts_unix(path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            s.connect(str(path))
             return True
     except OSError:
         return False
@@ -200,9 +215,14 @@ class SambaDC:
         self.admin_password = ADMIN_PASSWORD
         self.users = dict(USERS)
         self.disabled_user = DISABLED_USER
-        self.upn_user, self.upn_password, self.upn = UPN_USER, UPN_PASSWORD, UPN
+        self.alias_user, self.alias_password, self.alias_upn = (ALIAS_USER, ALIAS_PASSWORD,
+                                                                ALIAS_UPN)
         self.victim_user, self.victim_password = VICTIM_USER, VICTIM_PASSWORD
         self.disabled_password = DISABLED_PASSWORD
+        self.upn_user, self.upn_password, self.upn = UPN_USER, UPN_PASSWORD, UPN
+        # Samba's privileged LDAP socket: system access for whoever can open it (root here)
+        self.ldapi_path = base / "private" / "ldap_priv" / "ldapi"
+        self.tls_ca = base / "private" / "tls" / "ca.pem"  # Samba's self-made LDAPS CA
         self.smb_conf = base / "etc" / "smb.conf"
         self.log_file = base / "log" / "samba.log"
         self._stdout_file = base / "log" / "samba.stdout"
@@ -275,9 +295,15 @@ class SambaDC:
             self._tool("user", "create", name, password, conf)
             self._tool("user", "setexpiry", name, "--noexpiry", conf)
         self._tool("user", "disable", DISABLED_USER, conf)
-        for name, password in ((UPN_USER, UPN_PASSWORD), (VICTIM_USER, VICTIM_PASSWORD)):
+        for name, password in ((ALIAS_USER, ALIAS_PASSWORD), (VICTIM_USER, VICTIM_PASSWORD)):
             self._tool("user", "create", name, password, conf)
             self._tool("user", "setexpiry", name, "--noexpiry", conf)
+        for name, (display, mail) in MAIL.items():
+            self._tool("user", "rename", name, f"--display-name={display}",
+                       f"--mail-address={mail}", conf)
+        self._tool("user", "create", UPN_USER, UPN_PASSWORD, conf)
+        self._tool("user", "setexpiry", UPN_USER, "--noexpiry", conf)
+        self._tool("user", "rename", UPN_USER, f"--upn={UPN}", "--display-name=Jane Doe", conf)
 
     # -- process control ------------------------------------------------------------------
 
@@ -314,7 +340,8 @@ class SambaDC:
         def ready() -> bool:
             if proc.poll() is not None:
                 return True
-            return _accepts(self.host, self.epm_port) and _accepts(self.host, self.port)
+            return (_accepts(self.host, self.epm_port) and _accepts(self.host, self.port)
+                    and _accepts_unix(self.ldapi_path))  # the LDAP server starts last
 
         if not self._wait(ready, timeout) or proc.poll() is not None:
             code = proc.poll()
@@ -326,8 +353,9 @@ class SambaDC:
         self.wait_winbind()
         if not self._upn_set:  # needs the running DC (the suffix list is changed over LSA)
             conf = f"--configfile={self.smb_conf}"
-            self._tool("domain", "trust", "namespaces", f"--add-upn-suffix={UPN_SUFFIX}", conf)
-            self._tool("user", "rename", UPN_USER, f"--upn={UPN}", conf)
+            self._tool("domain", "trust", "namespaces", f"--add-upn-suffix={ALIAS_SUFFIX}",
+                       conf)
+            self._tool("user", "rename", ALIAS_USER, f"--upn={ALIAS_UPN}", conf)
             self._upn_set = True
 
     def stop(self, timeout: float = 20.0) -> None:

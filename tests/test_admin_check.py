@@ -38,6 +38,7 @@ def good(samba_dc: SambaDC, tmp_path: Path) -> Path:
         + samba_dc.ntlm_helper_toml() +
         'server_names = ["mail.example.com", "localhost"]\n'
         f'tls_cert = "{pair.cert_path}"\ntls_key = "{pair.key_path}"\n'
+        f'[autodiscover]\nldap_url = "ldapi://{samba_dc.ldapi_path}"\n'
     )
     return conf
 
@@ -53,8 +54,9 @@ def test_all_pass(samba_dc: SambaDC, good: Path, capsys: pytest.CaptureFixture[s
                               "--password", samba_dc.users["testuser"])
     assert code == 0, out
     assert set(lines) == {"configuration", "certificate", "backend", "NTLM (winbind)",
-                          "test login"}
-    for what in ("configuration", "backend", "NTLM (winbind)", "test login"):
+                          "test login", "directory", "autodiscover"}
+    for what in ("configuration", "backend", "NTLM (winbind)", "test login", "directory",
+                 "autodiscover"):
         assert lines[what].startswith("[ OK ]"), out
     assert lines["certificate"].startswith("[ OK ]") and "self-signed" in lines["certificate"]
     assert "covers mail.example.com;" in lines["certificate"]
@@ -160,7 +162,9 @@ def test_plain_http_is_a_warning(samba_dc: SambaDC, capsys: pytest.CaptureFixtur
                               *samba_dc.ntlm_helper_flag())
     assert code == 0, out
     assert lines["certificate"].startswith("[WARN] certificate: TLS is off")
-    assert "all checks passed (1 warning(s))" in out
+    # and Autodiscover's default directory (Samba's ldapi socket) is not on this machine
+    assert lines["directory"].startswith("[WARN] directory: ldapi:///var/lib/samba/")
+    assert "all checks passed (2 warning(s))" in out
 
 
 def test_certificate_close_to_expiry_warns(tmp_path: Path) -> None:
@@ -169,3 +173,35 @@ def test_certificate_close_to_expiry_warns(tmp_path: Path) -> None:
                  server_names=["mail.example.com"])
     [result] = check_certificate(cfg, [])
     assert result.status == "[WARN]" and "renew it now" in result.message
+
+
+def test_autodiscover_check_says_what_outlook_is_told(
+        samba_dc: SambaDC, good: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, lines, out = _check(capsys, "--config", str(good), "--user", "EXAMPLE\\testuser",
+                              "--password", samba_dc.users["testuser"])
+    assert code == 0, out
+    assert lines["directory"].startswith(f"[ OK ] directory: ldapi://{samba_dc.ldapi_path} "
+                                         "over the local socket, without a bind"), out
+    assert "realm example.com, domain EXAMPLE" in lines["directory"]
+    told = lines["autodiscover"]
+    assert told.startswith("[ OK ] autodiscover: testuser@example.com: Outlook is told: user "
+                           "'Test User'; EXCH server mail.example.com (ports 6001/6004/6002, "
+                           "version 7383807B)"), told
+    assert ("Outlook Anywhere proxy mail.example.com (SSL On, Ntlm, msstd:mail.example.com)"
+            in told)
+
+
+def test_autodiscover_check_failures_in_words(
+        samba_dc: SambaDC, good: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "bad.toml"
+    conf.write_text(good.read_text().replace(
+        "[autodiscover]\n", '[autodiscover]\nexch_server = "elsewhere.example.com"\n'
+        'proxy_server = "other.example.com"\n').replace(
+        f'ldap_url = "ldapi://{samba_dc.ldapi_path}"', 'ldap_url = "ldapi:///nonexistent"'))
+    code, lines, out = _check(capsys, "--config", str(conf), "--user", "EXAMPLE\\testuser",
+                              "--password", samba_dc.users["testuser"])
+    assert code == 1, out
+    assert lines["directory"].startswith("[FAIL] directory: ldapi:///nonexistent"), out
+    assert "elsewhere.example.com:6001 is not on the allow-list" in lines["autodiscover"]
+    assert "other.example.com is not covered by" in lines["autodiscover"]

@@ -139,7 +139,7 @@ async def test_upn_of_another_account_does_not_join_its_vc(env: Env, samba_dc: S
     cookie, out = await half_open_out(env, samba_dc.victim_user, samba_dc.victim_password)
     attacker, head = await ntlm_channel(
         env.port, "RPC_IN_DATA", rts.conn_b1(cookie, os.urandom(16), os.urandom(16)),
-        samba_dc.upn, samba_dc.upn_password)  # asmith's UPN and password: asmith, not victim
+        samba_dc.alias_upn, samba_dc.alias_password)  # asmith's UPN and password: asmith
     assert head is not None and head.status == 503, head
     assert head.reason == "RPC Error: 5"  # ERROR_ACCESS_DENIED: another user's VC
     attacker.close()
@@ -149,9 +149,9 @@ async def test_upn_of_another_account_does_not_join_its_vc(env: Env, samba_dc: S
 
 async def test_upn_login_is_its_own_account(env: Env, samba_dc: SambaDC) -> None:
     """asmith's OUT by UPN and IN by account name are one user: the VC pairs."""
-    cookie, out = await half_open_out(env, samba_dc.upn, samba_dc.upn_password)
-    assert await completes(env, cookie, out, samba_dc.upn_user,
-                           samba_dc.upn_password) == "EXAMPLE\\asmith"
+    cookie, out = await half_open_out(env, samba_dc.alias_upn, samba_dc.alias_password)
+    assert await completes(env, cookie, out, samba_dc.alias_user,
+                           samba_dc.alias_password) == "EXAMPLE\\asmith"
 
 
 @pytest.mark.parametrize(("out_user", "in_user"), [
@@ -167,7 +167,7 @@ async def test_spellings_of_one_account_pair(env: Env, out_user: str, in_user: s
 async def test_basic_upn_gives_its_account(env: Env, samba_dc: SambaDC) -> None:
     """Basic with victim@corp.test and asmith's password is asmith: cannot join victim's VC."""
     cookie, out = await half_open_out(env, samba_dc.victim_user, samba_dc.victim_password)
-    token = base64.b64encode(f"{samba_dc.upn}:{samba_dc.upn_password}".encode()).decode()
+    token = base64.b64encode(f"{samba_dc.alias_upn}:{samba_dc.alias_password}".encode()).decode()
     inp = await RawChannel.connect(env.port)
     inp.request("RPC_IN_DATA", PATH, content_length=GIB,
                 headers={"Authorization": f"Basic {token}"},

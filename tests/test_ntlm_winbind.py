@@ -96,15 +96,16 @@ async def test_upn_gives_the_account_it_belongs_to(
     verifier: WinbindVerifier, samba_dc: SambaDC
 ) -> None:
     """asmith's UPN is victim@corp.test: logging in with it is asmith, never 'victim'."""
-    asmith = Identity(samba_dc.upn_user, "EXAMPLE")
-    assert await relay(verifier, samba_dc.upn, samba_dc.upn_password) == asmith
-    assert await verify_password(verifier, samba_dc.upn, samba_dc.upn_password) == asmith
-    assert await verify_password(verifier, samba_dc.upn.upper(), samba_dc.upn_password) == asmith
+    asmith = Identity(samba_dc.alias_user, "EXAMPLE")
+    assert await relay(verifier, samba_dc.alias_upn, samba_dc.alias_password) == asmith
+    upn, password = samba_dc.alias_upn, samba_dc.alias_password
+    assert await verify_password(verifier, upn, password) == asmith
+    assert await verify_password(verifier, upn.upper(), password) == asmith
     # The real account 'victim' is itself, and its password is not asmith's UPN's.
     victim = Identity(samba_dc.victim_user, "EXAMPLE")
     assert await relay(verifier, samba_dc.victim_user, samba_dc.victim_password) == victim
     with pytest.raises(AuthenticationFailed) as exc:
-        await relay(verifier, samba_dc.upn, samba_dc.victim_password)
+        await relay(verifier, samba_dc.alias_upn, samba_dc.victim_password)
     assert exc.value.code is Refusal.BAD_CREDENTIALS
 
 
