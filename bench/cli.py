@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 32)")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds before any single wait counts as a stall (default 10)")
-    p.add_argument("--out-content-length", type=int, default=1 << 30,
+    p.add_argument("--out-content-length", type=_out_content_length, default=1 << 30,
                    help="the bench proxy's OUT channel Content-Length (default 1 GiB)")
     p.add_argument("--proxy-workers", type=int, default=1, metavar="N",
                    help="worker processes of the bench's proxy (rpcproxy's multi-worker mode; "
@@ -168,6 +168,22 @@ def _window(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{text} is outside 0x{MIN_RECEIVE_WINDOW:x}..0x{MAX_RECEIVE_WINDOW:x} "
             f"({MIN_RECEIVE_WINDOW // 1024}..{MAX_RECEIVE_WINDOW // 1024} KiB, MS-RPCH)")
+    return value
+
+
+def _out_content_length(text: str) -> int:
+    """``--out-content-length``: what the proxy's own configuration check accepts."""
+    from rpcproxy import config as config_mod
+    from rpcproxy.errors import ConfigError
+
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes") from None
+    try:
+        config_mod.Config(out_content_length=value).validate()
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ntlm.winbind import DEFAULT_HELPER
-from rpcproxy.connection import VcSettings
+from rpcproxy.connection import OUT_RTS_HEADROOM, VcSettings, min_out_content_length
 from rpcproxy.errors import ConfigError
+from rpcproxy.pdu import MAX_FRAG_LENGTH
 from rpcproxy.targets import (
     AllowList,
     Endpoint,
@@ -121,7 +122,15 @@ class Config:
         if self.metrics_listen:
             parse_endpoint(self.metrics_listen, "metrics_listen", listen=True)
         self.allow_list()
-        self.vc_settings()
+        vc = self.vc_settings()
+        least = min_out_content_length(vc.out_reserve)
+        if self.out_content_length < least:
+            raise ConfigError(
+                f"out_content_length {self.out_content_length} is too small: an OUT channel "
+                f"must carry the largest DCE/RPC fragment ({MAX_FRAG_LENGTH} bytes, whatever "
+                f"max_recv_frag the endpoints negotiate) plus {vc.out_reserve} bytes kept for "
+                f"pings and recycling and {OUT_RTS_HEADROOM} for the proxy's own RTS PDUs: "
+                f"use at least {least}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key must be given together")
         if self.log_format not in ("text", "json"):

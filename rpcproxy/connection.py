@@ -37,6 +37,12 @@ the R2 variants because the successor always lands on this same VC object
 * IN (3.2.3.5.5): a new IN request starting with IN_R2/A1 -> successor
   recorded and *plugged* (its PDUs buffered), IN_R2/A4 sent on OUT; IN_R2/A5
   on the old IN -> switch to the successor, replay its buffer, close the old.
+  A client that got IN_R2/A4 sends A5 on the old channel and may then fill the
+  successor and recycle it too; its next IN_R2/A1 (naming the pending
+  successor as predecessor) travels on another TCP connection and can arrive
+  before that A5. It is *queued*: plugged like a successor, its IN_R2/A4
+  withheld until A5 completes the pending recycle; then it becomes the pending
+  successor. So each channel's PDUs reach the backend in channel order.
 * OUT (3.2.4.5.4-.7): when the next write would not fit in what is left of
   the OUT channel's Content-Length, OUT_R2/A2 goes on the old channel and RPC
   PDUs wait in the send queue (as gromox does); a new OUT request with
@@ -44,6 +50,12 @@ the R2 variants because the successor always lands on this same VC object
   the last PDU on the old channel, which is then closed; OUT_R2/C1 on the
   successor; once both happened the successor's ``200 Success`` is written and
   the queue drains onto it.
+  A recycle is started only if it makes progress: a PDU that could not fit in
+  a fresh channel either (Content-Length less the reserve and the RTS waiting
+  to go first) ends the VC with that reason instead of recycling forever; the
+  configuration refuses Content-Lengths below ``min_out_content_length`` (one
+  largest fragment plus reserve plus room for our RTS), so only a VcSettings
+  built by hand can get there.
 
 Flow control (3.2.1.1.4, 3.2.1.5.1, rpch-notes 5): only RPC PDUs count.
 IN direction: the proxy is the receiver with window ``receive_window``
@@ -85,6 +97,7 @@ from rpcproxy.errors import (
 from rpcproxy.pdu import (
     CLIENT_PTYPES,
     HEADER_LEN,
+    MAX_FRAG_LENGTH,
     SERVER_PTYPES,
     Pdu,
     PduFramer,
@@ -93,6 +106,10 @@ from rpcproxy.pdu import (
 )
 
 Channel = Hashable  # whatever the adapter uses to name one HTTP channel
+# Room an OUT channel needs for the proxy's own RTS written before its first RPC PDU:
+# CONN/A3 + CONN/C2 (72 bytes) on the first, the IN acks and IN_R2/A4 held for it on a
+# successor (a client within its window leaves at most a few, 28-56 bytes each).
+OUT_RTS_HEADROOM = 1024
 _BINDS = frozenset({PType.BIND, PType.ALTER_CONTEXT})  # carry the client's max_xmit_frag
 
 
@@ -201,6 +218,13 @@ class VcSettings:
             raise ValueError("out_reserve must be at least 128 bytes")
 
 
+def min_out_content_length(out_reserve: int) -> int:
+    """The smallest OUT Content-Length that always carries the largest fragment an
+    endpoint may send (frag_length is a u16, whatever max_recv_frag was negotiated),
+    with the reserve and our own RTS beside it."""
+    return MAX_FRAG_LENGTH + out_reserve + OUT_RTS_HEADROOM
+
+
 class Phase(enum.Enum):
     WAIT_PAIR = "waiting for the other channel"
     WAIT_BACKEND = "connecting to the backend"
@@ -300,6 +324,8 @@ class VirtualConnection:
         self.in_: InChannel | None = None
         self.out_successor: OutChannel | None = None
         self.in_successor: InChannel | None = None
+        # an IN_R2/A1 naming in_successor as predecessor, waiting for the pending A5
+        self.in_queued: InChannel | None = None
         self.out_recycle = OutRecycle.NONE
         self.in_recycle_started: float | None = None
         self.out_recycle_started: float | None = None
@@ -318,7 +344,8 @@ class VirtualConnection:
 
     def channels(self) -> list[Channel]:
         found = []
-        for ch in (self.out, self.old_out, self.out_successor, self.in_, self.in_successor):
+        for ch in (self.out, self.old_out, self.out_successor, self.in_, self.in_successor,
+                   self.in_queued):
             if ch is not None and ch.channel not in found:  # out is old_out before B3
                 found.append(ch.channel)
         return found
@@ -586,7 +613,7 @@ class VirtualConnection:
             pdu = queue[0]
             size = len(pdu)
             if out.bytes_left - size < self.settings.out_reserve:
-                self._begin_out_recycle(out, now)
+                self._recycle_for(out, size, now)
                 break
             if not out.admits(size):
                 break
@@ -631,6 +658,20 @@ class VirtualConnection:
         self.out_recycle_started = now
         self.old_out = out
         self._write_rts(out, rts.OUT_R2_A2, now)
+
+    def _recycle_for(self, out: OutChannel, size: int, now: float) -> None:
+        """The next PDU (``size`` bytes) does not fit in what ``out`` has left: recycle,
+        unless a fresh channel could not take it either, which would recycle forever
+        without ever sending it. A PDU cannot span two channels, so that ends the VC."""
+        s = self.settings
+        waiting = sum(map(len, self.pending_rts))
+        budget = s.out_content_length - s.out_reserve - waiting
+        if size > budget:
+            raise ProtocolError(
+                f"a {size}-byte PDU from the backend cannot fit in any OUT channel: "
+                f"out_content_length {s.out_content_length} less the {s.out_reserve}-byte "
+                f"reserve and {waiting} bytes of RTS leaves {budget}")
+        self._begin_out_recycle(out, now)
 
     def _open_out_successor(self, channel: Channel, a3: rts.RtsPdu, now: float) -> None:
         if self.phase is not Phase.OPENED or self.out_recycle is not OutRecycle.A3W:
@@ -731,6 +772,8 @@ class VirtualConnection:
                     break  # switched to the successor by IN_R2/A5, or torn down
         elif succ is not None and channel == succ.channel:
             succ.plugged.extend(succ.framer.feed(data))
+        elif self.in_queued is not None and channel == self.in_queued.channel:
+            self.in_queued.plugged.extend(self.in_queued.framer.feed(data))
         # else: a predecessor IN channel after the switch: ignore what is left.
 
     def _in_pdu(self, ch: InChannel, pdu: Pdu, now: float) -> None:
@@ -803,11 +846,18 @@ class VirtualConnection:
     def _open_in_successor(self, channel: Channel, a1: rts.RtsPdu, now: float) -> None:
         if self.phase is not Phase.OPENED:
             raise ProtocolError("IN_R2/A1 before the connection was opened")
-        if self.in_successor is not None:
-            raise ProtocolError("IN_R2/A1 while another IN channel recycle is pending")
         cur = self.in_
         assert cur is not None
         vc_cookie, predecessor, successor = rts.cookies(a1)
+        pending = self.in_successor
+        if pending is not None:
+            # The client got IN_R2/A4, sent A5 on the old channel (still in flight on its
+            # TCP connection) and is recycling the successor already: queue this one.
+            if (self.in_queued is not None or vc_cookie != self.cookie
+                    or predecessor != pending.cookie):
+                raise ProtocolError("IN_R2/A1 while another IN channel recycle is pending")
+            self.in_queued = InChannel(channel, successor)
+            return  # its IN_R2/A4 goes out when A5 completes the pending recycle
         if vc_cookie != self.cookie or predecessor != cur.cookie:
             raise ProtocolError("IN_R2/A1 cookies do not match the current IN channel")
         self.in_successor = InChannel(channel, successor)
@@ -831,6 +881,11 @@ class VirtualConnection:
             self._in_pdu(succ, held_pdu, now)
             if self.phase is Phase.CLOSED:
                 return
+        queued, self.in_queued = self.in_queued, None
+        if queued is not None:  # the next recycle, which overtook this A5
+            self.in_successor = queued
+            self.in_recycle_started = now
+            self._send_rts_to_client(rts.IN_R2_A4, now)
 
     # ---- closing and time ---------------------------------------------------------------
 
@@ -844,6 +899,7 @@ class VirtualConnection:
             (self.in_, "IN channel"),
             (self.out_successor, "successor OUT channel"),
             (self.in_successor, "successor IN channel"),
+            (self.in_queued, "queued successor IN channel"),
             (self.old_out, "predecessor OUT channel before OUT_R2/B3"),
         )
         for ch, role in roles:
@@ -908,6 +964,7 @@ class VirtualConnection:
         for ch in self.channels():
             self._emit(CloseChannel(ch, error))
         self.out = self.in_ = self.out_successor = self.in_successor = self.old_out = None
+        self.in_queued = None
         self.send_queue.clear()
         self.pending_rts.clear()
         if self.backend_requested:

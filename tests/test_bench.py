@@ -661,3 +661,21 @@ def test_cli_storm_through_real_ntlm_counts_refused_logins(tmp_path: Path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     setup = json.loads(out.read_text())["scenarios"]["setup"]
     assert setup["proxy"] > 0 and setup["samba"]["per_s"] > 0
+
+
+def test_cli_throughput_at_the_least_out_content_length_recycles_and_completes(
+        tmp_path: Path) -> None:
+    """The stub's 65,528-byte fragments through OUT channels of the least Content-Length
+    the proxy accepts: each fragment needs a fresh channel, and every one arrives (the
+    issue's ``--out-content-length 65536`` recycled forever; it is now a usage error)."""
+    out = tmp_path / "bench.json"
+    proc = _run_cli("--duration", "0.3", "--scenarios", "throughput", "--relay", "none",
+                    "--out-content-length", "70655", "--timeout", "5", "--json", str(out),
+                    timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["ok"] is True and doc["errors"] == []
+    assert doc["scenarios"]["throughput"]["proxy"] > 0
+    proc = _run_cli("--out-content-length", "65536", "--scenarios", "throughput", timeout=30)
+    assert proc.returncode == 2 and "at least 70655" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

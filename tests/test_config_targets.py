@@ -160,3 +160,27 @@ def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main(["serve", "--backend", "nonsense"])
     assert code == 2
     assert "configuration error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [32768, 65536, 70654])
+def test_out_content_length_too_small_for_the_largest_fragment_is_refused(value: int) -> None:
+    # Below 65535 (frag_length's maximum) + the 4096-byte reserve + 1024 for the proxy's
+    # RTS, some fragment the backend may send would never fit in an OUT channel.
+    with pytest.raises(ConfigError, match=r"out_content_length .* too small.* at least 70655"):
+        config_mod.load(None, {"out_content_length": value})
+
+
+def test_least_out_content_length_is_accepted() -> None:
+    assert config_mod.load(None, {"out_content_length": 70655}).out_content_length == 70655
+
+
+def test_bench_refuses_an_out_content_length_the_proxy_would_refuse(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import cli as bench_cli
+
+    with pytest.raises(SystemExit) as exc:
+        bench_cli.build_parser().parse_args(["--out-content-length", "65536"])
+    assert exc.value.code == 2
+    assert "at least 70655" in capsys.readouterr().err
+    args = bench_cli.build_parser().parse_args(["--out-content-length", "0x20000"])
+    assert args.out_content_length == 0x20000

@@ -30,6 +30,7 @@ from rpcproxy.connection import (
     VcClosed,
     VcSettings,
     VirtualConnection,
+    min_out_content_length,
 )
 from rpcproxy.errors import (
     ERROR_ACCESS_DENIED,
@@ -980,6 +981,68 @@ def test_out_recycle_timeout_after_a7() -> None:
     assert norm(vc.on_timer(62.0)) == teardown(OUT2, IN)
 
 
+def _serve_out_recycles(vc: VirtualConnection, t: Tally, acts: list[Action],
+                        limit: int) -> tuple[int, int]:
+    """Play a compliant client: answer every OUT_R2/A2 with a successor (A3, A6 seen, A7,
+    C1), at most ``limit`` times; (recycles, RPC bytes received)."""
+    recycles = got = 0
+    cookie = OUT_CK
+    now = 10.0
+    while not vc.closed and recycles < limit:
+        got += sum(len(a.data) for a in acts
+                   if isinstance(a, SendToClient) and a.data[2] != PType.RTS)
+        if not any(isinstance(a, SendToClient) and a.data == rts.OUT_R2_A2 for a in acts):
+            break
+        recycles += 1
+        succ, ch = bytes([recycles]) * 16, f"out-r{recycles}"
+        now += 1
+        acts = t.feed(vc.open_out_successor(ch, a3(cookie, succ), identity=ME, target=TARGET,
+                                            now=now))
+        acts += t.feed(vc.in_data(IN, rts.out_r2_a7(succ), now))
+        acts += t.feed(vc.out_request_data(ch, rts.OUT_R2_C1, now))
+        cookie = succ
+    return recycles, got
+
+
+@pytest.mark.parametrize(("content_length", "size"), [(32768, 60_000), (65536, 0xFFF8)])
+def test_pdu_no_out_channel_can_carry_ends_the_vc_instead_of_recycling_forever(
+        content_length: int, size: int) -> None:
+    # The issue's livelock: each fresh channel had too little room for the PDU, so the
+    # proxy sent OUT_R2/A2 at once on every successor and never the PDU itself.
+    s = VcSettings(out_content_length=content_length)
+    vc = opened(s)
+    t = Tally(content_length)
+    t.started.add(OUT)
+    t.bytes[OUT] = len(A3_DEFAULT) + len(C2_DEFAULT)
+    acts = t.feed(vc.backend_data(rpc(PType.RESPONSE, size), 1.0))
+    recycles, _ = _serve_out_recycles(vc, t, acts, limit=5)
+    assert recycles == 0, "a recycle that cannot help was started"
+    assert norm(acts) == teardown(OUT, IN)
+    assert vc.close_reason is not None
+    assert f"{size}-byte PDU" in vc.close_reason and "cannot fit" in vc.close_reason
+
+
+def test_largest_fragment_fits_a_fresh_channel_of_the_least_allowed_content_length() -> None:
+    # The configuration's floor: after one recycle the 65535-byte fragment goes out, even
+    # with RTS (an IN ack) waiting to go first on the successor.
+    least = min_out_content_length(4096)
+    s = VcSettings(out_content_length=least, receive_window=0x2000)
+    vc = opened(s)
+    t = Tally(least)
+    t.started.add(OUT)
+    t.bytes[OUT] = len(A3_DEFAULT) + len(C2_DEFAULT)
+    first = rpc(PType.RESPONSE, 0x8000, 1)
+    big = rpc(PType.RESPONSE, 0xFFFF, 2)
+    acts = t.feed(vc.backend_data(first, 1.0)) + t.feed(vc.backend_data(big, 1.0))
+    assert sent_to(acts, OUT) == [first, rts.OUT_R2_A2]
+    acts = t.feed(vc.open_out_successor(OUT2, a3(), identity=ME, target=TARGET, now=2.0))
+    acts += t.feed(vc.in_data(IN, rts.out_r2_a7(OUT2_CK), 2.0))
+    acts += t.feed(vc.in_data(IN, rpc(PType.REQUEST, 0x1001), 2.0))  # an IN ack is due
+    acts += t.feed(vc.out_request_data(OUT2, rts.OUT_R2_C1, 2.0))
+    assert sent_to(acts, OUT2)[-1] == big
+    assert not vc.closed
+
+
 # --- IN channel recycling -------------------------------------------------------------------------
 
 
@@ -1081,6 +1144,69 @@ def test_second_in_r2_a1_tears_down() -> None:
     acts = vc.open_in_successor("in-3", in_a1(succ=b"K" * 16), identity=ME, target=TARGET,
                                 now=1.0)
     assert norm(acts) == [("close", "in-3", "ProtocolError"), *teardown(OUT, IN, IN2)]
+
+
+IN3, IN3_CK = "in-3", b"K" * 16
+
+
+def test_in_r2_a1_that_overtakes_the_previous_a5_is_queued_in_order() -> None:
+    """A client that got IN_R2/A4 sends A5 on IN#1, fills IN#2 and recycles it; its A1
+    for IN#3 (naming IN#2) can arrive before that A5. It waits, plugged, for the A5."""
+    vc = opened()
+    assert vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0) == [
+        SendToClient(OUT, rts.IN_R2_A4)]
+    on2 = [rpc(PType.REQUEST, 100, 20), rpc(PType.REQUEST, 60, 21)]
+    assert vc.in_data(IN2, on2[0], 1.5) == []
+    acts = vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET,
+                                now=2.0)
+    assert acts == []  # queued: no A4 before the pending recycle completes
+    assert vc.channels() == [OUT, IN, IN2, IN3]
+    on3 = rpc(PType.REQUEST, 70, 30)
+    assert vc.in_data(IN3, on3, 2.5) == []
+    pre = rpc(PType.REQUEST, 80, 10)
+    assert vc.in_data(IN, pre, 3.0) == [SendToBackend(pre)]
+    # the late A5 on IN#1: IN#2 becomes current, its PDUs go, then IN#3's A4
+    acts = vc.in_data(IN, rts.in_r2_a5(IN2_CK), 4.0)
+    assert norm(acts) == [("close", IN, None), SendToBackend(on2[0]),
+                          SendToClient(OUT, rts.IN_R2_A4)]
+    assert vc.in_data(IN2, on2[1], 4.5) == [SendToBackend(on2[1])]
+    acts = vc.in_data(IN2, rts.in_r2_a5(IN3_CK), 5.0)
+    assert norm(acts) == [("close", IN2, None), SendToBackend(on3)]
+    after = rpc(PType.REQUEST, 50, 31)
+    assert vc.in_data(IN3, after, 6.0) == [SendToBackend(after)]
+    assert vc.channels() == [OUT, IN3] and vc.phase is Phase.OPENED
+    assert vc.in_recycle_started is None
+
+
+def test_queued_in_successor_restarts_the_recycle_timer() -> None:
+    vc = opened()
+    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=2.0)
+    vc.in_data(IN, rts.in_r2_a5(IN2_CK), 50.0)
+    assert vc.next_deadline() == 110.0  # 60 s from the A4 sent for IN#3
+    assert norm(vc.on_timer(110.0)) == teardown(OUT, IN2, IN3)
+
+
+@pytest.mark.parametrize("pdu", [in_a1(IN2_CK, b"L" * 16), in_a1(IN_CK, b"L" * 16),
+                                 in_a1(IN2_CK, b"L" * 16, vc=b"Z" * 16)],
+                         ids=["third", "names-current", "foreign-vc"])
+def test_in_r2_a1_beside_a_queued_or_pending_one_still_tears_down(pdu: rts.RtsPdu) -> None:
+    vc = opened()
+    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    if tuple(rts.cookies(pdu)[:2]) == (VC, IN2_CK):  # "third": one is queued already
+        vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=1.0)
+        expect = teardown(OUT, IN, IN2, IN3)
+    else:
+        expect = teardown(OUT, IN, IN2)
+    acts = vc.open_in_successor("in-4", pdu, identity=ME, target=TARGET, now=2.0)
+    assert norm(acts) == [("close", "in-4", "ProtocolError"), *expect]
+
+
+def test_queued_in_successor_closing_ends_the_vc() -> None:
+    vc = opened()
+    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=1.0)
+    assert norm(vc.channel_closed(IN3, 2.0)) == teardown(OUT, IN, IN2, IN3, error=None)
 
 
 def test_in_recycle_timeout() -> None:
@@ -1233,6 +1359,7 @@ class Driver:
         self.n = 0
         self.pending_out: tuple[str, bytes] | None = None
         self.pending_in: tuple[str, bytes] | None = None
+        self.queued_in: tuple[str, bytes] | None = None  # A1 that overtook pending's A5
         self.cur_in = IN
         self.out_received = 0
         self.backend_sent: list[bytes] = []
@@ -1350,6 +1477,16 @@ class Driver:
             self.pending_in = (ch, succ)
             self.apply(vc.open_in_successor(ch, in_a1(self.in_cookie, succ), identity=ME,
                                             target=TARGET, now=self.now))
+        elif op == "in_a1_next" and self.pending_in:  # recycles the successor before A5
+            if self.strict and self.queued_in:
+                return
+            succ = self.fresh()
+            ch = f"succ-in-{self.n}"
+            self.queued_in = (ch, succ)
+            self.apply(vc.open_in_successor(ch, in_a1(self.pending_in[1], succ), identity=ME,
+                                            target=TARGET, now=self.now))
+        elif op == "in_next_rpc" and self.queued_in:
+            self.apply(vc.in_data(self.queued_in[0], rpc(PType.REQUEST, 16 + size), self.now))
         elif op == "in_succ_rpc" and self.pending_in:
             self.apply(vc.in_data(self.pending_in[0], rpc(PType.REQUEST, 16 + size), self.now))
         elif op == "in_a5" and self.pending_in:
@@ -1357,7 +1494,7 @@ class Driver:
             self.apply(vc.in_data(self.cur_in, rts.in_r2_a5(succ), self.now))
             if vc.in_ is not None and vc.in_.channel == ch:
                 self.cur_in, self.in_cookie = ch, succ
-                self.pending_in = None
+                self.pending_in, self.queued_in = self.queued_in, None
         elif op == "close_channel":
             chans = vc.channels()
             if chans:
@@ -1371,8 +1508,8 @@ class Driver:
 # weighted: enough backend traffic and acks to fill OUT channels and force recycling
 SAFE_OPS = ["tick", "backend", "backend", "backend", "backend", "client_rpc", "client_rpc",
             "ping", "keepalive", "ack", "ack", "out_a3", "out_a7", "out_c1", "in_a1",
-            "in_succ_rpc", "in_a5", "client_two", "backend_split", "client_split",
-            "client_bind"]
+            "in_succ_rpc", "in_a5", "in_a1_next", "in_next_rpc", "client_two", "backend_split",
+            "client_split", "client_bind"]
 HOSTILE_OPS = ["client_bad_ptype", "garbage", "bogus_ack", "close_channel", "backend_closed",
                "close"]
 

@@ -107,3 +107,61 @@ async def test_successor_of_another_user_is_refused(
     assert (await vc.rpc_pdu())[2] == 2
     assert len(server.vcs) == 1
     vc.close()
+
+
+async def test_in_r2_a1_that_overtakes_the_pending_a5_waits_for_it(
+    small_channels: tuple[ProxyServer, int, EchoBackend],
+) -> None:
+    """IN#3's IN_R2/A1 (naming IN#2) arrives before IN#1's IN_R2/A5, as it can when the
+    client recycles IN#2 quickly: IN#3 is queued, not refused, and every call reaches the
+    backend in the order the client sent it (IN#1's, then IN#2's, then IN#3's)."""
+    import asyncio
+    import os
+
+    from rpcproxy import rts
+    from tests.fakes import basic
+    from tests.rpch_raw import GIB, RawChannel, open_vc
+
+    server, port, backend = small_channels
+    auth = {"Authorization": basic("alice", "pw-alice")}
+    path = "/rpc/rpcproxy.dll?srv:6001"
+    vc = await open_vc(port, auth["Authorization"])
+    in2_ck, in3_ck = os.urandom(16), os.urandom(16)
+
+    async def next_rts() -> rts.Kind:
+        return rts.identify(rts.decode_rts(await vc.out.pdu()))
+
+    in2 = await RawChannel.connect(port)
+    in2.request("RPC_IN_DATA", path, content_length=GIB, headers=auth,
+                body=rts.in_r2_a1(vc.vc_cookie, vc.in_cookie, in2_ck))
+    assert await next_rts() is rts.Kind.IN_R2_A4
+    in2.send(request_pdu(2, b"second, on IN#2 before the switch"))
+    in3 = await RawChannel.connect(port)
+    in3.request("RPC_IN_DATA", path, content_length=GIB, headers=auth,
+                body=rts.in_r2_a1(vc.vc_cookie, in2_ck, in3_ck))
+    in3.send(request_pdu(4, b"fourth, on IN#3 before its A4"))
+    rt = server.vcs[vc.vc_cookie]
+    async with asyncio.timeout(5):  # IN#3 has joined, IN#1's A5 not sent yet
+        while len(rt.vc.channels()) < 4:  # OUT, IN#1, IN#2, IN#3
+            assert not rt.closed, rt.vc.close_reason
+            await asyncio.sleep(0.01)
+    vc.inp.send(request_pdu(1, b"first, on IN#1") + rts.in_r2_a5(in2_ck))
+    in2.send(request_pdu(3, b"third, on IN#2 after the switch"))
+    got: list[int] = []
+    a4_for_in3 = False
+    async with asyncio.timeout(10):
+        while len(got) < 3 or not a4_for_in3:
+            pdu = await vc.out.pdu()
+            if pdu[2] == 20:
+                a4_for_in3 |= rts.identify(rts.decode_rts(pdu)) is rts.Kind.IN_R2_A4
+            else:
+                got.append(struct.unpack_from("<I", pdu, 12)[0])
+    in2.send(rts.in_r2_a5(in3_ck))
+    in3.send(request_pdu(5, b"fifth, on IN#3"))
+    while len(got) < 5:
+        got.append(struct.unpack_from("<I", await vc.rpc_pdu(), 12)[0])
+    assert got == [1, 2, 3, 4, 5]
+    assert await vc.inp.closed(5) and await in2.closed(5)
+    assert not rt.closed and len(server.vcs) == 1 and backend.connections == 1
+    for ch in (in3, vc.out):
+        ch.close()

@@ -119,7 +119,7 @@ async def test_channels_split_across_workers_meet(backend: EchoBackend) -> None:
 
 async def test_recycling_with_full_client_across_workers(backend: EchoBackend) -> None:
     """RpchClient opens successors on whichever port; OUT_R2 and IN_R2 still work."""
-    a, b = await make_pair(backend, out_content_length=64 * 1024)
+    a, b = await make_pair(backend, out_content_length=80 * 1024)
     try:
         client = await RpchClient.connect(
             "127.0.0.1", a.bound[0][1], target="srv:6001",  # type: ignore[attr-defined]
