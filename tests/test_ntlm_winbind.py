@@ -190,6 +190,21 @@ async def test_complete_only_once(verifier: WinbindVerifier) -> None:
 
 
 @pytest.mark.samba
+async def test_replayed_authenticate_is_rejected(verifier: WinbindVerifier) -> None:
+    """An AUTHENTICATE captured from one handshake is worthless in another: every helper
+    handshake has a fresh CHALLENGE."""
+    client = ntlm_client("testuser", "Test1234")
+    first = await verifier.begin(client.step() or b"")
+    captured = client.step(first.challenge) or b""
+    assert await first.complete(captured) == TESTUSER
+    second = await verifier.begin(ntlm_client("testuser", "x").step() or b"")
+    assert second.challenge != first.challenge
+    with pytest.raises(AuthenticationFailed) as exc:
+        await second.complete(captured)
+    assert exc.value.code is Refusal.BAD_CREDENTIALS
+
+
+@pytest.mark.samba
 async def test_anonymous_refused_before_winbind(verifier: WinbindVerifier) -> None:
     handshake = await verifier.begin(messages.build_negotiate())
     with pytest.raises(AuthenticationFailed) as exc:
