@@ -59,6 +59,10 @@ class Config:
     max_pending_handshakes: int = 256
     handshake_timeout: float = 30.0  # seconds a connection may stay unauthenticated
     max_unauthenticated_connections: int = 1024
+    # One source (IPv4 address, IPv6 /64) may hold only this share of the two bounds above.
+    max_unauthenticated_per_source: int = 64
+    max_pending_handshakes_per_source: int = 16
+    refusal_log_interval: float = 10.0  # seconds; refusals beyond a few are summarised
     max_connections_per_user: int = 100  # virtual connections one user may hold (per worker)
     backend_connect_timeout: float = 5.0
     backend_connect_retries: int = 2
@@ -119,9 +123,12 @@ class Config:
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
         for name in ("max_pending_handshakes", "max_unauthenticated_connections",
-                     "max_connections_per_user"):
+                     "max_connections_per_user", "max_unauthenticated_per_source",
+                     "max_pending_handshakes_per_source"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.refusal_log_interval <= 0 or self.handshake_timeout <= 0:
+            raise ConfigError("refusal_log_interval and handshake_timeout must be positive")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
