@@ -25,6 +25,7 @@ from typing import Any
 
 from rpcproxy.connection import VcSettings
 from rpcproxy.errors import ConfigError
+from rpcproxy.ratelimit import Exemptions
 from rpcproxy.targets import (
     AllowList,
     Endpoint,
@@ -62,6 +63,8 @@ class Config:
     # One source (IPv4 address, IPv6 /64) may hold only this share of the two bounds above.
     max_unauthenticated_per_source: int = 64
     max_pending_handshakes_per_source: int = 16
+    # Front proxies (TLS terminator, HAProxy) whose clients share one address: global bounds only.
+    per_source_exempt: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     refusal_log_interval: float = 10.0  # seconds; refusals beyond a few are summarised
     max_connections_per_user: int = 100  # virtual connections one user may hold (per worker)
     backend_connect_timeout: float = 5.0
@@ -127,6 +130,10 @@ class Config:
                      "max_pending_handshakes_per_source"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        try:
+            Exemptions(self.per_source_exempt)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.refusal_log_interval <= 0 or self.handshake_timeout <= 0:
             raise ConfigError("refusal_log_interval and handshake_timeout must be positive")
 

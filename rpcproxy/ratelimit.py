@@ -13,7 +13,9 @@ A flood of N refused connections therefore writes O(1) lines per window, never N
 (or none); the caller writes them and arms a timer for ``due()``.
 
 ``source_key`` names the source a per-address bound counts against: the IPv4 address, or
-the /64 an IPv6 address is in (one customer line usually gets a whole /64).
+the /64 an IPv6 address is in (one customer line usually gets a whole /64). Sources in
+``per_source_exempt`` (by default loopback: a TLS terminator or HAProxy on this host, whose
+clients all share its address) count only against the global bounds.
 """
 
 from __future__ import annotations
@@ -56,6 +58,27 @@ def source_key(host: str) -> str:
             return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(addr)
+
+
+class Exemptions:
+    """Networks whose sources are not bounded per source (front proxies)."""
+
+    def __init__(self, networks: list[str]) -> None:
+        try:
+            self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        except ValueError as exc:
+            raise ValueError(f"per_source_exempt: {exc}") from None
+
+    def __contains__(self, host: object) -> bool:
+        if not isinstance(host, str) or not self.networks:
+            return False
+        try:
+            addr = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.networks)
 
 
 class RefusalLog:

@@ -69,7 +69,7 @@ from rpcproxy.errors import (
 )
 from rpcproxy.metrics import ServerMetrics
 from rpcproxy.pdu import HEADER_LEN, PduFramer, parse_header
-from rpcproxy.ratelimit import Refusal, RefusalLog, source_key
+from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, source_key
 from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
 from rpcproxy.workers import Handoff, HandoffError, WorkerSet
 
@@ -509,8 +509,10 @@ class ConnectionGuard:
     aiohttp sees the connection only once it is done.
     """
 
-    def __init__(self, limit: int, timeout: float, per_source_limit: int | None = None) -> None:
+    def __init__(self, limit: int, timeout: float, per_source_limit: int | None = None,
+                 exempt: Exemptions | None = None) -> None:
         self.limit = limit
+        self.exempt = exempt if exempt is not None else Exemptions([])
         self.timeout = timeout
         self.per_source_limit = per_source_limit if per_source_limit is not None else limit
         # protocol -> (source, transport it was accepted on); removed on auth, loss, expiry
@@ -614,7 +616,7 @@ class ConnectionGuard:
         host, port = (str(peer[0]), peer[1]) if isinstance(peer, tuple) and peer else ("?", 0)
         source = source_key(host)
         reason: Refusal | None = None
-        if self.per_source[source] >= self.per_source_limit:
+        if host not in self.exempt and self.per_source[source] >= self.per_source_limit:
             reason = Refusal.UNAUTH_PER_SOURCE
             detail = (f"{self.per_source_limit} unauthenticated connections from this source "
                       "(max_unauthenticated_per_source)")
@@ -733,7 +735,8 @@ class ProxyServer:
         )
         self.guard = ConnectionGuard(config.max_unauthenticated_connections,
                                      config.handshake_timeout,
-                                     config.max_unauthenticated_per_source)
+                                     config.max_unauthenticated_per_source,
+                                     Exemptions(config.per_source_exempt))
         self.guard.on_refused = self.refuse
         self.refusals = RefusalLog(config.refusal_log_interval)
         self._refusal_timer: asyncio.TimerHandle | None = None
@@ -934,7 +937,7 @@ class ProxyServer:
         started = time.monotonic()
         outcome = await self.authenticator.authenticate(
             request.protocol, request.headers.get("Authorization"), tls=tls,
-            source=_source(request),
+            source=None if _host(request) in self.guard.exempt else _source(request),
         )
         self.metrics.auth_outcome(outcome, time.monotonic() - started,
                                   had_credentials=bool(request.headers.get("Authorization")))
@@ -1279,10 +1282,14 @@ async def _no_expect_handler(request: web.Request) -> None:
     return None
 
 
+def _host(request: web.Request) -> str:
+    peer = _peer(request)
+    return peer.rpartition(":")[0] or peer
+
+
 def _source(request: web.Request) -> str:
     """The key per-source bounds count the request's client against."""
-    peer = _peer(request)
-    return source_key(peer.rpartition(":")[0] or peer)
+    return source_key(_host(request))
 
 
 def _peer_name(transport: asyncio.BaseTransport | None) -> str:

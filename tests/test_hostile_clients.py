@@ -1,7 +1,8 @@
 """What one hostile client can do to the log and to everyone else (issue 12, items 3-7).
 
 Flooding clients connect from 127.0.0.1; well-behaved ones bind their sockets to other
-loopback addresses (127.0.0.2, ...), so per-source bounds see them as other sources.
+loopback addresses (127.0.0.2, ...), so per-source bounds see them as other sources
+(loopback is exempt from them by default, as a front proxy's address: not here).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ async def start(backend: EchoBackend, authenticator: Any = None, **overrides: An
     cfg: dict[str, Any] = {
         "listen": "127.0.0.1:0", "backend": backend.endpoint, "targets": ["srv:6001"],
         "basic_over_http": True,
+        "per_source_exempt": [],  # the flood comes from loopback here
     }
     cfg.update(overrides)
     server = ProxyServer(config_mod.load(None, cfg),
@@ -302,7 +304,8 @@ async def test_half_done_ntlm_handshakes_from_one_address(samba_dc: SambaDC) -> 
     endpoint = f"{samba_dc.host}:{samba_dc.port}"
     cfg = config_mod.load(None, {
         "listen": "127.0.0.1:0", "backend": endpoint, "server_names": ["srv"],
-        "max_pending_handshakes": 24, "max_pending_handshakes_per_source": 4})
+        "max_pending_handshakes": 24, "max_pending_handshakes_per_source": 4,
+        "per_source_exempt": []})
     server = ProxyServer(cfg)
     await server.start()
     port = port_of(server)
@@ -317,6 +320,23 @@ async def test_half_done_ntlm_handshakes_from_one_address(samba_dc: SambaDC) -> 
             ch.close()
     finally:
         await server.stop()
+
+
+async def test_front_proxy_addresses_are_bounded_only_globally(backend: EchoBackend) -> None:
+    """The default exempts loopback (a TLS terminator or HAProxy on this host)."""
+    server = await start(backend, max_unauthenticated_per_source=5,
+                         per_source_exempt=["127.0.0.0/8"])
+    socks = []
+    try:
+        for _ in range(20):
+            socks.append(socket.create_connection(("127.0.0.1", port_of(server))))
+        assert await wait_for(lambda: len(server.guard.pending) == 20)
+        assert server.guard.rejected == 0
+    finally:
+        for s in socks:
+            s.close()
+        await server.stop()
+    assert config_mod.Config().per_source_exempt == ["127.0.0.0/8", "::1/128"]
 
 
 # --- item 5: TLS handshakes inside the guard -------------------------------------------------
