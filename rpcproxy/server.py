@@ -13,10 +13,16 @@ Per request (``handle``):
   ``100 Continue`` if asked -> first RTS PDU of the body -> attach to a VC by
   cookie -> IN: pump the body into the VC; OUT: run the channel's writer.
 
-Bounds: unauthenticated connections are closed after ``handshake_timeout``
-and their number is capped; a VC waits ``setup_timeout`` for its other
+Bounds: unauthenticated connections (from accept, TLS handshake included) are
+closed after ``handshake_timeout`` and their number is capped, globally and per
+source address (``ConnectionGuard``); a VC waits ``setup_timeout`` for its other
 channel; backend connects time out and are retried a bounded number of times.
 Authenticated channels have no body or idle timeout: they live for hours.
+
+Whatever a client makes us refuse (a bound, a timeout, a malformed request, a
+disconnect mid-request, a failed login) goes through ``ProxyServer.refuse``: a
+``rpcproxy_refused{reason}`` count and, through ``rpcproxy.ratelimit``, a few
+lines plus a periodic summary, never a traceback or one line per connection.
 """
 
 from __future__ import annotations
