@@ -26,6 +26,7 @@ from rpcproxy import certs
 from rpcproxy import config as config_mod
 from rpcproxy.logs import JsonFormatter, TextFormatter
 from rpcproxy.metrics import ProxyCollector
+from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, source_key
 from rpcproxy.server import ProxyServer
 from tests.fakes import EchoBackend, TableAuthenticator, basic
 from tests.rpch_raw import RawChannel, open_vc
@@ -403,3 +404,36 @@ async def test_stalled_tls_handshakes_are_bounded(backend: EchoBackend,
     lines = proxy_lines(caplog)
     assert len(lines) <= 6 and "Traceback" not in caplog.text
     assert "tls_handshake_timeout=" in lines[-1].getMessage()
+
+
+# --- the sans-IO parts -----------------------------------------------------------------------
+
+
+def test_source_key_groups_ipv6_by_64() -> None:
+    assert source_key("192.0.2.7") == "192.0.2.7"
+    assert source_key("2001:db8:1:2:aaaa::1") == source_key("2001:db8:1:2:ffff::9")
+    assert source_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")
+    assert source_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert source_key("fe80::1%eth0") == "fe80::/64"
+    exempt = Exemptions(["127.0.0.0/8", "::1/128"])
+    assert "127.0.0.9" in exempt and "::1" in exempt and "::ffff:127.0.0.1" in exempt
+    assert "192.0.2.7" not in exempt and "?" not in exempt
+
+
+def test_refusal_log_windows() -> None:
+    rl = RefusalLog(interval=10.0, burst=2, top=2)
+    lines = [rl.note(Refusal.AUTH_DENIED, f"10.0.0.{i % 3}", "bad password", 100.0 + i * 0.01)
+             for i in range(1000)]
+    assert sum(len(x) for x in lines) == 2  # the burst, then only counting
+    assert rl.due() == 110.0 and rl.flush(105.0) is None
+    summary = rl.flush(110.0)
+    assert summary is not None and "refused 998 more in the last 10s: auth_denied=998" in summary
+    assert "top sources: 10.0.0." in summary and summary.count("=") == 3  # reason + 2 sources
+    assert rl.due() is None and rl.flush(200.0) is None
+    # a late timer: the next refusal first closes the old window
+    for _ in range(3):
+        rl.note(Refusal.BAD_REQUEST, "a", "x" * 1000, 300.0)
+    out = rl.note(Refusal.BAD_REQUEST, "a", "y", 400.0)
+    assert out[0].startswith("refused 1 more") and out[1].startswith("refused a (bad_request)")
+    assert len(rl.note(Refusal.BAD_REQUEST, "a", "x" * 1000, 400.0)[0]) < 300  # truncated
