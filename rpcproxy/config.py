@@ -65,6 +65,9 @@ class Config:
     max_pending_handshakes_per_source: int = 16
     # Front proxies (TLS terminator, HAProxy) whose clients share one address: global bounds only.
     per_source_exempt: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Front proxies that open each connection with a PROXY protocol (v1/v2) header naming the
+    # client; connections from these addresses must have one, from others it is not honoured.
+    proxy_protocol_from: list[str] = field(default_factory=list)
     refusal_log_interval: float = 10.0  # seconds; refusals beyond a few are summarised
     max_connections_per_user: int = 100  # virtual connections one user may hold (per worker)
     backend_connect_timeout: float = 5.0
@@ -132,6 +135,7 @@ class Config:
                 raise ConfigError(f"{name} must be at least 1")
         try:
             Exemptions(self.per_source_exempt)
+            Exemptions(self.proxy_protocol_from)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if self.refusal_log_interval <= 0 or self.handshake_timeout <= 0:

@@ -49,7 +49,7 @@ from aiohttp import web
 
 from ntlm.http_auth import Authenticated, Challenge, Denied, HttpAuthenticator, Unavailable
 from ntlm.passthrough import Identity, NtlmVerifier
-from rpcproxy import rts
+from rpcproxy import proxyproto, rts
 from rpcproxy.config import Config
 from rpcproxy.connection import (
     Action,
@@ -75,6 +75,7 @@ from rpcproxy.errors import (
 )
 from rpcproxy.metrics import ServerMetrics
 from rpcproxy.pdu import HEADER_LEN, PduFramer, parse_header
+from rpcproxy.proxyproto import ProxyHeader, ProxyHeaderError
 from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, source_key
 from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
 from rpcproxy.workers import Handoff, HandoffError, WorkerSet
@@ -528,8 +529,9 @@ class ConnectionGuard:
         self.rejected = 0
         self.expired = 0
         self.tls_failed = 0
-        # TLS handshakes under way: their task and the socket given to the loop
-        self.tls_tasks: dict[asyncio.BaseProtocol, tuple[asyncio.Task[None], socket.socket]] = {}
+        # TLS handshakes and PROXY headers under way: their task, socket, and refusal if late
+        self.handshakes: dict[asyncio.BaseProtocol,
+                              tuple[asyncio.Task[None], socket.socket, Refusal]] = {}
         self.on_lost: Callable[[object], None] | None = None
         self.on_refused: Callable[[Refusal, str, str, str], None] | None = None
 
@@ -544,7 +546,8 @@ class ConnectionGuard:
 
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 super().connection_made(transport)
-                self.peer = _peer_name(transport)  # still known once the transport is gone
+                if not getattr(self, "peer", None):  # (set already from a PROXY header)
+                    self.peer = _peer_name(transport)  # still known once the transport is gone
                 if not getattr(self, "admitted", False):
                     self.admitted = True
                     guard.admit(self, transport)
@@ -595,9 +598,86 @@ class ConnectionGuard:
                 transport.abort()  # type: ignore[attr-defined]  # closes its descriptor only: the duplicate holds the socket
                 task = asyncio.get_running_loop().create_task(
                     guard._tls_handshake(handler, sock, ctx))
-                guard.tls_tasks[handler] = (task, sock)
+                guard.handshakes[handler] = (task, sock, Refusal.TLS_TIMEOUT)
 
         return TlsAccept
+
+    def proxy_protocol_factory(self, server: web.Server, ctx: ssl.SSLContext | None,
+                               trusted: Exemptions,
+                               otherwise: Callable[[], asyncio.Protocol]
+                               ) -> Callable[[], asyncio.Protocol]:
+        """A listener that takes a PROXY protocol header (``rpcproxy.proxyproto``) from the
+        ``trusted`` addresses, and serves every other address with ``otherwise``.
+
+        From a trusted address the socket is taken from its first transport before a byte
+        is read (as for TLS), the header is peeked at and exactly its bytes consumed, the
+        connection is counted under the client's address it names, and then the loop gets
+        the socket back (with TLS on a TLS listener): the request handler, the logs and
+        the per-source bounds see the client's address, never the front proxy's.
+        """
+        make_handler = self.protocol_factory(server)
+        guard = self
+
+        class ProxyAccept(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                peer = transport.get_extra_info("peername")
+                host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+                if host not in trusted:
+                    inner = otherwise()
+                    transport.set_protocol(inner)
+                    inner.connection_made(transport)
+                    return
+                handler = make_handler()
+                handler.admitted = True  # type: ignore[attr-defined]
+                if not guard.admit(handler, transport):
+                    return
+                raw = transport.get_extra_info("socket")
+                try:
+                    sock = socket.socket(fileno=os.dup(raw.fileno()))
+                except OSError:
+                    guard.lost(handler)
+                    transport.abort()  # type: ignore[attr-defined]
+                    return
+                transport.abort()  # type: ignore[attr-defined]
+                sock.setblocking(False)
+                task = asyncio.get_running_loop().create_task(
+                    guard._proxied(handler, sock, ctx))
+                guard.handshakes[handler] = (task, sock, Refusal.PROXY_HEADER)
+
+        return ProxyAccept
+
+    async def _proxied(self, handler: asyncio.BaseProtocol, sock: socket.socket,
+                       ctx: ssl.SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+        entry = self.pending.get(handler)
+        try:
+            header = await _read_proxy_header(sock)
+        except asyncio.CancelledError:
+            sock.close()  # _expire counted it
+            return
+        except (OSError, ProxyHeaderError) as exc:
+            self.handshakes.pop(handler, None)
+            if self._remove(handler) and entry is not None:
+                self._refused(Refusal.PROXY_HEADER, entry, f"bad PROXY protocol header: {exc}")
+            sock.close()
+            return
+        if header.source is not None:
+            host, port = header.source
+            if not self.rekey(handler, host, port):
+                self.handshakes.pop(handler, None)
+                sock.close()
+                return
+            handler.peer = f"{host}:{port}"  # type: ignore[attr-defined]
+        if ctx is not None:
+            self.handshakes[handler] = (self.handshakes[handler][0], sock, Refusal.TLS_TIMEOUT)
+            await self._tls_handshake(handler, sock, ctx)
+            return
+        self.handshakes.pop(handler, None)
+        try:
+            await loop.connect_accepted_socket(lambda: handler, sock)
+        except OSError:
+            self._remove(handler)
+            sock.close()
 
     async def _tls_handshake(self, handler: asyncio.BaseProtocol, sock: socket.socket,
                              ctx: ssl.SSLContext) -> None:
@@ -605,6 +685,7 @@ class ConnectionGuard:
         try:
             await loop.connect_accepted_socket(lambda: handler, sock, ssl=ctx,
                                                ssl_handshake_timeout=self.timeout)
+            # (connection_made of handler ran: aiohttp has the TLS connection)
         except asyncio.CancelledError:
             pass  # _expire counted it; the loop closes the socket it was given
         except Exception as exc:  # noqa: BLE001 (every failure is the client's or the network's)
@@ -614,7 +695,7 @@ class ConnectionGuard:
                 what = str(exc) or type(exc).__name__
                 self._refused(Refusal.TLS_FAILED, entry, f"TLS handshake failed: {what}")
         finally:
-            self.tls_tasks.pop(handler, None)
+            self.handshakes.pop(handler, None)
 
     def admit(self, protocol: asyncio.BaseProtocol, transport: asyncio.BaseTransport) -> bool:
         """Count a new connection, or close it at once over a bound; False if closed."""
@@ -637,6 +718,25 @@ class ConnectionGuard:
         self.pending[protocol] = (source, transport)
         self.per_source[source] += 1
         asyncio.get_running_loop().call_later(self.timeout, self._expire, weakref.ref(protocol))
+        return True
+
+    def rekey(self, protocol: asyncio.BaseProtocol, host: str, port: int) -> bool:
+        """A PROXY header named the client: count the connection under its address
+        instead of the front proxy's; False (closed, counted) if that source is full."""
+        entry = self.pending.get(protocol)
+        if entry is None:
+            return False
+        source = source_key(host)
+        if host not in self.exempt and self.per_source[source] >= self.per_source_limit:
+            self._remove(protocol)
+            self.rejected += 1
+            self._refused(Refusal.UNAUTH_PER_SOURCE, (source, entry[1]),
+                          f"{self.per_source_limit} unauthenticated connections from this "
+                          "source (max_unauthenticated_per_source)", f"{host}:{port}")
+            return False
+        self._remove(protocol)
+        self.pending[protocol] = (source, entry[1])
+        self.per_source[source] += 1
         return True
 
     def source_of(self, protocol: asyncio.BaseProtocol) -> str | None:
@@ -698,12 +798,13 @@ class ConnectionGuard:
         if entry is None:
             return
         self._remove(protocol)
-        handshake = self.tls_tasks.pop(protocol, None)
+        handshake = self.handshakes.pop(protocol, None)
         if handshake is not None:  # still in its TLS handshake: end the TCP connection
             self.expired += 1
-            self._refused(Refusal.TLS_TIMEOUT, entry,
-                          f"TLS handshake not done within {self.timeout:g}s (handshake_timeout)")
-            task, sock = handshake
+            task, sock, reason = handshake
+            what = "TLS handshake" if reason is Refusal.TLS_TIMEOUT else "PROXY header"
+            self._refused(reason, entry,
+                          f"{what} not done within {self.timeout:g}s (handshake_timeout)")
             task.cancel()
             try:  # the loop's TLS transport owns the descriptor; this makes it see the end
                 sock.shutdown(socket.SHUT_RDWR)
@@ -797,6 +898,10 @@ class ProxyServer:
             # TLS is started by the guard on the accepted TCP connection (see ConnectionGuard)
             factory = (plain_factory if ctx is None
                        else self.guard.tls_protocol_factory(self.runner.server, ctx))
+            if self.config.proxy_protocol_from:
+                factory = self.guard.proxy_protocol_factory(
+                    self.runner.server, ctx, Exemptions(self.config.proxy_protocol_from),
+                    factory)
             if self.listen_sockets is not None:
                 server = await loop.create_server(factory, sock=self.listen_sockets[i],
                                                   backlog=4096)
@@ -1286,6 +1391,35 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
 async def _no_expect_handler(request: web.Request) -> None:
     """We send ``100 Continue`` ourselves, only after authentication succeeded."""
     return None
+
+
+async def _read_proxy_header(sock: socket.socket) -> ProxyHeader:
+    """Peek until a whole PROXY header is there, then consume exactly its bytes."""
+    loop = asyncio.get_running_loop()
+    while True:
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def wake(fut: asyncio.Future[None] = ready) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(sock.fileno(), wake)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock.fileno())
+        try:
+            data = sock.recv(proxyproto.PEEK, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        if not data:
+            raise ProxyHeaderError("connection closed before its PROXY header ended")
+        header = proxyproto.parse(data)
+        if header is None:
+            await asyncio.sleep(0.01)  # a partial header stays readable: do not spin
+            continue
+        sock.recv(header.length)
+        return header
 
 
 def _host(request: web.Request) -> str:

@@ -396,7 +396,7 @@ async def test_stalled_tls_handshakes_are_bounded(backend: EchoBackend,
         elapsed = time.monotonic() - started
         assert 0.9 <= elapsed < 2.5, elapsed  # ...at handshake_timeout, not at 60 s
         assert refused_metric(server)["tls_handshake_timeout"] == 10
-        assert await wait_for(lambda: not server.guard.pending and not server.guard.tls_tasks)
+        assert await wait_for(lambda: not server.guard.pending and not server.guard.handshakes)
     finally:
         for s in stalled:
             s.close()
