@@ -394,7 +394,7 @@ async def test_stalled_tls_handshakes_are_bounded(backend: EchoBackend,
         for s in stalled:
             assert await asyncio.to_thread(_closed, s)  # closed by the proxy...
         elapsed = time.monotonic() - started
-        assert 0.9 <= elapsed < 2.5, elapsed  # ...at handshake_timeout, not at 60 s
+        assert 0.9 <= elapsed < 5, elapsed  # ...at handshake_timeout (1 s), not at 60 s
         assert refused_metric(server)["tls_handshake_timeout"] == 10
         assert await wait_for(lambda: not server.guard.pending and not server.guard.handshakes)
     finally:
