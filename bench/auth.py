@@ -99,7 +99,7 @@ class BenchAuthenticator:
         return st
 
     async def authenticate(self, conn: object, authorization: str | None, *,
-                           tls: bool) -> AuthOutcome:
+                           tls: bool, source: str | None = None) -> AuthOutcome:
         st = self._states.get(id(conn))
         if st is not None and st.ref() is not conn:
             st = None

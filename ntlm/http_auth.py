@@ -19,8 +19,10 @@ connection; they are refused on plain HTTP unless configured otherwise.  ``Negot
 accepted only when its token is raw NTLMSSP (what Windows sends when Kerberos is not possible);
 the answer then uses the ``Negotiate`` scheme name.  Kerberos / SPNEGO tokens are denied.
 
-Resources are bounded: at most ``max_pending`` handshakes hold a verifier slot at once
-(between NEGOTIATE and verdict, Basic checks included); a pending handshake expires after
+Resources are bounded: at most ``max_pending`` handshakes wait for or hold a verifier slot
+(between NEGOTIATE and verdict, Basic checks included), and at most ``max_pending_per_source``
+of them for one ``source`` (the caller's key for the client's address, passed with each
+request), so one address cannot take them all; a pending handshake expires after
 ``handshake_timeout``; when the server calls ``forget(conn)`` or ``conn`` is garbage-collected,
 its pending handshake is given up (its helper goes back to the pool).
 """
@@ -30,9 +32,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import messages
 from .basic import verify_password
@@ -63,6 +66,8 @@ class Denied:
 class Unavailable:
     reason: str
     code: Unreachable = Unreachable.NTLM_SERVER
+    # "global" / "per_source" when a pending-handshake bound refused it (not part of equality)
+    bound: str | None = field(default=None, compare=False)
 
 
 AuthOutcome = Authenticated | Challenge | Denied | Unavailable
@@ -71,7 +76,7 @@ AuthOutcome = Authenticated | Challenge | Denied | Unavailable
 class _ConnState:
     """What is known about one TCP connection."""
 
-    __slots__ = ("ref", "identity", "pending", "timer", "generation")
+    __slots__ = ("ref", "identity", "pending", "timer", "generation", "source")
 
     def __init__(self, ref: weakref.ref[object]) -> None:
         self.ref = ref
@@ -79,6 +84,7 @@ class _ConnState:
         self.pending: Handshake | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.generation = 0
+        self.source: str | None = None  # what the pending handshake counts against
 
 
 def _b64decode(param: str) -> bytes:
@@ -98,6 +104,7 @@ class HttpAuthenticator:
         allow_basic: bool = True,
         basic_requires_tls: bool = True,
         max_pending: int = 4096,
+        max_pending_per_source: int | None = None,
         handshake_timeout: float = 30.0,
         realm: str = "rpcproxy",
     ) -> None:
@@ -105,10 +112,12 @@ class HttpAuthenticator:
         self.allow_basic = allow_basic
         self.basic_requires_tls = basic_requires_tls
         self.max_pending = max_pending
+        self.max_pending_per_source = max_pending_per_source
         self.handshake_timeout = handshake_timeout
         self.realm = realm
         self._states: dict[int, _ConnState] = {}
         self._open = 0  # handshakes holding a socket to the NTLM server
+        self._open_by_source: collections.Counter[str] = collections.Counter()
 
     # -- public ---------------------------------------------------------------------------
 
@@ -134,7 +143,7 @@ class HttpAuthenticator:
             self._discard(id(conn), state)
 
     async def authenticate(
-        self, conn: object, authorization: str | None, *, tls: bool
+        self, conn: object, authorization: str | None, *, tls: bool, source: str | None = None
     ) -> AuthOutcome:
         key = id(conn)
         state = self._states.get(key)
@@ -149,9 +158,9 @@ class HttpAuthenticator:
         kind = scheme.lower()
         try:
             if kind in ("ntlm", "negotiate"):
-                return await self._ntlm(conn, scheme, param, tls)
+                return await self._ntlm(conn, scheme, param, tls, source)
             if kind == "basic":
-                return await self._basic(param, tls)
+                return await self._basic(param, tls, source)
         except AuthenticationFailed as exc:
             return self._denied(exc.reason, tls, exc.code)
         except NtlmServerUnavailable as exc:
@@ -161,7 +170,8 @@ class HttpAuthenticator:
 
     # -- NTLM -----------------------------------------------------------------------------
 
-    async def _ntlm(self, conn: object, scheme: str, param: str, tls: bool) -> AuthOutcome:
+    async def _ntlm(self, conn: object, scheme: str, param: str, tls: bool,
+                    source: str | None) -> AuthOutcome:
         token = _b64decode(param)
         if not messages.looks_like_ntlm(token):
             if scheme.lower() == "negotiate":
@@ -175,12 +185,13 @@ class HttpAuthenticator:
         except NtlmError as exc:
             raise AuthenticationFailed(f"malformed NTLM token: {exc.reason}") from None
         if mtype is messages.MessageType.NEGOTIATE:
-            return await self._ntlm_negotiate(conn, scheme, token)
+            return await self._ntlm_negotiate(conn, scheme, token, source)
         if mtype is messages.MessageType.AUTHENTICATE:
             return await self._ntlm_authenticate(conn, token)
         raise AuthenticationFailed("client sent an NTLM CHALLENGE message", Refusal.OUT_OF_ORDER)
 
-    async def _ntlm_negotiate(self, conn: object, scheme: str, token: bytes) -> AuthOutcome:
+    async def _ntlm_negotiate(self, conn: object, scheme: str, token: bytes,
+                              source: str | None) -> AuthOutcome:
         key = id(conn)
         state = self._states.get(key)
         if state is None:
@@ -191,18 +202,19 @@ class HttpAuthenticator:
         state.identity = None
         state.generation += 1
         generation = state.generation
-        if self._open >= self.max_pending:
-            return Unavailable("too many pending handshakes", Unreachable.BUSY)
-        self._open += 1
+        refused = self._take(source)
+        if refused is not None:
+            return refused
+        state.source = source
         try:
             handshake = await self.verifier.begin(token)
         except BaseException:
-            self._open -= 1
+            self._give(source)
             raise
         if self._states.get(key) is not state or state.generation != generation:
             # The connection went away (or restarted) while Samba was answering.
             handshake.close()
-            self._open -= 1
+            self._give(source)
             raise AuthenticationFailed("handshake superseded or connection closed",
                                        Refusal.OUT_OF_ORDER)
         state.pending = handshake
@@ -239,7 +251,7 @@ class HttpAuthenticator:
             identity = await handshake.complete(token)
         finally:
             handshake.close()
-            self._open -= 1
+            self._give(state.source)
         if self._states.get(key) is state and state.generation == generation:
             state.identity = identity
         log.debug("NTLM authenticated %s", identity)
@@ -247,7 +259,7 @@ class HttpAuthenticator:
 
     # -- Basic ----------------------------------------------------------------------------
 
-    async def _basic(self, param: str, tls: bool) -> AuthOutcome:
+    async def _basic(self, param: str, tls: bool, source: str | None) -> AuthOutcome:
         if not self.allow_basic:
             raise AuthenticationFailed("Basic authentication is disabled",
                                        Refusal.BASIC_NOT_ALLOWED)
@@ -262,16 +274,38 @@ class HttpAuthenticator:
         user, sep, password = text.partition(":")
         if not sep:
             raise AuthenticationFailed("Basic credentials lack a ':'")
-        if self._open >= self.max_pending:
-            return Unavailable("too many pending handshakes", Unreachable.BUSY)
-        self._open += 1
+        refused = self._take(source)
+        if refused is not None:
+            return refused
         try:
             identity = await verify_password(self.verifier, user, password)
         finally:
-            self._open -= 1
+            self._give(source)
         return Authenticated(identity)
 
     # -- bookkeeping ----------------------------------------------------------------------
+
+    def _take(self, source: str | None) -> Unavailable | None:
+        """Count one more handshake holding a socket, or say why not."""
+        limit = self.max_pending_per_source
+        if source is not None and limit is not None and self._open_by_source[source] >= limit:
+            return Unavailable("too many pending handshakes from this address",
+                               Unreachable.BUSY, bound="per_source")
+        if self._open >= self.max_pending:
+            return Unavailable("too many pending handshakes", Unreachable.BUSY, bound="global")
+        if source is not None and limit is not None:
+            self._open_by_source[source] += 1
+        self._open += 1
+        return None
+
+    def _give(self, source: str | None) -> None:
+        self._open -= 1
+        if source is not None and source in self._open_by_source:
+            left = self._open_by_source[source] - 1
+            if left > 0:
+                self._open_by_source[source] = left
+            else:
+                del self._open_by_source[source]
 
     def _denied(self, reason: str, tls: bool, code: Refusal) -> Denied:
         log.debug("HTTP authentication denied: %s", reason)
@@ -297,7 +331,7 @@ class HttpAuthenticator:
         if state.pending is not None:
             state.pending.close()
             state.pending = None
-            self._open -= 1
+            self._give(state.source)
 
     def _discard(self, key: int, state: _ConnState) -> None:
         self._drop_pending(state)

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from rpcproxy import sdnotify
 from rpcproxy.config import Config
 from rpcproxy.errors import ConfigError
+from rpcproxy.ratelimit import Exemptions
 
 if TYPE_CHECKING:
     from rpcproxy.metrics import MetricsListener
@@ -273,8 +274,13 @@ class ProxyProcess:
         auth.basic_requires_tls = not new.basic_over_http
         auth.max_pending = new.max_pending_handshakes
         auth.handshake_timeout = new.handshake_timeout
+        if hasattr(auth, "max_pending_per_source"):
+            auth.max_pending_per_source = new.max_pending_handshakes_per_source
         server.guard.limit = new.max_unauthenticated_connections
+        server.guard.per_source_limit = new.max_unauthenticated_per_source
+        server.guard.exempt = Exemptions(new.per_source_exempt)
         server.guard.timeout = new.handshake_timeout
+        server.refusals.interval = new.refusal_log_interval
         logging.getLogger().setLevel(new.log_level.upper())
         self.config = new
 

@@ -28,6 +28,7 @@ from ntlm.winbind import DEFAULT_HELPER
 from rpcproxy.connection import OUT_RTS_HEADROOM, VcSettings, min_out_content_length
 from rpcproxy.errors import ConfigError
 from rpcproxy.pdu import MAX_FRAG_LENGTH
+from rpcproxy.ratelimit import Exemptions
 from rpcproxy.targets import (
     AllowList,
     Endpoint,
@@ -69,6 +70,15 @@ class Config:
     max_pending_handshakes: int = 4096
     handshake_timeout: float = 30.0  # seconds a connection may stay unauthenticated
     max_unauthenticated_connections: int = 4096
+    # One source (IPv4 address, IPv6 /64) may hold only this share of the two bounds above.
+    max_unauthenticated_per_source: int = 256
+    max_pending_handshakes_per_source: int = 256
+    # Front proxies (TLS terminator, HAProxy) whose clients share one address: global bounds only.
+    per_source_exempt: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Front proxies that open each connection with a PROXY protocol (v1/v2) header naming the
+    # client; connections from these addresses must have one, from others it is not honoured.
+    proxy_protocol_from: list[str] = field(default_factory=list)
+    refusal_log_interval: float = 10.0  # seconds; refusals beyond a few are summarised
     max_connections_per_user: int = 100  # virtual connections one user may hold (per worker)
     backend_connect_timeout: float = 5.0
     backend_connect_retries: int = 2
@@ -138,9 +148,17 @@ class Config:
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
         for name in ("max_pending_handshakes", "max_unauthenticated_connections",
-                     "max_connections_per_user", "ntlm_helpers"):
+                     "max_connections_per_user", "max_unauthenticated_per_source",
+                     "max_pending_handshakes_per_source", "ntlm_helpers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        try:
+            Exemptions(self.per_source_exempt)
+            Exemptions(self.proxy_protocol_from)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.refusal_log_interval <= 0 or self.handshake_timeout <= 0:
+            raise ConfigError("refusal_log_interval and handshake_timeout must be positive")
         from rpcproxy.autodiscover.settings import parse_table
 
         parse_table(self.autodiscover)

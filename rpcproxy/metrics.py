@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from rpcproxy.ratelimit import Refusal
+
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
@@ -119,6 +121,8 @@ class ServerMetrics:
         self.closed_bytes_client_to_backend = 0
         self.closed_bytes_backend_to_client = 0
         self.reloads: Counter[str] = Counter()  # ok / failed
+        # rpcproxy.ratelimit.Refusal value -> count (every refusal, logged or summarised)
+        self.refused: Counter[str] = Counter()
         self.loop_lag = FixedHistogram(LOOP_LAG_BUCKETS)
 
     @property
@@ -243,6 +247,13 @@ class ProxyCollector:
         c = CounterMetricFamily("rpcproxy_unauthenticated_connections_rejected",
                                 "TCP connections closed at once: too many unauthenticated")
         c.add_metric([], getattr(server.guard, "rejected", 0))
+        yield c
+
+        c = CounterMetricFamily("rpcproxy_refused", "Clients refused or dropped, by reason "
+                                "(one count per event; the log summarises them)",
+                                labels=["reason"])
+        for reason in Refusal:
+            c.add_metric([reason.value], m.refused.get(reason.value, 0))
         yield c
 
         g = GaugeMetricFamily("rpcproxy_ntlm_handshakes_pending",

@@ -13,10 +13,16 @@ Per request (``handle``):
   ``100 Continue`` if asked -> first RTS PDU of the body -> attach to a VC by
   cookie -> IN: pump the body into the VC; OUT: run the channel's writer.
 
-Bounds: unauthenticated connections are closed after ``handshake_timeout``
-and their number is capped; a VC waits ``setup_timeout`` for its other
+Bounds: unauthenticated connections (from accept, TLS handshake included) are
+closed after ``handshake_timeout`` and their number is capped, globally and per
+source address (``ConnectionGuard``); a VC waits ``setup_timeout`` for its other
 channel; backend connects time out and are retried a bounded number of times.
 Authenticated channels have no body or idle timeout: they live for hours.
+
+Whatever a client makes us refuse (a bound, a timeout, a malformed request, a
+disconnect mid-request, a failed login) goes through ``ProxyServer.refuse``: a
+``rpcproxy_refused{reason}`` count and, through ``rpcproxy.ratelimit``, a few
+lines plus a periodic summary, never a traceback or one line per connection.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import collections
 import functools
 import gc
 import logging
+import os
 import socket
 import ssl
 import time
@@ -33,7 +40,9 @@ import uuid
 import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
+import aiohttp.http_exceptions
 import aiohttp.http_parser
 import aiohttp.web_protocol
 from aiohttp import web
@@ -42,7 +51,7 @@ from ntlm.errors import Unreachable
 from ntlm.http_auth import Authenticated, Challenge, Denied, HttpAuthenticator, Unavailable
 from ntlm.verifier import Identity
 from ntlm.winbind import HelperPool, WinbindVerifier
-from rpcproxy import rts
+from rpcproxy import proxyproto, rts
 from rpcproxy.autodiscover.service import AutodiscoverService
 from rpcproxy.config import Config
 from rpcproxy.connection import (
@@ -69,6 +78,8 @@ from rpcproxy.errors import (
 )
 from rpcproxy.metrics import ServerMetrics
 from rpcproxy.pdu import HEADER_LEN, PduFramer, parse_header
+from rpcproxy.proxyproto import ProxyHeader, ProxyHeaderError
+from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, source_key
 from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
 from rpcproxy.workers import Handoff, HandoffError, WorkerSet
 
@@ -492,24 +503,40 @@ class VcRuntime:
 class ConnectionGuard:
     """Bounds TCP connections that have not authenticated yet.
 
-    Each new connection gets ``timeout`` seconds to complete HTTP
-    authentication; at most ``limit`` may be unauthenticated at once (beyond
-    that a new connection is closed at once). This covers what aiohttp does
-    not: a peer that connects and never sends (or never finishes) a request.
+    A connection counts from the moment it is accepted, TLS handshake included,
+    until it authenticates. Each gets ``timeout`` seconds for that; at most
+    ``limit`` may be unauthenticated at once, and at most ``per_source_limit`` from
+    one source (``rpcproxy.ratelimit.source_key``: an IPv4 address or an IPv6 /64),
+    so one address cannot take every slot. A connection over either bound is closed
+    at once. This covers what aiohttp does not: a peer that connects and never
+    sends (or never finishes) a TLS handshake or a request. Every refusal and
+    expiry is reported to ``on_refused`` (the server counts and aggregates them).
 
-    Connections are named by their aiohttp protocol object (a subclass that
-    can be weakly referenced), not by the transport: uvloop's TLS transport
-    cannot be. The same object keys the per-connection NTLM state.
+    Connections are named by their aiohttp protocol object, not by the transport:
+    uvloop's TLS transport cannot be weakly referenced. The same object keys the
+    per-connection NTLM state. On a TLS listener the protocol object is made at
+    accept and the TLS handshake runs under the guard (see ``tls_protocol_factory``);
+    aiohttp sees the connection only once it is done.
     """
 
-    def __init__(self, limit: int, timeout: float) -> None:
+    def __init__(self, limit: int, timeout: float, per_source_limit: int | None = None,
+                 exempt: Exemptions | None = None) -> None:
         self.limit = limit
+        self.exempt = exempt if exempt is not None else Exemptions([])
         self.timeout = timeout
-        self.pending: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
+        self.per_source_limit = per_source_limit if per_source_limit is not None else limit
+        # protocol -> (source, transport it was accepted on); removed on auth, loss, expiry
+        self.pending: dict[asyncio.BaseProtocol, tuple[str, asyncio.BaseTransport]] = {}
+        self.per_source: collections.Counter[str] = collections.Counter()
         self.trusted: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
         self.rejected = 0
         self.expired = 0
+        self.tls_failed = 0
+        # TLS handshakes and PROXY headers under way: their task, socket, and refusal if late
+        self.handshakes: dict[asyncio.BaseProtocol,
+                              tuple[asyncio.Task[None], socket.socket, Refusal]] = {}
         self.on_lost: Callable[[object], None] | None = None
+        self.on_refused: Callable[[Refusal, str, str, str], None] | None = None
 
     def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
         """A protocol factory for ``loop.create_server`` that reports new connections here."""
@@ -518,44 +545,280 @@ class ConnectionGuard:
         kwargs = server._kwargs  # what web.Server.__call__ passes to its RequestHandler
 
         class GuardedRequestHandler(aiohttp.web_protocol.RequestHandler):
-            __slots__ = ("__weakref__",)
+            __slots__ = ("__weakref__", "admitted", "peer")
 
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 super().connection_made(transport)
-                guard.admit(self, transport)
+                if not getattr(self, "peer", None):  # (set already from a PROXY header)
+                    self.peer = _peer_name(transport)  # still known once the transport is gone
+                if not getattr(self, "admitted", False):
+                    self.admitted = True
+                    guard.admit(self, transport)
 
             def connection_lost(self, exc: BaseException | None) -> None:
                 super().connection_lost(exc)
+                guard.lost(self)
                 if guard.on_lost is not None:
                     guard.on_lost(self)
+
+            def log_exception(self, *args: Any, **kw: Any) -> None:
+                exc = kw.get("exc_info")
+                if isinstance(exc, BaseException) and guard.client_fault(self, exc):
+                    return  # the client's doing: one aggregated line, no traceback
+                super().log_exception(*args, **kw)
 
         def make() -> asyncio.Protocol:
             return GuardedRequestHandler(server, loop=loop, **kwargs)
 
         return make
 
-    def admit(self, protocol: asyncio.BaseProtocol, transport: asyncio.BaseTransport) -> None:
-        if len(self.pending) >= self.limit:
-            self.rejected += 1
-            log.warning("too many unauthenticated connections (%d): refusing one", self.limit)
-            transport.close()
+    def tls_protocol_factory(self, server: web.Server,
+                             ctx: ssl.SSLContext) -> Callable[[], asyncio.Protocol]:
+        """Like ``protocol_factory`` for a TLS listener: the handshake runs under the guard.
+
+        The listener accepts plain TCP; before the loop reads a byte, the accepted socket
+        is duplicated and its first transport dropped, and the duplicate is given back to
+        the loop with TLS (``connect_accepted_socket``, timeout ``self.timeout``), its
+        request handler already counted here (the TLS transport then calls the handler's
+        ``connection_made`` once the handshake is done).
+        """
+        make_handler = self.protocol_factory(server)
+        guard = self
+
+        class TlsAccept(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                handler = make_handler()
+                handler.admitted = True  # type: ignore[attr-defined]
+                if not guard.admit(handler, transport):
+                    return
+                raw = transport.get_extra_info("socket")
+                try:
+                    sock = socket.socket(fileno=os.dup(raw.fileno()))
+                except OSError:
+                    guard.lost(handler)
+                    transport.abort()  # type: ignore[attr-defined]
+                    return
+                transport.abort()  # type: ignore[attr-defined]  # closes its descriptor only: the duplicate holds the socket
+                task = asyncio.get_running_loop().create_task(
+                    guard._tls_handshake(handler, sock, ctx))
+                guard.handshakes[handler] = (task, sock, Refusal.TLS_TIMEOUT)
+
+        return TlsAccept
+
+    def proxy_protocol_factory(self, server: web.Server, ctx: ssl.SSLContext | None,
+                               trusted: Exemptions,
+                               otherwise: Callable[[], asyncio.Protocol]
+                               ) -> Callable[[], asyncio.Protocol]:
+        """A listener that takes a PROXY protocol header (``rpcproxy.proxyproto``) from the
+        ``trusted`` addresses, and serves every other address with ``otherwise``.
+
+        From a trusted address the socket is taken from its first transport before a byte
+        is read (as for TLS), the header is peeked at and exactly its bytes consumed, the
+        connection is counted under the client's address it names, and then the loop gets
+        the socket back (with TLS on a TLS listener): the request handler, the logs and
+        the per-source bounds see the client's address, never the front proxy's.
+        """
+        make_handler = self.protocol_factory(server)
+        guard = self
+
+        class ProxyAccept(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                peer = transport.get_extra_info("peername")
+                host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+                if host not in trusted:
+                    inner = otherwise()
+                    transport.set_protocol(inner)
+                    inner.connection_made(transport)
+                    return
+                handler = make_handler()
+                handler.admitted = True  # type: ignore[attr-defined]
+                if not guard.admit(handler, transport):
+                    return
+                raw = transport.get_extra_info("socket")
+                try:
+                    sock = socket.socket(fileno=os.dup(raw.fileno()))
+                except OSError:
+                    guard.lost(handler)
+                    transport.abort()  # type: ignore[attr-defined]
+                    return
+                transport.abort()  # type: ignore[attr-defined]
+                sock.setblocking(False)
+                task = asyncio.get_running_loop().create_task(
+                    guard._proxied(handler, sock, ctx))
+                guard.handshakes[handler] = (task, sock, Refusal.PROXY_HEADER)
+
+        return ProxyAccept
+
+    async def _proxied(self, handler: asyncio.BaseProtocol, sock: socket.socket,
+                       ctx: ssl.SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+        entry = self.pending.get(handler)
+        try:
+            header = await _read_proxy_header(sock)
+        except asyncio.CancelledError:
+            sock.close()  # _expire counted it
             return
-        self.pending.add(protocol)
+        except (OSError, ProxyHeaderError) as exc:
+            self.handshakes.pop(handler, None)
+            if self._remove(handler) and entry is not None:
+                self._refused(Refusal.PROXY_HEADER, entry, f"bad PROXY protocol header: {exc}")
+            sock.close()
+            return
+        if header.source is not None:
+            host, port = header.source
+            if not self.rekey(handler, host, port):
+                self.handshakes.pop(handler, None)
+                sock.close()
+                return
+            handler.peer = f"{host}:{port}"  # type: ignore[attr-defined]
+        if ctx is not None:
+            self.handshakes[handler] = (self.handshakes[handler][0], sock, Refusal.TLS_TIMEOUT)
+            await self._tls_handshake(handler, sock, ctx)
+            return
+        self.handshakes.pop(handler, None)
+        try:
+            await loop.connect_accepted_socket(lambda: handler, sock)
+        except OSError:
+            self._remove(handler)
+            sock.close()
+
+    async def _tls_handshake(self, handler: asyncio.BaseProtocol, sock: socket.socket,
+                             ctx: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: handler, sock, ssl=ctx,
+                                               ssl_handshake_timeout=self.timeout)
+            # (connection_made of handler ran: aiohttp has the TLS connection)
+        except asyncio.CancelledError:
+            pass  # _expire counted it; the loop closes the socket it was given
+        except Exception as exc:  # noqa: BLE001 (every failure is the client's or the network's)
+            entry = self.pending.get(handler)
+            if self._remove(handler) and entry is not None:
+                self.tls_failed += 1
+                what = str(exc) or type(exc).__name__
+                self._refused(Refusal.TLS_FAILED, entry, f"TLS handshake failed: {what}")
+        finally:
+            self.handshakes.pop(handler, None)
+
+    def admit(self, protocol: asyncio.BaseProtocol, transport: asyncio.BaseTransport) -> bool:
+        """Count a new connection, or close it at once over a bound; False if closed."""
+        peer = transport.get_extra_info("peername")
+        host, port = (str(peer[0]), peer[1]) if isinstance(peer, tuple) and peer else ("?", 0)
+        source = source_key(host)
+        reason: Refusal | None = None
+        if host not in self.exempt and self.per_source[source] >= self.per_source_limit:
+            reason = Refusal.UNAUTH_PER_SOURCE
+            detail = (f"{self.per_source_limit} unauthenticated connections from this source "
+                      "(max_unauthenticated_per_source)")
+        elif len(self.pending) >= self.limit:
+            reason = Refusal.UNAUTH_LIMIT
+            detail = f"{self.limit} unauthenticated connections (max_unauthenticated_connections)"
+        if reason is not None:
+            self.rejected += 1
+            self._refused(reason, (source, transport), detail, f"{host}:{port}")
+            transport.close()
+            return False
+        self.pending[protocol] = (source, transport)
+        self.per_source[source] += 1
         asyncio.get_running_loop().call_later(self.timeout, self._expire, weakref.ref(protocol))
+        return True
+
+    def rekey(self, protocol: asyncio.BaseProtocol, host: str, port: int) -> bool:
+        """A PROXY header named the client: count the connection under its address
+        instead of the front proxy's; False (closed, counted) if that source is full."""
+        entry = self.pending.get(protocol)
+        if entry is None:
+            return False
+        source = source_key(host)
+        if host not in self.exempt and self.per_source[source] >= self.per_source_limit:
+            self._remove(protocol)
+            self.rejected += 1
+            self._refused(Refusal.UNAUTH_PER_SOURCE, (source, entry[1]),
+                          f"{self.per_source_limit} unauthenticated connections from this "
+                          "source (max_unauthenticated_per_source)", f"{host}:{port}")
+            return False
+        self._remove(protocol)
+        self.pending[protocol] = (source, entry[1])
+        self.per_source[source] += 1
+        return True
+
+    def source_of(self, protocol: asyncio.BaseProtocol) -> str | None:
+        entry = self.pending.get(protocol)
+        return entry[0] if entry is not None else None
 
     def authenticated(self, protocol: asyncio.BaseProtocol) -> None:
         if protocol not in self.trusted:
             self.trusted.add(protocol)
-            self.pending.discard(protocol)
+            self._remove(protocol)
+
+    def lost(self, protocol: asyncio.BaseProtocol) -> None:
+        self._remove(protocol)
+
+    def client_fault(self, protocol: asyncio.BaseProtocol, exc: BaseException) -> bool:
+        """aiohttp is about to log ``exc`` with a traceback: report it instead if the client
+        caused it (a malformed request, a disconnect); False for anything else."""
+        if isinstance(exc, aiohttp.http_exceptions.HttpProcessingError):
+            reason = Refusal.BAD_REQUEST
+            text = exc.message if isinstance(exc.message, str) else str(exc)
+            detail = f"malformed HTTP request ({type(exc).__name__}): {' '.join(text.split())}"
+        elif isinstance(exc, ConnectionError | asyncio.IncompleteReadError):
+            reason = Refusal.CLIENT_GONE
+            detail = f"client went away mid-request ({type(exc).__name__})"
+        else:
+            return False
+        peer = getattr(protocol, "peer", None) or "?"
+        if self.on_refused is not None:
+            self.on_refused(reason, source_key(peer.rpartition(":")[0] or peer), peer, detail)
+        return True
+
+    def _remove(self, protocol: asyncio.BaseProtocol) -> bool:
+        entry = self.pending.pop(protocol, None)
+        if entry is None:
+            return False
+        source = entry[0]
+        left = self.per_source[source] - 1
+        if left > 0:
+            self.per_source[source] = left
+        else:
+            del self.per_source[source]
+        return True
+
+    def _refused(self, reason: Refusal, entry: tuple[str, asyncio.BaseTransport], detail: str,
+                 peer: str | None = None) -> None:
+        if self.on_refused is None:
+            return
+        source, transport = entry
+        if peer is None:
+            name = transport.get_extra_info("peername")
+            peer = f"{name[0]}:{name[1]}" if isinstance(name, tuple) and len(name) >= 2 else source
+        self.on_refused(reason, source, peer, detail)
 
     def _expire(self, ref: weakref.ref[asyncio.BaseProtocol]) -> None:
         protocol = ref()
         if protocol is None or protocol in self.trusted:
             return
-        self.pending.discard(protocol)
+        entry = self.pending.get(protocol)
+        if entry is None:
+            return
+        self._remove(protocol)
+        handshake = self.handshakes.pop(protocol, None)
+        if handshake is not None:  # still in its TLS handshake: end the TCP connection
+            self.expired += 1
+            task, sock, reason = handshake
+            what = "TLS handshake" if reason is Refusal.TLS_TIMEOUT else "PROXY header"
+            self._refused(reason, entry,
+                          f"{what} not done within {self.timeout:g}s (handshake_timeout)")
+            task.cancel()
+            try:  # the loop's TLS transport owns the descriptor; this makes it see the end
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
         transport = getattr(protocol, "transport", None)
         if transport is not None and not transport.is_closing():
             self.expired += 1
+            self._refused(Refusal.HANDSHAKE_TIMEOUT, entry,
+                          f"not authenticated within {self.timeout:g}s (handshake_timeout)")
             transport.close()
 
 
@@ -582,10 +845,16 @@ class ProxyServer:
             allow_basic=config.allow_basic,
             basic_requires_tls=not config.basic_over_http,
             max_pending=config.max_pending_handshakes,
+            max_pending_per_source=config.max_pending_handshakes_per_source,
             handshake_timeout=config.handshake_timeout,
         )
         self.guard = ConnectionGuard(config.max_unauthenticated_connections,
-                                     config.handshake_timeout)
+                                     config.handshake_timeout,
+                                     config.max_unauthenticated_per_source,
+                                     Exemptions(config.per_source_exempt))
+        self.guard.on_refused = self.refuse
+        self.refusals = RefusalLog(config.refusal_log_interval)
+        self._refusal_timer: asyncio.TimerHandle | None = None
         # NTLM state is per TCP connection: drop it (and any Samba socket) on close.
         self.guard.on_lost = self.authenticator.forget
         self.vcs: dict[bytes, VcRuntime] = {}
@@ -625,7 +894,7 @@ class ProxyServer:
         await self.runner.setup()
         loop = asyncio.get_running_loop()
         assert self.runner.server is not None
-        factory = self.guard.protocol_factory(self.runner.server)
+        plain_factory = self.guard.protocol_factory(self.runner.server)
         bound: list[tuple[str, int]] = []
         listeners: list[tuple[str, ssl.SSLContext | None]] = []
         if self.config.tls_cert:
@@ -636,13 +905,19 @@ class ProxyServer:
         else:
             listeners.append((self.config.listen, None))
         for i, (address, ctx) in enumerate(listeners):
+            # TLS is started by the guard on the accepted TCP connection (see ConnectionGuard)
+            factory = (plain_factory if ctx is None
+                       else self.guard.tls_protocol_factory(self.runner.server, ctx))
+            if self.config.proxy_protocol_from:
+                factory = self.guard.proxy_protocol_factory(
+                    self.runner.server, ctx, Exemptions(self.config.proxy_protocol_from),
+                    factory)
             if self.listen_sockets is not None:
-                server = await loop.create_server(factory, sock=self.listen_sockets[i], ssl=ctx,
+                server = await loop.create_server(factory, sock=self.listen_sockets[i],
                                                   backlog=4096)
             else:
                 ep = parse_endpoint(address, "listen", listen=True)
-                server = await loop.create_server(factory, ep.host, ep.port, ssl=ctx,
-                                                  backlog=4096)
+                server = await loop.create_server(factory, ep.host, ep.port, backlog=4096)
             self.servers.append(server)
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
@@ -674,6 +949,7 @@ class ProxyServer:
             server.close()
         await self.autodiscover.stop()
         loop = asyncio.get_running_loop()
+        self._flush_refusals(final=True)
         if self.workers is not None:
             self.workers.stop_receiving(loop)
         for rt in list(self.vcs.values()):
@@ -688,6 +964,31 @@ class ProxyServer:
                 pass
         self.servers.clear()
         await self.verifier.aclose()
+
+    def refuse(self, reason: Refusal, source: str, peer: str, detail: str) -> None:
+        """A client was refused or dropped: count it; log it or fold it into a summary."""
+        self.metrics.refused[reason.value] += 1
+        loop = asyncio.get_running_loop()
+        for line in self.refusals.note(reason, source, detail, loop.time(), peer):
+            log.warning("%s", line)
+        due = self.refusals.due()
+        if due is not None and self._refusal_timer is None:
+            self._refusal_timer = loop.call_at(due + 0.001, self._flush_refusals)
+
+    def _refuse_request(self, reason: Refusal, request: web.Request, detail: str) -> None:
+        self.refuse(reason, _source(request), _peer(request), detail)
+
+    def _flush_refusals(self, final: bool = False) -> None:
+        if self._refusal_timer is not None:
+            self._refusal_timer.cancel()
+            self._refusal_timer = None
+        loop = asyncio.get_running_loop()
+        line = self.refusals.flush(float("inf") if final else loop.time())
+        if line is not None:
+            log.warning("%s", line)
+        due = self.refusals.due()
+        if due is not None and not final:
+            self._refusal_timer = loop.call_at(due + 0.001, self._flush_refusals)
 
     def forget_vc(self, rt: VcRuntime) -> None:
         if self.vcs.get(rt.vc.cookie) is rt:
@@ -715,7 +1016,17 @@ class ProxyServer:
             resp = web.Response(status=400, text="chunked request bodies are not RPC over HTTP\r\n")
             resp.force_close()
             return resp
+        try:
+            return await self._handle_rpc(request)
+        except ConnectionError as exc:  # the client went away while we read or wrote
+            self._refuse_request(Refusal.CLIENT_GONE, request,
+                                 f"{method}: client went away mid-request ({type(exc).__name__})")
+            resp = web.Response(status=400)
+            resp.force_close()
+            return resp
 
+    async def _handle_rpc(self, request: web.Request) -> web.StreamResponse:
+        method = request.method
         identity_or_response = await self._authenticate(request)
         if isinstance(identity_or_response, web.StreamResponse):
             return identity_or_response
@@ -730,8 +1041,8 @@ class ProxyServer:
             endpoint = self.allow_list.resolve(target)
         except TargetRefused as exc:
             self.stats["targets_refused"] += 1
-            log.warning("refused target from %s user=%s: %s", _peer(request),
-                        identity.principal, exc.reason)
+            self._refuse_request(Refusal.TARGET_REFUSED, request,
+                                 f"target refused, user={identity.principal}: {exc.reason}")
             return rpc_error_response(exc)
 
         if request.headers.get("Expect", "").lower() == "100-continue":
@@ -740,8 +1051,8 @@ class ProxyServer:
         try:
             return await self._channel(request, identity, target, endpoint, length)
         except RpcProxyError as exc:
-            log.warning("%s from %s user=%s refused: %s", method, _peer(request),
-                        identity.principal, exc.reason)
+            self._refuse_request(Refusal.CHANNEL_REFUSED, request,
+                                 f"{method} user={identity.principal}: {exc.reason}")
             return rpc_error_response(exc)
 
     async def _authenticate(self, request: web.Request) -> Identity | web.StreamResponse:
@@ -749,7 +1060,8 @@ class ProxyServer:
             "sslcontext") is not None
         started = time.monotonic()
         outcome = await self.authenticator.authenticate(
-            request.protocol, request.headers.get("Authorization"), tls=tls
+            request.protocol, request.headers.get("Authorization"), tls=tls,
+            source=None if _host(request) in self.guard.exempt else _source(request),
         )
         self.metrics.auth_outcome(outcome, time.monotonic() - started,
                                   had_credentials=bool(request.headers.get("Authorization")))
@@ -757,7 +1069,9 @@ class ProxyServer:
             self.guard.authenticated(request.protocol)
             return outcome.identity
         if isinstance(outcome, Unavailable):
-            log.warning("authentication unavailable for %s: %s", _peer(request), outcome.reason)
+            reason = {"global": Refusal.PENDING_LIMIT, "per_source": Refusal.PENDING_PER_SOURCE}
+            self._refuse_request(reason.get(outcome.bound or "", Refusal.AUTH_UNAVAILABLE),
+                                 request, f"authentication unavailable: {outcome.reason}")
             return rpc_error_response(
                 RpcProxyError(outcome.reason, rpc_error=RPC_S_SERVER_TOO_BUSY
                               if outcome.code is Unreachable.BUSY else RPC_S_SERVER_UNAVAILABLE)
@@ -766,7 +1080,8 @@ class ProxyServer:
                                           for v in outcome.www_authenticate]
         if isinstance(outcome, Denied):
             self.stats["auth_denied"] += 1
-            log.warning("authentication failed for %s: %s", _peer(request), outcome.reason)
+            self._refuse_request(Refusal.AUTH_DENIED, request,
+                                 f"authentication failed: {outcome.reason}")
             body = "authentication failed\r\n"
         else:
             assert isinstance(outcome, Challenge)
@@ -886,7 +1201,8 @@ class ProxyServer:
                     f"{identity.principal} already holds {self.vcs_per_user[identity]} "
                     "virtual connections (max_connections_per_user)",
                     rpc_error=RPC_S_SERVER_TOO_BUSY)
-                log.warning("%s channel from %s refused: %s", channel.kind, peer, error.reason)
+                self.refuse(Refusal.CHANNEL_REFUSED, source_key(peer.rpartition(":")[0]), peer,
+                            f"{channel.kind} channel: {error.reason}")
                 channel.close(error)
                 return
             rt = self._runtime_for(vc_cookie, identity, target, endpoint, peer)
@@ -895,8 +1211,8 @@ class ProxyServer:
             if found is None or found.closed:
                 error = ProtocolError(f"{kind.value} for an unknown virtual connection "
                                       "(R1 recycling to another proxy is not supported)")
-                log.warning("%s channel from %s user=%s refused: %s", channel.kind, peer,
-                            identity.principal, error.reason)
+                self.refuse(Refusal.CHANNEL_REFUSED, source_key(peer.rpartition(":")[0]), peer,
+                            f"{channel.kind} channel user={identity.principal}: {error.reason}")
                 channel.close(error)
                 return
             rt = found
@@ -1090,8 +1406,53 @@ async def _no_expect_handler(request: web.Request) -> None:
     return None
 
 
-def _peer(request: web.Request) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
+async def _read_proxy_header(sock: socket.socket) -> ProxyHeader:
+    """Peek until a whole PROXY header is there, then consume exactly its bytes."""
+    loop = asyncio.get_running_loop()
+    while True:
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def wake(fut: asyncio.Future[None] = ready) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(sock.fileno(), wake)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock.fileno())
+        try:
+            data = sock.recv(proxyproto.PEEK, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        if not data:
+            raise ProxyHeaderError("connection closed before its PROXY header ended")
+        header = proxyproto.parse(data)
+        if header is None:
+            await asyncio.sleep(0.01)  # a partial header stays readable: do not spin
+            continue
+        sock.recv(header.length)
+        return header
+
+
+def _host(request: web.Request) -> str:
+    peer = _peer(request)
+    return peer.rpartition(":")[0] or peer
+
+
+def _source(request: web.Request) -> str:
+    """The key per-source bounds count the request's client against."""
+    return source_key(_host(request))
+
+
+def _peer_name(transport: asyncio.BaseTransport | None) -> str:
+    peer = transport.get_extra_info("peername") if transport is not None else None
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return "?"
+
+
+def _peer(request: web.Request) -> str:
+    """host:port of the request's client (remembered by the protocol, so also after a loss)."""
+    known = getattr(request.protocol, "peer", None)
+    return known if isinstance(known, str) else _peer_name(request.transport)

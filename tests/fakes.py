@@ -22,7 +22,7 @@ class TableAuthenticator:
         self.forgotten = 0
 
     async def authenticate(self, conn: object, authorization: str | None, *,
-                           tls: bool) -> AuthOutcome:
+                           tls: bool, source: str | None = None) -> AuthOutcome:
         offers = ['Basic realm="test"']
         if not authorization:
             return Challenge(offers)

@@ -31,8 +31,11 @@ class RawChannel:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int) -> RawChannel:
-        r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
+    async def connect(cls, port: int, source: str | None = None) -> RawChannel:
+        """Connect to the proxy on 127.0.0.1, from ``source`` (another 127/8 address) if given."""
+        local = (source, 0) if source else None
+        r, w = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, local_addr=local), TIMEOUT)
         return cls(r, w)
 
     def request(self, method: str, path: str, *, content_length: int,
@@ -108,11 +111,12 @@ class RawVc:
 
 
 async def open_vc(port: int, auth: str, *, path: str = "/rpc/rpcproxy.dll?srv:6001",
-                  window: int = 0x40000, in_first: bool = True) -> RawVc:
+                  window: int = 0x40000, in_first: bool = True,
+                  source: str | None = None) -> RawVc:
     vc, in_c, out_c, group = (os.urandom(16) for _ in range(4))
     hdr = {"Authorization": auth}
-    inp = await RawChannel.connect(port)
-    out = await RawChannel.connect(port)
+    inp = await RawChannel.connect(port, source)
+    out = await RawChannel.connect(port, source)
     raw = RawVc(inp, out, vc, in_c, out_c)
     def in_req() -> None:
         inp.request("RPC_IN_DATA", path, content_length=GIB, headers=hdr,
