@@ -96,7 +96,8 @@ async def _child(spec: HolderSpec) -> int:
         async with sem:
             t: PduTransport
             if spec.path == "direct":
-                t = await DirectClient.connect(spec.host, spec.port, timeout=spec.timeout)
+                t = await DirectClient.connect(spec.host, spec.port, timeout=spec.timeout,
+                                               ssl=ctx)
             else:
                 t = await RpchClient.connect(
                     spec.host, spec.port, target=spec.target, path=spec.url_path, auth=auth,

@@ -54,6 +54,8 @@ def _config(args: argparse.Namespace) -> Any:
     }
     if args.ntlm_server:
         overrides["ntlm_server"] = args.ntlm_server
+    if args.tls_cert:  # the proxy terminates TLS (rpcproxy-bench --tls)
+        overrides["tls_cert"], overrides["tls_key"] = args.tls_cert, args.tls_key
     return config_mod.load(None, overrides)
 
 
@@ -150,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also accept NTLM for BENCH\\bench (password bench), checked locally")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes (rpcproxy's multi-worker mode)")
+    p.add_argument("--tls-cert", metavar="PEM", help="terminate TLS with this certificate")
+    p.add_argument("--tls-key", metavar="PEM", help="... and this key")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                    help="event loop (rpcproxy serve uses uvloop)")

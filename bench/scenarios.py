@@ -66,6 +66,8 @@ class Bench:
     relay_proc: ChildProcess | None = None
     relay_maxconn: int | None = None
     relay_threads: int = 1  # HAProxy's nbthread of ``relay_proc``
+    # ``--tls``: the client context for the relay path (HAProxy terminating TLS); None: plain.
+    relay_ssl: Any = None
     # Set by the CLI when the relay runs: start another HAProxy on the bench's backend,
     # ``await spawn_relay(threads)``; stopped by whoever started it.
     spawn_relay: Callable[[int], Awaitable[ChildProcess]] | None = None
@@ -91,6 +93,9 @@ class Bench:
     # ``await spawn_proxy(out_content_length, workers=None)`` (None: --proxy-workers).
     spawn_proxy: Callable[..., Awaitable[ChildProcess]] | None = None
     samples: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    # path -> the TLS versions its connections negotiated ("plain": none), as opened by
+    # ``open``: what ``rpcproxy-bench --tls`` reports as having really run over TLS.
+    tls_seen: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def paths(self) -> list[str]:
@@ -111,16 +116,22 @@ class Bench:
 
     async def open(self, path: str, *, proxy: ProxyTarget | None = None,
                    in_content_length: int | None = None) -> PduTransport:
+        t: DirectClient | RpchClient
         if path in ("direct", "relay"):
-            return await DirectClient.connect(*self.address(path), timeout=self.timeout)
-        p = proxy or self.proxy
-        kwargs: dict[str, Any] = {}
-        if in_content_length is not None:
-            kwargs["in_content_length"] = in_content_length
-        return await RpchClient.connect(
-            p.host, p.port, target=p.target, path=p.path, auth=p.auth, ssl=p.ssl,
-            server_hostname=p.server_hostname, timeout=self.timeout,
-            receive_window=self.client_window, **kwargs)
+            t = await DirectClient.connect(
+                *self.address(path), timeout=self.timeout,
+                ssl=self.relay_ssl if path == "relay" else None)
+        else:
+            p = proxy or self.proxy
+            kwargs: dict[str, Any] = {}
+            if in_content_length is not None:
+                kwargs["in_content_length"] = in_content_length
+            t = await RpchClient.connect(
+                p.host, p.port, target=p.target, path=p.path, auth=p.auth, ssl=p.ssl,
+                server_hostname=p.server_hostname, timeout=self.timeout,
+                receive_window=self.client_window, **kwargs)
+        self.tls_seen.setdefault(path, set()).add(t.tls_version or "plain")
+        return t
 
     async def session(self, path: str, **kw: Any) -> BenchSession:
         t = await self.open(path, **kw)
@@ -626,7 +637,8 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
                     continue
                 child = await bench.spawn_proxy(None, workers=w)
                 target = ProxyTarget(child.host, child.port, bench.proxy.target,
-                                     bench.proxy.path, bench.proxy.auth)
+                                     bench.proxy.path, bench.proxy.auth, bench.proxy.ssl,
+                                     bench.proxy.server_hostname, bench.proxy.insecure)
                 paths.append(_AggPath(f"proxy-{w}w", w, target, child, own=True))
                 await asyncio.sleep(0.3 if w > 1 else 0)  # workers fork after LISTENING
         else:
@@ -934,7 +946,11 @@ def _holder_specs(bench: Bench, path: str, n: int, *, per_holder: int = HOLDER_M
         left -= count
         if path in ("direct", "relay"):
             host, port = address or bench.address(path)
-            specs.append(HolderSpec("direct", host, port, count, timeout=bench.timeout))
+            # The relay terminates TLS under --tls (bench.relay_ssl); the backend never does.
+            tls = bench.relay_ssl is not None and (path == "relay" or (
+                address is not None and address != bench.direct))
+            specs.append(HolderSpec("direct", host, port, count, timeout=bench.timeout,
+                                    tls=tls, insecure=tls))
             continue
         p = proxy or bench.proxy
         auth, user, password, domain = "none", "", "", ""
@@ -1100,6 +1116,11 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
         out.update(relay_figures(p99["proxy"], p99.get("direct"), p99["relay"]))
     out.update({
         "rss_mib": result["proxy"].get("rss_mib"), "fds": result["proxy"].get("fds"),
+        # What one idle VC (2 channels + 1 backend socket) adds to the proxy's RSS; the
+        # relay's figure is per connection (1 client + 1 backend socket).
+        "rss_per_vc_kib": result["proxy"].get("rss_per_vc_kib"),
+        "relay_rss_per_conn_kib": (result["relay"].get("rss_per_vc_kib")
+                                   if "relay" in result else None),
         "rss_curve": rss_curve, "details": result, "cpu": cpu, "bottleneck": bottleneck(cpu),
     })
     return out
@@ -1194,7 +1215,8 @@ async def run_soak(bench: Bench) -> dict[str, Any]:
     if bench.spawn_proxy is not None:
         own = await bench.spawn_proxy(1 << 20)
         proxy_target = ProxyTarget(own.host, own.port, bench.proxy.target, bench.proxy.path,
-                                   bench.proxy.auth)
+                                   bench.proxy.auth, bench.proxy.ssl,
+                                   bench.proxy.server_hostname, bench.proxy.insecure)
     saved = bench.proxy_proc
     if own is not None:
         bench.proxy_proc = own
