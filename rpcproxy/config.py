@@ -52,6 +52,7 @@ class Config:
     targets: list[str] = field(default_factory=list)  # replaces the default rules when set
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_session_tickets: int = 2  # TLS 1.3 tickets per handshake; 0 for Samba's ncacn_http
     http_listen: str | None = None  # optional second, plain-HTTP listener next to TLS
     metrics_listen: str | None = None
     allow_basic: bool = True
@@ -114,6 +115,8 @@ class Config:
         self.vc_settings()
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key must be given together")
+        if not 0 <= self.tls_session_tickets <= 16:
+            raise ConfigError("tls_session_tickets must be between 0 and 16")
         if self.log_format not in ("text", "json"):
             raise ConfigError("log_format must be 'text' or 'json'")
         if self.workers < 1:

@@ -655,7 +655,8 @@ class ProxyServer:
         from rpcproxy.certs import server_ssl_context  # TLS 1.2+, AEAD ciphers only
 
         assert self.config.tls_cert and self.config.tls_key
-        return server_ssl_context(self.config.tls_cert, self.config.tls_key)
+        return server_ssl_context(self.config.tls_cert, self.config.tls_key,
+                                  session_tickets=self.config.tls_session_tickets)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, close every VC cleanly, then stop the HTTP machinery."""
