@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from rpcproxy import certs
 from rpcproxy.cli import main
-from rpcproxy.config import Config, ConfigError
+from rpcproxy.config import Config
 from rpcproxy.config import load as config_load
+from rpcproxy.errors import ConfigError
 from rpcproxy.server import ProxyServer
 
 
