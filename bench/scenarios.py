@@ -662,6 +662,11 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
                 await h.start()
         await asyncio.gather(*(h.wait_ready(bench.timeout + n / 20)
                                for path in paths for h in path.holders))
+        for path in paths:
+            kind = ("proxy" if path.target is not None else
+                    "relay" if path.relay is not None else "direct")
+            for h in path.holders:
+                bench.tls_seen.setdefault(kind, set()).update(h.tls_seen)
         has_relay = any(p.relay is not None for p in paths)
         for path in paths:
             groups: dict[str, list[int]] = {
@@ -950,7 +955,8 @@ def _holder_specs(bench: Bench, path: str, n: int, *, per_holder: int = HOLDER_M
             tls = bench.relay_ssl is not None and (path == "relay" or (
                 address is not None and address != bench.direct))
             specs.append(HolderSpec("direct", host, port, count, timeout=bench.timeout,
-                                    tls=tls, insecure=tls))
+                                    tls=tls, insecure=tls,
+                                    tls_max=_tls_max(bench.relay_ssl) if tls else ""))
             continue
         p = proxy or bench.proxy
         auth, user, password, domain = "none", "", "", ""
@@ -960,9 +966,19 @@ def _holder_specs(bench: Bench, path: str, n: int, *, per_holder: int = HOLDER_M
         specs.append(HolderSpec("proxy", p.host, p.port, count, target=p.target,
                                 url_path=p.path, auth=auth, user=user, password=password,
                                 domain=domain, tls=p.ssl is not None, insecure=p.insecure,
+                                tls_max=_tls_max(p.ssl),
                                 server_hostname=p.server_hostname, timeout=bench.timeout,
                                 receive_window=bench.client_window))
     return specs
+
+
+def _tls_max(ctx: Any) -> str:
+    """"1.2" when a client context offers TLS 1.2 at most (what holders are told), else ""."""
+    import ssl
+
+    if ctx is not None and getattr(ctx, "maximum_version", None) == ssl.TLSVersion.TLSv1_2:
+        return "1.2"
+    return ""
 
 
 async def run_concurrency(bench: Bench) -> dict[str, Any]:
@@ -1035,6 +1051,8 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
                 await h.start()
             ramp_timeout = bench.timeout + n / 20
             await asyncio.gather(*(h.wait_ready(ramp_timeout, progress_hook) for h in holders))
+            for h in holders:
+                bench.tls_seen.setdefault(path, set()).update(h.tls_seen)
             ramp_s = time.perf_counter() - t_ramp
             if path == "proxy":
                 smp = bench.proc_sample("proxy")
