@@ -14,9 +14,10 @@ It runs OpenSSL through ``ssl.SSLObject`` over two ``ssl.MemoryBIO`` objects:
   each piece is decrypted into one buffer shared by every connection of the process, so
   neither BIO ever grows beyond about two records; the plaintext of one socket read goes
   to the application in one ``data_received``. A TLS close_notify is ``eof_received``;
-* writing: plaintext is encrypted one record at a time and each record goes straight to
-  the TCP transport, which does the buffering and the write flow control
-  (``pause_writing`` / ``resume_writing`` are passed through);
+* writing: plaintext is encrypted one record at a time, each record taken out of the
+  outgoing BIO at once; the records of one ``write`` go to the TCP transport together (one
+  ``writelines``), which does the buffering and the write flow control (``pause_writing``
+  / ``resume_writing`` are passed through);
 * ``close`` sends close_notify and closes the TCP transport once its buffer is written.
 
 Why not the event loop's TLS transport (``create_server(ssl=...)``): uvloop's keeps a
@@ -195,18 +196,22 @@ class TlsConnection(asyncio.Protocol, asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self._sslobj is None:
             return
-        sslobj = self._sslobj
+        sslobj, outgoing = self._sslobj, self._outgoing
         view = memoryview(data)
+        records: list[bytes] = []
         try:
             for pos in range(0, len(view), RECORD):
                 sslobj.write(view[pos:pos + RECORD])
-                self._flush()
+                records.append(outgoing.read())  # the BIO never holds more than a record
         except ssl.SSLError as exc:
             log.info("TLS write to %s failed: %s; closed", self._peer(),
                      getattr(exc, "reason", None) or exc)
             self.abort()
+            return
         finally:
             view.release()
+        if self._raw is not None:
+            self._raw.writelines(records)  # one writev for them all
 
     def writelines(self, list_of_data: Any) -> None:
         chunks = list(list_of_data)
