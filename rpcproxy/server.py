@@ -987,10 +987,12 @@ class ProxyServer:
             workers.send(owner, theirs.fileno(), record)
         finally:
             theirs.close()
-        client_side = _Relay()
+        # Both ends know each other before the socketpair is read: the owner may answer
+        # (an OUT channel's 200 and CONN/A3) before connect_accepted_socket returns here.
+        client_side, pair_side = _Relay(), _Relay()
         client_side.transport = transport
-        _, pair_side = await loop.connect_accepted_socket(_Relay, ours)
         client_side.peer, pair_side.peer = pair_side, client_side
+        await loop.connect_accepted_socket(lambda: pair_side, ours)
         self._detach_aiohttp(request, client_side)
         transport.resume_reading()
 
