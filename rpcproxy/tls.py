@@ -123,12 +123,18 @@ class TlsConnection(asyncio.Protocol, asyncio.Transport):
     def _handshake(self, data: bytes) -> None:
         sslobj = self._sslobj
         assert sslobj is not None
-        self._incoming.write(data)
+        pos, end = 0, len(data)
         try:
-            sslobj.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush()
-            return
+            while True:  # a record at a time here too: the BIO stays small
+                self._incoming.write(data[pos:pos + PIECE])
+                pos += PIECE
+                try:
+                    sslobj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    if pos >= end:
+                        self._flush()
+                        return
         except (ssl.SSLError, ValueError) as exc:
             self._flush()  # OpenSSL's alert, if it wrote one
             log.info("TLS handshake from %s failed: %s", self._peer(),
@@ -144,8 +150,8 @@ class TlsConnection(asyncio.Protocol, asyncio.Transport):
         app = factory()
         self._app = app  # type: ignore[assignment]
         app.connection_made(self)
-        if self._incoming.pending and self._app is not None:
-            self._decrypt(b"")  # application data that came with the client's Finished
+        if (pos < end or self._incoming.pending) and self._app is not None:
+            self._decrypt(data[pos:])  # application data that came with the client's Finished
 
     def _decrypt(self, data: bytes) -> None:
         """Feed ``data`` to OpenSSL a record at a time; deliver the plaintext at once."""
