@@ -130,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "scenarios as the best a one-hop proxy does on this machine, and "
                         "with 1 and 2 threads in the aggregate scenario (auto: when haproxy "
                         "is installed; haproxy: required; none: off)")
+    p.add_argument("--tls", action="store_true",
+                   help="self-contained mode: the proxy terminates TLS (a throwaway "
+                        "certificate made for the run), and so does the C relay (HAProxy, "
+                        "bind ... ssl crt); the direct path stays plain ncacn_ip_tcp")
+    p.add_argument("--tls-version", choices=["1.2", "1.3"], default="1.3",
+                   help="with --tls: the highest TLS version the bench's clients offer "
+                        "(default 1.3)")
+    p.add_argument("--tls-transport", choices=["lean", "loop"], default="lean",
+                   help="with --tls: the proxy's TLS transport, its own (rpcproxy.tls, the "
+                        "default, as rpcproxy serve) or the event loop's (tls_transport)")
     p.add_argument("--client-window", type=_window, default=MAX_RECEIVE_WINDOW, metavar="BYTES",
                    help="OUT-channel receive window the bench's RPC-over-HTTP clients announce "
                         "in CONN/A1, 0x2000..0x40000, decimal or 0x hex (default 0x40000 = "
@@ -209,6 +219,37 @@ def _endpoint(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class BenchTls:
+    """``--tls``: a throwaway self-signed certificate for the run (removed with ``close``),
+    the PEM files the proxy and HAProxy load, and the clients' context (no verification:
+    the certificate is made here and now; ``max_version`` from ``--tls-version``)."""
+
+    def __init__(self, max_version: str) -> None:
+        import tempfile
+
+        from rpcproxy.certs import create_self_signed
+
+        self._dir = tempfile.TemporaryDirectory(prefix="rpcproxy-bench-tls-")
+        made = create_self_signed("localhost", self._dir.name, extra_names=["127.0.0.1"])
+        self.cert, self.key = str(made.cert_path), str(made.key_path)
+        self.pem = os.path.join(self._dir.name, "haproxy.pem")  # HAProxy: both in one file
+        with open(self.pem, "w") as out:
+            for part in (self.cert, self.key):
+                with open(part) as fh:
+                    out.write(fh.read())
+        os.chmod(self.pem, 0o600)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.maximum_version = (ssl.TLSVersion.TLSv1_2 if max_version == "1.2"
+                               else ssl.TLSVersion.TLSv1_3)
+        self.client = ctx
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
 def _auth(args: argparse.Namespace) -> BasicAuth | NtlmAuth:
     if not args.user or args.password is None:
         raise SystemExit("rpcproxy-bench: --user and --password are required here")
@@ -269,10 +310,11 @@ async def stop_profilers(spies: list[tuple[asyncio.subprocess.Process, str]],
 
 
 async def start_relay(exe: str, backend: tuple[str, int], required: bool,
-                      children: list[ChildProcess], progress: Progress) -> RelayProcess | None:
+                      children: list[ChildProcess], progress: Progress,
+                      tls_pem: str | None = None) -> RelayProcess | None:
     """HAProxy in front of the backend stub, or None (with a progress line) when it does not
     start and was not asked for explicitly (``--relay haproxy``: the run fails)."""
-    relay = RelayProcess(exe, backend, maxconn=relay_maxconn())
+    relay = RelayProcess(exe, backend, maxconn=relay_maxconn(), tls_pem=tls_pem)
     children.append(relay)
     try:
         await relay.start()
@@ -322,6 +364,10 @@ async def amain(args: argparse.Namespace) -> int:
         print("rpcproxy-bench: --aggregate-vcs, --aggregate-procs and --aggregate-workers "
               "(e.g. 1,2) must be positive", file=sys.stderr)
         return 2
+    if args.tls and args.url:
+        print("rpcproxy-bench: --tls is for the self-contained mode; against a deployment "
+              "give an https:// --url", file=sys.stderr)
+        return 2
     streams = args.streams if args.streams is not None else 100
     # Idle VCs of the concurrency scenario live in holder processes (bench.holder).
     need = 2 * (args.active + streams) + 4 * args.clients + 2 * args.soak_connections + 1024
@@ -359,6 +405,8 @@ async def amain(args: argparse.Namespace) -> int:
         "ok": True,
     }
     doc["machine"]["relay"] = None  # the C relay that ran: kind, version, settings
+    tls = BenchTls(args.tls_version) if args.tls else None
+    tls_seen: dict[str, set[str]] = {}  # the Bench's, once it exists
 
     async def spawn_proxy(out_cl: int, backend: str, workers: int | None = None) -> ChildProcess:
         workers = workers or args.proxy_workers
@@ -369,6 +417,9 @@ async def amain(args: argparse.Namespace) -> int:
             argv += ["--ntlm-helper", args.ntlm_helper, "--ntlm-helpers", str(args.ntlm_helpers)]
         elif args.auth == "ntlm":
             argv += ["--local-ntlm"]
+        if tls is not None:
+            argv += ["--tls-cert", tls.cert, "--tls-key", tls.key,
+                     "--tls-transport", args.tls_transport]
         name = "proxy" if workers == args.proxy_workers else f"proxy-{workers}w"
         child = ChildProcess(name, argv)
         children.append(child)
@@ -414,19 +465,24 @@ async def amain(args: argparse.Namespace) -> int:
                 auth = NtlmAuth(LOCAL_NTLM_USER, LOCAL_NTLM_PASSWORD, "BENCH")
             else:
                 auth = BasicAuth("bench", "bench")
-            proxy = ProxyTarget(proxy_proc.host, proxy_proc.port, "bench:6001", auth=auth)
+            proxy = ProxyTarget(proxy_proc.host, proxy_proc.port, "bench:6001", auth=auth,
+                                ssl=tls.client if tls else None, insecure=tls is not None)
             bench = Bench(proxy, (bhost, bport), args.duration, progress,
                           proxy_proc=proxy_proc, backend_proc=backend, timeout=args.timeout,
                           client_window=args.client_window)
             relay = (await start_relay(haproxy, (bhost, bport), args.relay == "haproxy",
-                                       children, progress) if haproxy else None)
+                                       children, progress, tls.pem if tls else None)
+                     if haproxy else None)
             if relay is not None:
                 bench.relay = (relay.host, relay.port)
+                bench.relay_ssl = tls.client if tls else None
                 bench.relay_proc = relay
                 bench.relay_maxconn = relay.maxconn
                 doc["config"]["relay_ran"] = True
                 doc["machine"]["relay"] = {"kind": "haproxy", "version": relay.version,
-                                           "mode": "tcp, option splice-auto, nbthread 1",
+                                           "mode": "tcp, option splice-auto, nbthread 1"
+                                                   + (", bind ... ssl crt (TLS)" if tls
+                                                      else ""),
                                            "maxconn": relay.maxconn,
                                            "aggregate_threads": list(
                                                bench.aggregate_relay_threads)}
@@ -439,7 +495,7 @@ async def amain(args: argparse.Namespace) -> int:
                     """Another HAProxy on the backend stub (the aggregate scenario's
                     2-thread relay); RuntimeError when it does not start."""
                     more = RelayProcess(exe, (bhost, bport), maxconn=relay_maxconn(),
-                                        threads=threads)
+                                        threads=threads, tls_pem=tls.pem if tls else None)
                     children.append(more)
                     try:
                         await more.start()
@@ -461,8 +517,10 @@ async def amain(args: argparse.Namespace) -> int:
 
             bench.spawn_proxy = spawn_more_proxy
             progress(f"backend stub pid {backend.pid} on {backend_addr}, proxy pid "
-                     f"{proxy_proc.pid} on {proxy_proc.host}:{proxy_proc.port}, client "
+                     f"{proxy_proc.pid} on {proxy_proc.host}:{proxy_proc.port}"
+                + (" (TLS)" if tls else "") + ", client "
                      f"receive window {window_text(args.client_window)}")
+        tls_seen = bench.tls_seen
         bench.connections = args.connections
         bench.clients = args.clients
         bench.active = args.active
@@ -525,8 +583,12 @@ async def amain(args: argparse.Namespace) -> int:
             doc["ok"] = False
             break
     finally:
+        # What every path's connections really negotiated ("plain": no TLS).
+        doc["tls"] = {path: sorted(versions) for path, versions in tls_seen.items()}
         for child in reversed(children):
             await child.stop()
+        if tls is not None:
+            tls.close()
         for child in children:
             if args.keep_logs or not doc["ok"]:
                 progress(f"{child.name} log: {child.log_path}")

@@ -322,6 +322,18 @@ class RpchClient:
         self.acks_sent = 0
         self.acks_received = 0
 
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS version both channels negotiated ("TLSv1.3"; "TLSv1.2/TLSv1.3" if they
+        differ), None over plain HTTP or before the VC is open."""
+        found: set[str | None] = set()
+        for ch in (self._out, self._in):
+            obj = ch.writer.get_extra_info("ssl_object") if ch is not None else None
+            found.add(obj.version() if obj is not None else None)
+        if found == {None}:
+            return None
+        return "/".join(sorted(str(v) for v in found))
+
     # ---- opening --------------------------------------------------------------------------
 
     @classmethod

@@ -2,14 +2,17 @@
 
 ``DirectClient`` has the same ``send_pdu`` / ``recv_pdu`` / ``close`` API as
 ``bench.client.RpchClient`` and the same structure (one reader task framing PDUs into a
-queue), so a scenario measured on both paths differs only by what the proxy adds.
+queue), so a scenario measured on both paths differs only by what the proxy adds. With an
+``ssl`` context it speaks TLS: the C relay path of ``rpcproxy-bench --tls``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl as ssl_mod
 from collections import deque
+from typing import Any
 
 from bench.client import WRITE_HIGH_WATER, RpchClosed, RpchError, RpchProtocolError, RpchTimeout
 from rpcproxy.errors import ProtocolError
@@ -31,15 +34,26 @@ class DirectClient:
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
-    async def connect(cls, host: str, port: int, *, timeout: float = 10.0) -> DirectClient:
+    async def connect(cls, host: str, port: int, *, timeout: float = 10.0,
+                      ssl: ssl_mod.SSLContext | None = None) -> DirectClient:
+        """``ssl``: speak TLS to ``host`` (the C relay terminating TLS, ``--tls``)."""
+        kwargs: dict[str, Any] = {}
+        if ssl is not None:
+            kwargs = {"ssl": ssl, "server_hostname": host}
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await asyncio.open_connection(host, port, **kwargs)
         except TimeoutError:
             raise RpchTimeout(f"cannot connect to {host}:{port} within {timeout:g}s") from None
         except OSError as exc:
             raise RpchClosed(f"cannot connect to {host}:{port}: {exc}") from None
         return cls(reader, writer, timeout)
+
+    @property
+    def tls_version(self) -> str | None:
+        """The negotiated TLS version ("TLSv1.3"), None over plain TCP."""
+        obj = self.writer.get_extra_info("ssl_object")
+        return obj.version() if obj is not None else None
 
     @property
     def error(self) -> RpchError | None:

@@ -7,7 +7,8 @@ processes, each opening ``count`` bound sessions (proxy or direct) and keeping t
 
 Line protocol (``python -m bench.holder SPEC_JSON``):
 
-* stdout: ``PROGRESS n`` while opening, then ``READY n``; ``ERROR message`` on failure;
+* stdout: ``PROGRESS n`` while opening, then ``TLS version ...`` (what the connections
+  negotiated, ``plain`` for none) and ``READY n``; ``ERROR message`` on failure;
 * stdin: ``CHECK`` -> one small call on every session -> ``CHECKED n`` (or ``ERROR``);
   ``STREAM seconds [rate [length [depth]]]`` -> every session streams 64 KiB responses
   (requests carrying ``length`` payload bytes, default 16; ``depth`` calls in flight, default
@@ -53,6 +54,7 @@ class HolderSpec:
     domain: str = ""
     tls: bool = False
     insecure: bool = False
+    tls_max: str = ""  # "1.2": offer TLS 1.2 at most (rpcproxy-bench --tls-version 1.2)
     server_hostname: str | None = None
     timeout: float = 10.0
     concurrency: int = 100
@@ -82,7 +84,10 @@ async def _child(spec: HolderSpec) -> int:
         if spec.insecure:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
+        if spec.tls_max == "1.2":
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     sessions: list[BenchSession] = []
+    tls_seen: set[str] = set()  # the TLS versions the connections negotiated
     sem = asyncio.Semaphore(spec.concurrency)
     step = max(1, spec.count // 10)
     cookies = [_placed_cookie(spec.owners[i], spec.owner_count) if i < len(spec.owners)
@@ -96,7 +101,8 @@ async def _child(spec: HolderSpec) -> int:
         async with sem:
             t: PduTransport
             if spec.path == "direct":
-                t = await DirectClient.connect(spec.host, spec.port, timeout=spec.timeout)
+                t = await DirectClient.connect(spec.host, spec.port, timeout=spec.timeout,
+                                               ssl=ctx)
             else:
                 t = await RpchClient.connect(
                     spec.host, spec.port, target=spec.target, path=spec.url_path, auth=auth,
@@ -104,6 +110,7 @@ async def _child(spec: HolderSpec) -> int:
                     vc_cookie=cookie, receive_window=spec.receive_window)
             s = BenchSession(t, timeout=spec.timeout)
             sessions.append(s)
+            tls_seen.add(t.tls_version or "plain")
             await s.bind()
             if len(sessions) % step == 0:
                 say(f"PROGRESS {len(sessions)}")
@@ -121,6 +128,7 @@ async def _child(spec: HolderSpec) -> int:
         say(f"ERROR opening: {type(exc).__name__}: {exc}")
         await close_all()
         return 1
+    say(f"TLS {' '.join(sorted(tls_seen))}")
     say(f"READY {len(sessions)}")
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -230,6 +238,7 @@ class Holder:
         self.spec = spec
         self.proc: asyncio.subprocess.Process | None = None
         self.opened = 0
+        self.tls_seen: set[str] = set()  # TLS versions its connections negotiated ("plain")
 
     async def start(self) -> None:
         import os
@@ -261,6 +270,8 @@ class Holder:
                 self.opened = int(rest)
                 if on_progress is not None:
                     on_progress()
+            elif word == "TLS":
+                self.tls_seen.update(rest.split())
             elif word == "READY":
                 self.opened = int(rest)
                 return self.opened

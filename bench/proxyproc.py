@@ -55,6 +55,9 @@ def _config(args: argparse.Namespace) -> Any:
     if args.ntlm_helper:
         overrides["ntlm_helper"] = args.ntlm_helper
         overrides["ntlm_helpers"] = args.ntlm_helpers
+    if args.tls_cert:  # the proxy terminates TLS (rpcproxy-bench --tls)
+        overrides["tls_cert"], overrides["tls_key"] = args.tls_cert, args.tls_key
+        overrides["tls_transport"] = args.tls_transport
     return config_mod.load(None, overrides)
 
 
@@ -152,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also accept NTLM for BENCH\\bench (password bench), checked locally")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes (rpcproxy's multi-worker mode)")
+    p.add_argument("--tls-cert", metavar="PEM", help="terminate TLS with this certificate")
+    p.add_argument("--tls-key", metavar="PEM", help="... and this key")
+    p.add_argument("--tls-transport", choices=["lean", "loop"], default="lean",
+                   help="rpcproxy's own TLS transport (rpcproxy.tls) or the event loop's")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                    help="event loop (rpcproxy serve uses uvloop)")

@@ -7,6 +7,8 @@ ncacn_ip_tcp clients as the direct path, but through one HAProxy process (TCP mo
 what any one-hop proxy written in C costs on this machine (one more process to schedule, a
 second TCP connection per client connection for every byte to cross), so its figures say
 which proxy-vs-direct targets the machine rules out, and how close rpcproxy gets to it.
+With ``tls_pem`` (``rpcproxy-bench --tls``) HAProxy terminates TLS on its listener, as the
+proxy then does: the same clients speak TLS to it and it relays the plaintext.
 
 ``RelayProcess`` is a ``ChildProcess`` (same ``stop``, ``sample``, ``alive``, log file), so
 the CLI starts, checks and stops it like the backend stub and the proxy. The aggregate
@@ -64,9 +66,11 @@ def relay_maxconn(hard_limit: int | None = None) -> int:
 
 
 def haproxy_config(listen_port: int, backend: tuple[str, int], maxconn: int,
-                   threads: int = 1) -> str:
+                   threads: int = 1, tls_pem: str | None = None) -> str:
     """The relay's whole configuration: TCP mode, splicing, ``threads`` threads (one by
-    default), loopback only."""
+    default), loopback only. ``tls_pem`` (certificate and key in one PEM file): the relay
+    terminates TLS on its listener (``bind ... ssl crt``), TLS 1.2 and 1.3, and forwards
+    the plaintext to the backend (splicing then applies on the backend side only)."""
     if threads < 1:
         raise ValueError(f"threads must be at least 1, not {threads}")
     bhost, bport = backend
@@ -85,7 +89,8 @@ def haproxy_config(listen_port: int, backend: tuple[str, int], maxconn: int,
         "\ttimeout server 1h",
         "",
         "frontend bench_relay",
-        f"\tbind 127.0.0.1:{listen_port}",
+        f"\tbind 127.0.0.1:{listen_port}"
+        + (f" ssl crt {tls_pem} ssl-min-ver TLSv1.2" if tls_pem else ""),
         "\tdefault_backend bench_backend",
         "",
         "backend bench_backend",
@@ -106,13 +111,14 @@ class RelayProcess(ChildProcess):
     Named "relay" with one thread, "relay-<N>t" with N (its log file and error lines)."""
 
     def __init__(self, exe: str, backend: tuple[str, int], *, maxconn: int | None = None,
-                 threads: int = 1) -> None:
+                 threads: int = 1, tls_pem: str | None = None) -> None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         super().__init__("relay" if threads == 1 else f"relay-{threads}t", [])
         self.exe = exe
         self.backend = backend
         self.threads = threads
+        self.tls_pem = tls_pem  # terminate TLS with this certificate + key (PEM)
         self.maxconn = maxconn if maxconn is not None else relay_maxconn()
         self.version = haproxy_version(exe)
         self._dir = tempfile.TemporaryDirectory(prefix="rpcproxy-bench-relay-")
@@ -125,7 +131,8 @@ class RelayProcess(ChildProcess):
         for _ in range(3):
             port = _free_port()
             cfg = Path(self._dir.name) / "haproxy.cfg"
-            cfg.write_text(haproxy_config(port, self.backend, self.maxconn, self.threads))
+            cfg.write_text(haproxy_config(port, self.backend, self.maxconn, self.threads,
+                                          self.tls_pem))
             self.proc = await asyncio.create_subprocess_exec(
                 self.exe, "-db", "-f", str(cfg), stdin=asyncio.subprocess.DEVNULL,
                 stdout=self._log, stderr=self._log)

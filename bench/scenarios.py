@@ -66,6 +66,8 @@ class Bench:
     relay_proc: ChildProcess | None = None
     relay_maxconn: int | None = None
     relay_threads: int = 1  # HAProxy's nbthread of ``relay_proc``
+    # ``--tls``: the client context for the relay path (HAProxy terminating TLS); None: plain.
+    relay_ssl: Any = None
     # Set by the CLI when the relay runs: start another HAProxy on the bench's backend,
     # ``await spawn_relay(threads)``; stopped by whoever started it.
     spawn_relay: Callable[[int], Awaitable[ChildProcess]] | None = None
@@ -96,6 +98,9 @@ class Bench:
     ntlm_helpers: int = 32  # helpers of the proxy, and of the Samba-alone baseline
     storm_vcs: int = 1000
     storm_wrong_passwords: int = 0
+    # path -> the TLS versions its connections negotiated ("plain": none), as opened by
+    # ``open``: what ``rpcproxy-bench --tls`` reports as having really run over TLS.
+    tls_seen: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def paths(self) -> list[str]:
@@ -116,16 +121,22 @@ class Bench:
 
     async def open(self, path: str, *, proxy: ProxyTarget | None = None,
                    in_content_length: int | None = None) -> PduTransport:
+        t: DirectClient | RpchClient
         if path in ("direct", "relay"):
-            return await DirectClient.connect(*self.address(path), timeout=self.timeout)
-        p = proxy or self.proxy
-        kwargs: dict[str, Any] = {}
-        if in_content_length is not None:
-            kwargs["in_content_length"] = in_content_length
-        return await RpchClient.connect(
-            p.host, p.port, target=p.target, path=p.path, auth=p.auth, ssl=p.ssl,
-            server_hostname=p.server_hostname, timeout=self.timeout,
-            receive_window=self.client_window, **kwargs)
+            t = await DirectClient.connect(
+                *self.address(path), timeout=self.timeout,
+                ssl=self.relay_ssl if path == "relay" else None)
+        else:
+            p = proxy or self.proxy
+            kwargs: dict[str, Any] = {}
+            if in_content_length is not None:
+                kwargs["in_content_length"] = in_content_length
+            t = await RpchClient.connect(
+                p.host, p.port, target=p.target, path=p.path, auth=p.auth, ssl=p.ssl,
+                server_hostname=p.server_hostname, timeout=self.timeout,
+                receive_window=self.client_window, **kwargs)
+        self.tls_seen.setdefault(path, set()).add(t.tls_version or "plain")
+        return t
 
     async def session(self, path: str, **kw: Any) -> BenchSession:
         t = await self.open(path, **kw)
@@ -631,7 +642,8 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
                     continue
                 child = await bench.spawn_proxy(None, workers=w)
                 target = ProxyTarget(child.host, child.port, bench.proxy.target,
-                                     bench.proxy.path, bench.proxy.auth)
+                                     bench.proxy.path, bench.proxy.auth, bench.proxy.ssl,
+                                     bench.proxy.server_hostname, bench.proxy.insecure)
                 paths.append(_AggPath(f"proxy-{w}w", w, target, child, own=True))
                 await asyncio.sleep(0.3 if w > 1 else 0)  # workers fork after LISTENING
         else:
@@ -655,6 +667,11 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
                 await h.start()
         await asyncio.gather(*(h.wait_ready(bench.timeout + n / 20)
                                for path in paths for h in path.holders))
+        for path in paths:
+            kind = ("proxy" if path.target is not None else
+                    "relay" if path.relay is not None else "direct")
+            for h in path.holders:
+                bench.tls_seen.setdefault(kind, set()).update(h.tls_seen)
         has_relay = any(p.relay is not None for p in paths)
         for path in paths:
             groups: dict[str, list[int]] = {
@@ -939,7 +956,12 @@ def _holder_specs(bench: Bench, path: str, n: int, *, per_holder: int = HOLDER_M
         left -= count
         if path in ("direct", "relay"):
             host, port = address or bench.address(path)
-            specs.append(HolderSpec("direct", host, port, count, timeout=bench.timeout))
+            # The relay terminates TLS under --tls (bench.relay_ssl); the backend never does.
+            tls = bench.relay_ssl is not None and (path == "relay" or (
+                address is not None and address != bench.direct))
+            specs.append(HolderSpec("direct", host, port, count, timeout=bench.timeout,
+                                    tls=tls, insecure=tls,
+                                    tls_max=_tls_max(bench.relay_ssl) if tls else ""))
             continue
         p = proxy or bench.proxy
         auth, user, password, domain = "none", "", "", ""
@@ -949,9 +971,19 @@ def _holder_specs(bench: Bench, path: str, n: int, *, per_holder: int = HOLDER_M
         specs.append(HolderSpec("proxy", p.host, p.port, count, target=p.target,
                                 url_path=p.path, auth=auth, user=user, password=password,
                                 domain=domain, tls=p.ssl is not None, insecure=p.insecure,
+                                tls_max=_tls_max(p.ssl),
                                 server_hostname=p.server_hostname, timeout=bench.timeout,
                                 receive_window=bench.client_window))
     return specs
+
+
+def _tls_max(ctx: Any) -> str:
+    """"1.2" when a client context offers TLS 1.2 at most (what holders are told), else ""."""
+    import ssl
+
+    if ctx is not None and getattr(ctx, "maximum_version", None) == ssl.TLSVersion.TLSv1_2:
+        return "1.2"
+    return ""
 
 
 async def run_concurrency(bench: Bench) -> dict[str, Any]:
@@ -1024,6 +1056,8 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
                 await h.start()
             ramp_timeout = bench.timeout + n / 20
             await asyncio.gather(*(h.wait_ready(ramp_timeout, progress_hook) for h in holders))
+            for h in holders:
+                bench.tls_seen.setdefault(path, set()).update(h.tls_seen)
             ramp_s = time.perf_counter() - t_ramp
             if path == "proxy":
                 smp = bench.proc_sample("proxy")
@@ -1105,6 +1139,11 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
         out.update(relay_figures(p99["proxy"], p99.get("direct"), p99["relay"]))
     out.update({
         "rss_mib": result["proxy"].get("rss_mib"), "fds": result["proxy"].get("fds"),
+        # What one idle VC (2 channels + 1 backend socket) adds to the proxy's RSS; the
+        # relay's figure is per connection (1 client + 1 backend socket).
+        "rss_per_vc_kib": result["proxy"].get("rss_per_vc_kib"),
+        "relay_rss_per_conn_kib": (result["relay"].get("rss_per_vc_kib")
+                                   if "relay" in result else None),
         "rss_curve": rss_curve, "details": result, "cpu": cpu, "bottleneck": bottleneck(cpu),
     })
     return out
@@ -1199,7 +1238,8 @@ async def run_soak(bench: Bench) -> dict[str, Any]:
     if bench.spawn_proxy is not None:
         own = await bench.spawn_proxy(1 << 20)
         proxy_target = ProxyTarget(own.host, own.port, bench.proxy.target, bench.proxy.path,
-                                   bench.proxy.auth)
+                                   bench.proxy.auth, bench.proxy.ssl,
+                                   bench.proxy.server_hostname, bench.proxy.insecure)
     saved = bench.proxy_proc
     if own is not None:
         bench.proxy_proc = own

@@ -254,6 +254,7 @@ class ProxyProcess:
             try:
                 server_ssl_context(new.tls_cert, new.tls_key)  # check the pair first
                 load_cert_chain(server.ssl_context, new.tls_cert, new.tls_key)
+                server.ssl_context.num_tickets = new.tls_session_tickets
             except CertificateError as exc:
                 log.error("reload failed, keeping the running configuration and certificate: "
                           "%s", exc.reason)

@@ -6,8 +6,10 @@
 * ``server_ssl_context`` is the one place that decides protocol versions and ciphers:
   TLS 1.2 and 1.3 only; for TLS 1.2 only ECDHE/DHE key exchange with AEAD ciphers
   (AES-GCM, ChaCha20-Poly1305). Outlook 2010 and later on Windows 7+ negotiate these.
-  Loading the same files again into the context (``reload_cert_chain``) changes the
-  certificate for new connections only; established TLS sessions keep theirs.
+  ``session_tickets`` sets how many TLS 1.3 session tickets follow a handshake (0 for
+  Samba's ncacn_http client, which hangs on them). Loading the same files again into the
+  context (``reload_cert_chain``) changes the certificate for new connections only;
+  established TLS sessions keep theirs.
 * ``inspect_certificate`` / ``names_covered`` serve ``rpcproxy check``.
 """
 
@@ -199,9 +201,18 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
 # --- server context --------------------------------------------------------------------------
 
 
-def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """TLS 1.2+ server context with forward-secret AEAD ciphers, loaded with the pair."""
+DEFAULT_SESSION_TICKETS = 2  # OpenSSL's own default
+MAX_SESSION_TICKETS = 16
+
+
+def server_ssl_context(cert_file: str, key_file: str, *,
+                       session_tickets: int = DEFAULT_SESSION_TICKETS) -> ssl.SSLContext:
+    """TLS 1.2+ server context with forward-secret AEAD ciphers, loaded with the pair.
+
+    ``session_tickets``: TLS 1.3 NewSessionTicket messages sent after each handshake
+    (``tls_session_tickets``). 0 sends none: Samba's ncacn_http client hangs on them."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.num_tickets = session_tickets
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE

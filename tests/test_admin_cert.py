@@ -8,6 +8,7 @@ import ssl
 import stat
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -16,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from rpcproxy import certs
 from rpcproxy.cli import main
 from rpcproxy.config import Config
+from rpcproxy.config import load as config_load
+from rpcproxy.errors import ConfigError
 from rpcproxy.server import ProxyServer
 
 
@@ -84,9 +87,10 @@ def tls_pair(tmp_path: Path) -> certs.CreatedCertificate:
     return certs.create_self_signed("mail.example.com", tmp_path)
 
 
-async def _start_tls_server(pair: certs.CreatedCertificate) -> tuple[ProxyServer, int]:
+async def _start_tls_server(pair: certs.CreatedCertificate,
+                            **settings: Any) -> tuple[ProxyServer, int]:
     config = Config(listen="127.0.0.1:0", tls_cert=str(pair.cert_path),
-                    tls_key=str(pair.key_path), server_names=["mail.example.com"])
+                    tls_key=str(pair.key_path), server_names=["mail.example.com"], **settings)
     server = ProxyServer(config)
     bound = await server.start()
     return server, bound[0][1]
@@ -121,6 +125,32 @@ async def test_tls_client_verifies_both_names(tls_pair: certs.CreatedCertificate
             await _get(port, _client_context(tls_pair), "www.example.com")
     finally:
         await server.stop()
+
+
+@pytest.mark.parametrize("tickets", [0, 1, None])
+async def test_tls13_session_tickets_configurable(tls_pair: certs.CreatedCertificate,
+                                                  tickets: int | None) -> None:
+    """``tls_session_tickets = 0``: a TLS 1.3 handshake is followed by no NewSessionTicket
+    (Samba's ncacn_http client hangs on one); by default OpenSSL's tickets are sent."""
+    settings = {} if tickets is None else {"tls_session_tickets": tickets}
+    server, port = await _start_tls_server(tls_pair, **settings)
+    try:
+        ctx = _client_context(tls_pair)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        status, sslobj = await _get(port, ctx, "mail.example.com")
+        assert status.startswith(b"HTTP/1.1 405"), status  # the tickets came before it
+        assert sslobj.version() == "TLSv1.3"
+        session = sslobj.session
+        assert session is not None
+        assert session.has_ticket is (tickets != 0)
+    finally:
+        await server.stop()
+
+
+def test_tls_session_tickets_bounds() -> None:
+    with pytest.raises(ConfigError, match="tls_session_tickets"):
+        config_load(None, {"tls_session_tickets": -1})
+    assert config_load(None, {"tls_session_tickets": 0}).tls_session_tickets == 0
 
 
 async def test_tls12_negotiates_aead_cipher(tls_pair: certs.CreatedCertificate) -> None:

@@ -339,6 +339,8 @@ def test_cli_short_run_writes_json_with_ratios(tmp_path: Path) -> None:
         assert r["unit"] and r["metric"], name
     assert doc["scenarios"]["throughput"]["unit"] == "MB/s"
     assert doc["scenarios"]["concurrency"]["details"]["connections"] == 120
+    assert doc["scenarios"]["concurrency"]["rss_per_vc_kib"] is not None
+    assert doc["config"]["tls"] is False and doc["tls"]["proxy"] == ["plain"]
     assert doc["machine"]["cores"] >= 1
     page = html.read_text()
     assert "<svg" in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
@@ -349,6 +351,45 @@ def test_cli_short_run_writes_json_with_ratios(tmp_path: Path) -> None:
         _check_relay(doc, proc.stdout)
     else:
         assert RELAY_THREADS_ROW not in proc.stdout
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+def test_cli_tls_runs_every_path_over_tls(tmp_path: Path, version: str) -> None:
+    """``--tls``: the proxy and the C relay terminate TLS (the negotiated version is what the
+    bench's clients, holders included, saw), the direct path stays plain; every scenario
+    keeps its figures, and concurrency its RSS per VC."""
+    relay = _haproxy_installed()
+    out = tmp_path / "bench.json"
+    scenarios = ("throughput,aggregate,latency,concurrency,setup,soak" if version == "1.3"
+                 else "concurrency,setup")
+    proc = _run_cli("--tls", "--tls-version", version, "--scenarios", scenarios,
+                    "--duration", "0.5", "--clients", "2", "--connections", "40", "--active",
+                    "2", "--streams", "2", "--soak-connections", "2", "--setup-workers", "2",
+                    "--aggregate-vcs", "2", "--aggregate-procs", "1", "--aggregate-workers", "1",
+                    "--json", str(out), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["ok"] is True and doc["config"]["tls"] is True
+    want = f"TLSv{version}"
+    assert doc["tls"]["proxy"] == [want] and doc["tls"]["direct"] == ["plain"]
+    if relay:
+        assert doc["tls"]["relay"] == [want]
+        assert "ssl crt" in doc["machine"]["relay"]["mode"]
+    assert list(doc["scenarios"]) == scenarios.split(",")
+    for name, r in doc["scenarios"].items():
+        assert r["proxy"] > 0 and r["direct"] > 0 and r["ratio"] > 0, name
+        if relay and name in RELAY_SCENARIOS:
+            assert r["relay"] > 0 and r["proxy_vs_relay"] > 0, name
+    conc = doc["scenarios"]["concurrency"]
+    assert conc["rss_per_vc_kib"] == conc["details"]["proxy"]["rss_per_vc_kib"]
+    assert conc["rss_per_vc_kib"] is not None
+    if relay:
+        assert conc["relay_rss_per_conn_kib"] is not None
+
+
+def test_cli_tls_needs_the_self_contained_mode() -> None:
+    proc = _run_cli("--tls", "--url", "https://127.0.0.1:1/rpc/rpcproxy.dll")
+    assert proc.returncode == 2 and "--tls" in proc.stderr
 
 
 def _check_relay(doc: dict[str, Any], table: str) -> None:

@@ -159,3 +159,43 @@ async def test_tls_channels_relayed_to_owner(backend: EchoBackend, tmp_path: Pat
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_tls_relay_keeps_an_answer_that_comes_before_it_is_wired(
+        backend: EchoBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner may answer a TLS channel handed to it (an OUT channel's 200 and CONN/A3)
+    before the worker that holds the TLS connection has finished setting up its relay:
+    those bytes must still reach the client (they were once dropped under load, and the
+    VC never opened)."""
+    import asyncio
+
+    from rpcproxy import server as server_mod
+    from rpcproxy.certs import create_self_signed
+
+    loop_type = type(asyncio.get_running_loop())
+    original = loop_type.connect_accepted_socket
+
+    async def slow_connect(self: Any, *args: Any, **kwargs: Any) -> Any:
+        made = await original(self, *args, **kwargs)
+        if isinstance(made[1], server_mod._Relay):  # the TLS holder's end of the socketpair
+            await asyncio.sleep(0.3)  # it is already being read; the owner answers
+        return made
+
+    monkeypatch.setattr(loop_type, "connect_accepted_socket", slow_connect)
+    create_self_signed("proxy.example.com", tmp_path)
+    a, b = await make_pair(backend, tls_cert=str(tmp_path / "cert.pem"),
+                           tls_key=str(tmp_path / "key.pem"), basic_over_http=False)
+    client_ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    client_ctx.check_hostname = False
+    pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
+    try:
+        for in_port, out_port in ((pa, pb), (pb, pa)):
+            inp, out = await asyncio.wait_for(open_split_vc(in_port, out_port, client_ctx), 10)
+            await asyncio.wait_for(exercise(inp, out, calls=3), 10)
+            inp.close()
+            out.close()
+        assert a.workers is not None and b.workers is not None
+        assert a.workers.sent + b.workers.sent > 0
+    finally:
+        await a.stop()
+        await b.stop()
