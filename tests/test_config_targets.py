@@ -140,5 +140,5 @@ def test_cli_flags_reach_config() -> None:
 
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main(["serve", "--backend", "nonsense"])
-    assert code == 2
+    assert code == 78  # EX_CONFIG: the unit's RestartPreventExitStatus= (issue 11)
     assert "configuration error" in capsys.readouterr().err

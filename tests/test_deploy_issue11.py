@@ -423,3 +423,31 @@ def test_unit_stops_restarting_on_config_errors() -> None:
     for step in ("rpcproxy.toml /etc/rpcproxy/rpcproxy.toml", "rpcproxy cert --host",
                  "rpcproxy check", "deploy/README.md /usr/local/share/doc/rpcproxy/README.md"):
         assert step in header, step
+
+
+def test_documented_container_commands_keep_healthcheck_and_bind() -> None:
+    """The doc's build keeps HEALTHCHECK (Docker format) and its run publishes 443 to the
+    unprivileged port the image listens on (deploy/test/podman-image.sh runs them)."""
+    doc = (REPO / "deploy" / "README.md").read_text()
+    assert "podman build --format docker -f deploy/container/Containerfile" in doc
+    assert "-p 443:8443" in doc and "-p 443:443" not in doc
+    containerfile = (REPO / "deploy" / "container" / "Containerfile").read_text()
+    assert "-p 443:443" not in containerfile and "EXPOSE 8443 9090" in containerfile
+    assert 'DEFAULT_LISTEN = "0.0.0.0:8443"' in ENTRYPOINT.read_text()
+
+
+def test_plain_check_in_the_container_warns_it_sees_defaults(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setattr(check, "SERVICE_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.setenv("RPCPROXY_BACKEND", "samba:1024")
+    monkeypatch.setattr(check, "run_checks", _no_checks)
+    assert main(["check"]) == 0
+    assert "[WARN] configuration: these are rpcproxy's built-in defaults" \
+        in capsys.readouterr().out
+    assert main(["check", "--backend", "samba:1024"]) == 0  # as rpcproxy-entrypoint runs it
+    assert "[WARN]" not in capsys.readouterr().out
+
+
+async def _no_checks(*_args: object) -> list[check.Result]:
+    return []
