@@ -30,6 +30,11 @@ sed 's/^/    /' /tmp/check.txt | cut -c1-150
 grep -q "configuration: /etc/rpcproxy/rpcproxy.toml is valid: listen 0.0.0.0:443 (TLS)" /tmp/check.txt \
     && ok "check reads the service's configuration" || bad "check config source"
 
+step "rpcproxy check --backend samba.example.com:1024   (no DNS in this machine)"
+rpcproxy check --backend samba.example.com:1024 2>&1 | grep -E "backend|NTLM" | cut -c1-150 | sed 's/^/    /'
+rpcproxy check --backend samba.example.com:1024 2>&1 | grep -q "Unknown error" \
+    && bad "DNS failure not explained" || ok "DNS failure explained in words"
+
 install -m 0644 deploy/systemd/rpcproxy.service /etc/systemd/system/
 systemctl daemon-reload
 step "systemctl enable --now rpcproxy"
