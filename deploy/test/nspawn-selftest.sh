@@ -69,13 +69,23 @@ n=$(wc -w < "/proc/$main/task/$main/children")
     && ok "respawned: 2 workers, supervisor $main unchanged, unit $(systemctl is-active rpcproxy)" \
     || bad "no respawn ($n workers)"
 
+step "SIGSTOP the supervisor itself (WatchdogSec=30s)"
+kill -STOP "$main"
+sleep 40
+journalctl -u rpcproxy -o cat --no-pager | grep -iE "watchdog timeout" | tail -1 | sed 's/^/    /'
+new_main=$(systemctl show -p MainPID --value rpcproxy)
+[ "$new_main" != "$main" ] && [ "$(systemctl is-active rpcproxy)" = active ] \
+    && ok "systemd's watchdog restarted the wedged service (main pid $main -> $new_main)" \
+    || bad "wedged supervisor not restarted"
+
 step "a key that does not match the certificate; systemctl restart rpcproxy"
 cp /etc/rpcproxy/key.pem /etc/rpcproxy/key.pem.good
 rpcproxy cert --host other.example.com --out-dir /tmp/other >/dev/null
 install -m 0600 -o rpcproxy /tmp/other/key.pem /etc/rpcproxy/key.pem
 systemctl restart rpcproxy 2>/dev/null; sleep 8
 echo "    $(systemctl show -p ActiveState -p Result -p ExecMainStatus -p NRestarts rpcproxy | tr '\n' ' ')"
-journalctl -u rpcproxy -p err -o cat -n 1 --no-pager | cut -c1-160 | sed 's/^/    /'
+systemctl status rpcproxy --no-pager 2>/dev/null | grep -E "Active:|Process:|Main PID:" | sed 's/^ */    /'
+journalctl -u rpcproxy -p err -o cat -n 3 --no-pager | cut -c1-200 | sed 's/^/    /'
 [ "$(systemctl is-active rpcproxy)" = failed ] && [ "$(systemctl show -p ExecMainStatus --value rpcproxy)" = 78 ] \
     && [ "$(systemctl show -p NRestarts --value rpcproxy)" = 0 ] \
     && ok "failed with status 78, no restart loop" || bad "bad key: $(systemctl is-active rpcproxy)"
