@@ -5,8 +5,10 @@ Theory of operation
 ``serve`` runs one ``ProxyProcess`` on uvloop. Its life:
 
 1. start the ProxyServer listeners (and the metrics/health listener when configured);
-   a failure here (address in use, unreadable certificate) exits with status 1 so
-   systemd's ``Restart=on-failure`` applies;
+   a failure here exits with status 1 when a retry may help (address in use), so
+   systemd's ``Restart=on-failure`` applies, and with ``EXIT_CONFIG`` (78) when it cannot
+   (unreadable certificate, port not allowed), which the unit's
+   ``RestartPreventExitStatus=78`` turns into ``failed`` instead of a restart loop;
 2. ``READY=1`` to systemd (sd_notify, see ``rpcproxy.sdnotify``), then serve;
 3. ``SIGHUP``: reload. The configuration file is read again and the command-line
    overrides re-applied, exactly as at start. Everything is checked before anything
@@ -36,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import signal
@@ -61,8 +64,24 @@ STOP_LISTENERS_GRACE = 5.0  # of which: waiting for the listening sockets to clo
 RESTART_ONLY = ("listen", "http_listen", "metrics_listen", "workers")
 
 
+EXIT_CONFIG = 78  # sysexits EX_CONFIG; the unit's RestartPreventExitStatus= names it
+
+
 class StartupError(Exception):
-    """The proxy could not start (reason is for the admin)."""
+    """The proxy could not start (reason is for the admin).
+
+    ``config`` marks failures a restart cannot cure (an unreadable or mismatched
+    certificate, a port the user may not bind): they exit with ``EXIT_CONFIG``.
+    Others (an address in use) exit with 1 and systemd retries.
+    """
+
+    def __init__(self, reason: str, *, config: bool = False) -> None:
+        super().__init__(reason)
+        self.config = config
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CONFIG if self.config else 1
 
 
 class ProxyProcess:
@@ -88,6 +107,8 @@ class ProxyProcess:
         self.notifier = notifier or sdnotify.Notifier()
         self._loader = loader
         self.worker_index = workers.index if workers is not None else None
+        self.heartbeat = workers.heartbeat if workers is not None else None
+        self.heartbeat_interval = workers.heartbeat_interval if workers is not None else 1.0
         self.metrics_listen = metrics_listen or config.metrics_listen
         self.server = ProxyServer(config, workers=workers, listen_sockets=listen_sockets)
         self.metrics_listener: MetricsListener | None = None
@@ -112,10 +133,10 @@ class ProxyProcess:
         try:
             self.bound = await self.server.start()
         except CertificateError as exc:
-            raise StartupError(f"TLS certificate: {exc.reason}") from None
+            raise StartupError(f"TLS certificate: {exc.reason}", config=True) from None
         except OSError as exc:
-            raise StartupError(f"cannot listen on {config.listen}: "
-                               f"{exc.strerror or exc}") from None
+            raise StartupError(f"cannot listen on {config.listen}: {exc.strerror or exc}"
+                               + _bind_hint(exc), config=_is_config_errno(exc)) from None
         tls = "TLS" if config.tls_cert else "HTTP"
         for host, port in self.bound:
             log.info("listening on %s:%d (%s)", host, port, tls)
@@ -180,6 +201,8 @@ class ProxyProcess:
                 installed.append(sig)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
             installed.append(signal.SIGHUP)
+            if self.heartbeat is not None:
+                self._tasks.append(asyncio.create_task(self._heartbeat()))
             if self.notifier.watchdog_interval:
                 self._tasks.append(asyncio.create_task(
                     self._watchdog(self.notifier.watchdog_interval)))
@@ -194,6 +217,15 @@ class ProxyProcess:
         where = ", ".join(f"{h}:{p}" for h, p in self.bound)
         tls = "TLS" if self.config.tls_cert else "HTTP"
         return f"serving {tls} on {where}; backend {self.config.backend}"
+
+    async def _heartbeat(self) -> None:
+        """Tell the supervisor this worker's loop runs (rpcproxy.workers.WorkerWatch)."""
+        from rpcproxy.workers import send_heartbeat
+
+        assert self.heartbeat is not None
+        while True:
+            send_heartbeat(self.heartbeat)
+            await asyncio.sleep(self.heartbeat_interval)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -316,7 +348,7 @@ def serve(config: Config, *, config_path: str | None = None,
         _run_loop(config, main)
     except StartupError as exc:
         log.error("rpcproxy cannot start: %s", exc)
-        return 1
+        return exc.exit_code
     return 0
 
 
@@ -342,7 +374,8 @@ def _bind_listeners(config: Config) -> list[socket.socket]:
             try:
                 sock = socket.create_server((ep.host, ep.port), family=family, backlog=4096)
             except OSError as exc:
-                raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+                raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}"
+                                   + _bind_hint(exc), config=_is_config_errno(exc)) from None
             socks.append(sock)
             host, port = sock.getsockname()[:2]
             log.info("listening on %s:%d (%s)", host, port, "TLS" if tls else "HTTP")
@@ -351,6 +384,19 @@ def _bind_listeners(config: Config) -> list[socket.socket]:
             sock.close()
         raise
     return socks
+
+
+def _is_config_errno(exc: OSError) -> bool:
+    """Binding failures no restart cures: not allowed, or no such local address."""
+    return exc.errno in (errno.EACCES, errno.EPERM, errno.EADDRNOTAVAIL)
+
+
+def _bind_hint(exc: OSError) -> str:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (" (ports below 1024 need CAP_NET_BIND_SERVICE, or a lower "
+                "net.ipv4.ip_unprivileged_port_start; in a container listen on 8443 and "
+                "publish 443 to it)")
+    return ""
 
 
 def _worker_metrics_address(address: str | None, index: int) -> str | None:
@@ -370,8 +416,9 @@ def _serve_workers(config: Config, *, config_path: str | None,
     """Supervisor: bind, fork ``config.workers`` workers (rpcproxy.workers.supervise), wait.
 
     systemd sees one main process: READY=1 once the sockets listen (connections queue in
-    the backlog until a worker accepts), STOPPING=1 on SIGTERM, WATCHDOG=1 from a timer in
-    the supervisor (a dead worker is respawned by the supervisor itself). SIGHUP is passed
+    the backlog until a worker accepts), STOPPING=1 on SIGTERM, WATCHDOG=1 from the
+    supervisor only while every worker's event loop beats (a dead or wedged worker is
+    killed and respawned by the supervisor itself; see rpcproxy.workers). SIGHUP is passed
     to every worker, and each reloads as described in the module docstring. Workers do
     not talk to systemd (NotifyAccess=main).
     """
@@ -382,12 +429,10 @@ def _serve_workers(config: Config, *, config_path: str | None,
         socks = _bind_listeners(config)
     except StartupError as exc:
         log.error("rpcproxy cannot start: %s", exc)
-        return 1
+        return exc.exit_code
     silent = sdnotify.Notifier(env={})
 
     def run_worker(ws: WorkerSet) -> int:
-        signal.setitimer(signal.ITIMER_REAL, 0)  # the supervisor's watchdog timer
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
         process = ProxyProcess(
             config, config_path=config_path, arg_overrides=arg_overrides, notifier=silent,
             workers=ws, listen_sockets=socks,
@@ -397,20 +442,16 @@ def _serve_workers(config: Config, *, config_path: str | None,
             _run_loop(config, process.run())
         except StartupError as exc:
             log.error("worker %d cannot start: %s", ws.index, exc)
-            return 1
+            return exc.exit_code
         return 0
 
-    interval = notifier.watchdog_interval
-    if interval:
-        signal.signal(signal.SIGALRM, lambda _sig, _frame: notifier.watchdog())
-        signal.setitimer(signal.ITIMER_REAL, interval, interval)
     log.info("supervisor pid %d: starting %d workers", os.getpid(), config.workers)
     def notify(text: str) -> None:
         notifier.notify(text)
 
     try:
-        return supervise(config.workers, run_worker, notify=notify)
+        return supervise(config.workers, run_worker, notify=notify,
+                         watchdog_interval=notifier.watchdog_interval)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         for sock in socks:
             sock.close()

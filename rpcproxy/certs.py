@@ -229,13 +229,31 @@ def load_cert_chain(ctx: ssl.SSLContext, cert_file: str, key_file: str) -> None:
     except FileNotFoundError as exc:
         raise CertificateError(f"{exc.filename or cert_file}: no such file") from None
     except PermissionError as exc:
-        raise CertificateError(f"{exc.filename or key_file}: permission denied") from None
+        raise CertificateError(_unreadable(exc.filename, cert_file, key_file)) from None
     except ssl.SSLError as exc:
         raise CertificateError(
             f"cannot use certificate {cert_file} with key {key_file}: {exc.reason or exc}"
         ) from None
     except OSError as exc:
         raise CertificateError(f"cannot read {cert_file} / {key_file}: {exc}") from None
+
+
+def _unreadable(filename: str | None, cert_file: str, key_file: str) -> str:
+    """Which file this user cannot read, and what to do about it."""
+    if not filename:
+        filename = next((f for f in (key_file, cert_file) if not os.access(f, os.R_OK)),
+                        key_file)
+    uid = os.geteuid()
+    try:
+        import pwd
+
+        who = f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        who = f"uid {uid}"
+    return (f"{filename}: permission denied: rpcproxy runs as {who}, which cannot read it. "
+            f"Make the file readable by that user, e.g. chown {uid} {filename} && "
+            f"chmod 0600 {filename} (the container image runs as uid 10001; the systemd "
+            "unit as user rpcproxy)")
 
 
 # --- inspection ------------------------------------------------------------------------------

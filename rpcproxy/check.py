@@ -1,6 +1,8 @@
 """``rpcproxy check``: is this installation going to work? One line per part, in admin words.
 
-Reads the configuration exactly like ``rpcproxy serve`` (same file, same flags), then:
+Reads the configuration exactly like ``rpcproxy serve`` (same file, same flags; without
+``--config`` the unit's file ``/etc/rpcproxy/rpcproxy.toml`` when it exists; in the
+container ``rpcproxy-entrypoint check`` adds the image's settings), then:
 
 1. configuration   every value valid (a failure here stops the other checks);
 2. certificate     key matches, not expired / not yet valid, covers the names clients use;
@@ -25,10 +27,12 @@ import asyncio
 import datetime as dt
 import getpass
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from rpcproxy.config import Config
 from rpcproxy.errors import ConfigError
@@ -37,6 +41,19 @@ from rpcproxy.targets import Endpoint
 OK, FAIL, WARN, SKIP = "[ OK ]", "[FAIL]", "[WARN]", "[SKIP]"
 EXPIRY_WARNING_DAYS = 14
 CONNECT_TIMEOUT = 5.0
+SERVICE_CONFIG = "/etc/rpcproxy/rpcproxy.toml"  # what the systemd unit runs with
+PASSWORD_ENV = "RPCPROXY_CHECK_PASSWORD"
+
+# getaddrinfo() failures in words (socket.gaierror errno -> what it means here)
+_RESOLVER_ERRORS = {
+    socket.EAI_NONAME: "no such name (the DNS answered that it does not exist)",
+    socket.EAI_AGAIN: "name resolution failed for now (no DNS server answered; is DNS "
+                      "reachable from here, e.g. inside the container?)",
+    socket.EAI_FAIL: "the DNS server failed to answer",
+}
+for _name in ("EAI_NODATA", "EAI_ADDRFAMILY"):
+    if hasattr(socket, _name):
+        _RESOLVER_ERRORS[getattr(socket, _name)] = "the name has no address"
 
 
 @dataclass
@@ -52,7 +69,11 @@ class Result:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--user", metavar="DOMAIN\\NAME",
                    help="try a real login with this user (also NAME or NAME@REALM)")
-    p.add_argument("--password", help="the test user's password (asked for when omitted)")
+    p.add_argument("--password", help="the test user's password (visible to other local "
+                   "users in the process list: prefer --password-file or $RPCPROXY_CHECK_PASSWORD;"
+                   " asked for on a terminal when none is given)")
+    p.add_argument("--password-file", metavar="PATH",
+                   help="read the test user's password from the first line of PATH ('-': stdin)")
     p.add_argument("--email", metavar="ADDRESS",
                    help="address for the Autodiscover check (default: NAME@realm)")
     p.add_argument("--host", action="append", default=[], metavar="NAME",
@@ -114,6 +135,8 @@ async def check_backend(endpoint: Endpoint) -> Result:
     except TimeoutError:
         return Result(FAIL, what, f"connecting to {endpoint} timed out after "
                       f"{CONNECT_TIMEOUT:g}s: a firewall, or the wrong address?")
+    except socket.gaierror as exc:
+        return Result(FAIL, what, resolve_failure(endpoint, exc))
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         return Result(FAIL, what, f"cannot connect to {endpoint}: {reason}. Is "
@@ -122,6 +145,23 @@ async def check_backend(endpoint: Endpoint) -> Result:
     writer.close()
     ms = (time.monotonic() - started) * 1000
     return Result(OK, what, f"{endpoint} accepts TCP connections ({ms:.0f} ms)")
+
+
+def resolve_failure(endpoint: Endpoint, exc: socket.gaierror) -> str:
+    """A name-resolution failure in words, instead of "Unknown error -3"."""
+    meaning = _RESOLVER_ERRORS.get(exc.errno or 0, exc.strerror or str(exc))
+    return (f"cannot resolve the host name {endpoint.host!r} of {endpoint}: {meaning}. Check "
+            f"the name in the configuration, /etc/resolv.conf, or use an IP address")
+
+
+async def _resolves(endpoint: Endpoint) -> str | None:
+    """None when the host name resolves, else the explanation."""
+    try:
+        await asyncio.get_running_loop().getaddrinfo(endpoint.host, endpoint.port,
+                                                     type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return resolve_failure(endpoint, exc)
+    return None
 
 
 async def check_ntlm(config: Config) -> Result:
@@ -385,12 +425,55 @@ def _describe(config: Config, path: str | None) -> str:
             f"{', '.join(str(r) for r in rules.rules)}")
 
 
+def read_password(args: argparse.Namespace, env: dict[str, str] | None = None) -> str | None:
+    """--password, --password-file, $RPCPROXY_CHECK_PASSWORD, else a terminal prompt.
+
+    Raises ``PasswordUnavailable`` with what to do when none of them gives one.
+    """
+    if args.password is not None:
+        return str(args.password)
+    if args.password_file:
+        try:
+            if args.password_file == "-":
+                text = sys.stdin.readline()
+            else:
+                with open(args.password_file, encoding="utf-8") as fh:
+                    text = fh.readline()
+        except OSError as exc:
+            raise PasswordUnavailable(f"cannot read --password-file {args.password_file}: "
+                                      f"{exc.strerror or exc}") from None
+        return text.rstrip("\r\n")
+    value = (os.environ if env is None else env).get(PASSWORD_ENV)
+    if value is not None:
+        return value
+    if not sys.stdin.isatty():
+        raise PasswordUnavailable(f"--user needs a password and there is no terminal to ask: "
+                                  f"give --password-file PATH (or '-' for stdin), set "
+                                  f"{PASSWORD_ENV}, or --password")
+    try:
+        return getpass.getpass(f"Password for {args.user}: ")
+    except EOFError:
+        raise PasswordUnavailable("no password entered (end of input at the prompt)") from None
+
+
+class PasswordUnavailable(Exception):
+    pass
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    """--config, else the unit's file when it exists (what ``rpcproxy serve`` runs with)."""
+    if args.config is None and Path(SERVICE_CONFIG).is_file():
+        args.config = SERVICE_CONFIG
+    return str(args.config) if args.config else None
+
+
 def run(args: argparse.Namespace) -> int:
     from rpcproxy.cli import config_from_args
 
     def emit(result: Result) -> None:
         print(result.line(), flush=True)
 
+    _config_path(args)
     try:
         config = config_from_args(args)
         config.allow_list()
@@ -402,16 +485,27 @@ def run(args: argparse.Namespace) -> int:
         print("1 check failed")
         return 1
     emit(Result(OK, "configuration", _describe(config, args.config)))
+    flags = ("listen", "backend", "target", "server_names", "tls_cert", "ntlm_server")
+    if (args.config is None and not any(getattr(args, f, None) for f in flags)
+            and any(k.startswith("RPCPROXY_") for k in os.environ)):
+        emit(Result(WARN, "configuration", "these are rpcproxy's built-in defaults, not the "
+                    "container's settings (RPCPROXY_* variables): run rpcproxy-entrypoint "
+                    "check instead"))
 
-    password = args.password
-    if args.user and password is None:
-        if sys.stdin.isatty():
-            password = getpass.getpass(f"Password for {args.user}: ")
-        else:
-            print("rpcproxy check: --user needs --password (or a terminal to ask)",
-                  file=sys.stderr)
+    password = None
+    if args.user:
+        try:
+            password = read_password(args)
+        except PasswordUnavailable as exc:
+            print(f"rpcproxy check: {exc}", file=sys.stderr)
             return 2
-    results = asyncio.run(run_checks(config, args, password, emit))
+    try:
+        results = asyncio.run(run_checks(config, args, password, emit))
+    except Exception as exc:  # noqa: BLE001 - an admin tool says what broke, no traceback
+        emit(Result(FAIL, "check", f"stopped by an unexpected error: {type(exc).__name__}: "
+                    f"{exc}"))
+        print("1 check failed")
+        return 1
     failed = sum(r.status == FAIL for r in results)
     warned = sum(r.status == WARN for r in results)
     if failed:

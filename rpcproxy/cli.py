@@ -76,9 +76,14 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from rpcproxy.app import serve
+    from rpcproxy.app import EXIT_CONFIG, serve
 
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        # A distinct status: the unit's RestartPreventExitStatus= stops retrying on it.
+        print(f"rpcproxy: configuration error: {exc.reason}", file=sys.stderr)
+        return EXIT_CONFIG
     setup_logging(cfg.log_level, cfg.log_format)
     return serve(cfg, config_path=args.config, arg_overrides=args)
 

@@ -4,15 +4,34 @@ Log lines carry what clients wrote (user names, reasons built from their request
 logs every control character of a message (CR, LF, NUL, ...) is written as an escape such
 as ``\\x0a``, so no client can end a line or forge one of its own; JSON logs are safe by
 construction (``json.dumps`` escapes them inside the string).
+
+Under systemd (stderr is the journal stream named by ``$JOURNAL_STREAM``) each line
+starts with its syslog priority, ``<3>`` for ERROR and so on (sd-daemon(3) style), so
+``journalctl -p err`` selects by level; the journal stamps the time itself, so text
+lines carry no timestamp of their own there.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
+from collections.abc import Mapping
+from typing import TextIO
+
+# logging level -> syslog priority (sd-daemon.h SD_ERR etc.)
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+               (logging.INFO, 6))
+
+
+def syslog_priority(levelno: int) -> int:
+    for threshold, priority in _PRIORITIES:
+        if levelno >= threshold:
+            return priority
+    return 7
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -54,12 +73,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, separators=(",", ":"))
 
 
+class JournalFormatter(logging.Formatter):
+    """Prefixes every line of a record with ``<priority>`` (journald's stream protocol)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return prefix + self.inner.format(record).replace("\n", "\n" + prefix)
+
+
+def stderr_is_journal(env: Mapping[str, str] | None = None,
+                      stream: TextIO | None = None) -> bool:
+    """True when stderr is the journal stream systemd connected ($JOURNAL_STREAM=dev:ino)."""
+    value = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat((sys.stderr if stream is None else stream).fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return st.st_dev == int(dev) and st.st_ino == int(ino)
+
+
 def configure(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    journal = stderr_is_journal()
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        formatter: logging.Formatter = JsonFormatter()
+    elif journal:
+        formatter = TextFormatter("%(levelname)s %(name)s: %(message)s")
     else:
-        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        formatter = TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(JournalFormatter(formatter) if journal else formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

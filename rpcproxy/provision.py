@@ -27,15 +27,24 @@ import ipaddress
 import os
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from rpcproxy import provision_winbind
 
 MAPIPROXY_INTERFACES = ("exchange_emsmdb", "exchange_nsp", "exchange_ds_rfr")
+PLAIN_INTERFACES = ("lsarpc", "samr", "drsuapi", "dssetup")
+# DCE/RPC interfaces the endpoint check binds to (uuid, major, minor version)
+EMSMDB_SYNTAX = (uuid.UUID("a4f1db00-ca47-1067-b31f-00dd010662da"), 0, 81)
+MGMT_SYNTAX = (uuid.UUID("afa8bd80-7d8a-11c9-bef4-08002b102989"), 1, 0)
+NDR_SYNTAX = (uuid.UUID("8a885d04-1ceb-11c9-9fe8-08002b104860"), 2, 0)
+PROBE_TIMEOUT = 5.0
 DEFAULT_PORT = 1024
 BLOCK_BEGIN = "# BEGIN rpcproxy: OpenChange mapiproxy endpoint (rpcproxy provision samba)"
 BLOCK_END = "# END rpcproxy"
@@ -107,7 +116,13 @@ def _logical_lines(lines: list[str], start: int) -> int:
     return i + 1
 
 
-def merge_smb_conf(text: str, port: int) -> MergeResult:
+def plain_settings(port: int) -> list[tuple[str, str]]:
+    """A plain Samba DCE/RPC endpoint on a fixed port (no OpenChange): lsarpc, samr,
+    drsuapi and dssetup answer NTLM BINDs there, but no mail interface exists."""
+    return [(f"rpc server port:{iface}", str(port)) for iface in PLAIN_INTERFACES]
+
+
+def merge_smb_conf(text: str, port: int, plain: bool = False) -> MergeResult:
     """Put the managed block at the end of [global]; comment out lines it supersedes."""
     lines = text.splitlines()
     section_rx = re.compile(r"^\s*\[([^\]]+)\]")
@@ -130,7 +145,8 @@ def merge_smb_conf(text: str, port: int) -> MergeResult:
     kept: list[str] = []
     in_block = False
     existing_servers: str | None = None
-    managed = {_norm_key(k) for k, _ in mapiproxy_settings(port)}
+    managed = {_norm_key(k) for k, _ in (plain_settings(port) if plain
+                                         else mapiproxy_settings(port))}
     replaced: list[str] = []
     i = 0
     while i < len(body):
@@ -180,14 +196,17 @@ def merge_smb_conf(text: str, port: int) -> MergeResult:
         if line.strip() and not line.strip().startswith("#"):
             indent = line[: len(line) - len(line.lstrip())] or ""
             break
-    settings = mapiproxy_settings(port, merge_endpoint_servers(existing_servers))
+    if plain:
+        settings = plain_settings(port)
+    else:
+        settings = mapiproxy_settings(port, merge_endpoint_servers(existing_servers))
     block = render_block(settings, indent)
     new_lines = lines[:global_start + 1] + kept + block + trailing + lines[global_end:]
     new_text = "\n".join(new_lines) + ("\n" if text.endswith("\n") or not text else "")
     return MergeResult(new_text, replaced)
 
 
-def _testparm(path: Path) -> tuple[bool, str]:
+def _testparm(path: Path, plain: bool = False) -> tuple[bool, str]:
     """Run Samba's testparm on ``path``: (usable, what to tell the admin)."""
     tool = shutil.which("testparm", path=TOOL_PATH + os.pathsep + os.environ.get("PATH", ""))
     if tool is None:
@@ -197,7 +216,7 @@ def _testparm(path: Path) -> tuple[bool, str]:
     if done.returncode != 0:
         return False, f"testparm refused the merged file: {done.stderr.strip()[-500:]}"
     servers = re.search(r"^\s*dcerpc endpoint servers\s*=\s*(.*)$", done.stdout, re.M)
-    if servers and "mapiproxy" not in servers.group(1):
+    if not plain and servers and "mapiproxy" not in servers.group(1):
         return False, "testparm: mapiproxy is not among the dcerpc endpoint servers"
     return True, "testparm accepts the merged file"
 
@@ -229,14 +248,113 @@ def _replace_file(path: Path, text: str) -> None:
         raise
 
 
+def samba_modules_dir() -> Path | None:
+    """Samba's MODULESDIR (``smbd -b``), or None when smbd is not installed here."""
+    smbd = shutil.which("smbd", path=TOOL_PATH + os.pathsep + os.environ.get("PATH", ""))
+    if smbd is None:
+        return None
+    try:
+        done = subprocess.run([smbd, "-b"], capture_output=True, text=True, timeout=30,
+                              env=_tool_env())
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"^\s*MODULESDIR:\s*(\S+)", done.stdout, re.M)
+    return Path(m.group(1)) if m else None
+
+
+def mapiproxy_module(modules_dir: Path) -> Path | None:
+    """OpenChange's endpoint server module under Samba's ``dcerpc_server`` modules."""
+    found = sorted((modules_dir / "dcerpc_server").glob("*mapiproxy*.so"))
+    return found[0] if found else None
+
+
+def _no_mapiproxy_message(modules_dir: Path, port: int, path: Path) -> str:
+    plain = "\n".join(f"    {k} = {v}" for k, v in plain_settings(port))
+    return (
+        f"OpenChange's mapiproxy endpoint server is not installed: Samba's modules "
+        f"({modules_dir}/dcerpc_server) have no mapiproxy module. With "
+        f"'dcerpc endpoint servers = +mapiproxy' this Samba would fail to start its RPC "
+        f"server (\"Failed to find endpoint server 'mapiproxy'\"): ports 135 and {port} "
+        f"would be gone. {path} left unchanged.\n"
+        f"Install OpenChange for Outlook mail (Debian 12 has no package for it), or give "
+        f"rpcproxy a plain Samba DCE/RPC endpoint on a fixed port, which verifies NTLM "
+        f"logins but serves no mailbox:\n{plain}\n"
+        f"  (rpcproxy provision samba --plain --apply {path} writes these lines)")
+
+
+def _bind_pdu(syntax: tuple[uuid.UUID, int, int]) -> bytes:
+    """An unauthenticated DCE/RPC BIND (C706 12.6.4.3) for one interface, NDR transfer."""
+    def syntax_id(s: tuple[uuid.UUID, int, int]) -> bytes:
+        return s[0].bytes_le + struct.pack("<HH", s[1], s[2])
+
+    body = struct.pack("<HHI", 5840, 5840, 0) + struct.pack("<BBH", 1, 0, 0)
+    body += struct.pack("<HBB", 0, 1, 0) + syntax_id(syntax) + syntax_id(NDR_SYNTAX)
+    header = struct.pack("<BBBB4sHHI", 5, 0, 11, 3, b"\x10\x00\x00\x00", 16 + len(body), 0, 1)
+    return header + body
+
+
+def _bind_result(answer: bytes) -> str | None:
+    """None when the answer is a BIND_ACK accepting the interface, else why not."""
+    if len(answer) < 16 or answer[0] != 5:
+        return "the answer is not DCE/RPC"
+    ptype = answer[2]
+    if ptype == 13:
+        return "BIND_NAK"
+    if ptype != 12 or len(answer) < 26:
+        return f"DCE/RPC packet type {ptype} instead of BIND_ACK"
+    sec_len = struct.unpack_from("<H", answer, 24)[0]
+    at = 26 + sec_len
+    at += (-at) % 4
+    if len(answer) < at + 6:
+        return "a truncated BIND_ACK"
+    if answer[at] < 1:
+        return "a BIND_ACK without results"
+    result = struct.unpack_from("<H", answer, at + 4)[0]
+    return None if result == 0 else "the interface is not served (BIND_ACK rejected it)"
+
+
+def probe_endpoint(host: str, port: int, plain: bool, timeout: float = PROBE_TIMEOUT
+                   ) -> tuple[bool, str]:
+    """Does Samba serve what rpcproxy needs at host:port? (ok, what to tell the admin)"""
+    what = "a DCE/RPC endpoint" if plain else "the mapiproxy endpoint (EMSMDB)"
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(_bind_pdu(MGMT_SYNTAX if plain else EMSMDB_SYNTAX))
+            answer = sock.recv(4096)
+    except socket.gaierror as exc:
+        return False, f"cannot resolve {host}: {exc.strerror or exc}"
+    except TimeoutError:
+        return False, f"{host}:{port} did not answer within {timeout:g}s"
+    except OSError as exc:
+        return False, (f"nothing listens on {host}:{port} ({exc.strerror or exc}): "
+                       f"restart Samba (systemctl restart samba-ad-dc), look at its log, "
+                       f"and run this check again")
+    reason = _bind_result(answer)
+    if reason is None:
+        return True, f"Samba serves {what} on {host}:{port}: rpcproxy can connect there"
+    return False, (f"{host}:{port} answers, but not as {what}: {reason}"
+                   + ("" if plain else " (is OpenChange's mapiproxy loaded?)"))
+
+
+def _verify(args: argparse.Namespace, host: str, port: int) -> int:
+    ok, verdict = probe_endpoint(host, port, args.plain)
+    print(f"[{' OK ' if ok else 'FAIL'}] Samba endpoint: {verdict}")
+    return 0 if ok else 1
+
+
 def provision_samba(args: argparse.Namespace) -> int:
     port: int = args.port
     if not 0 < port < 65536:
         print("rpcproxy provision samba: --port must be 1..65535", file=sys.stderr)
         return 2
+    host, port = _where(args, port)
+    if args.verify:
+        return _verify(args, host, port)
+    settings = plain_settings(port) if args.plain else mapiproxy_settings(port)
     if not args.apply:
         print("# Add to the [global] section of smb.conf (or run with --apply FILE):")
-        for line in render_block(mapiproxy_settings(port), ""):
+        for line in render_block(settings, ""):
             print(line)
         print("# Then restart Samba (systemctl restart samba-ad-dc) and point rpcproxy at it:")
         print(f'#   backend = "127.0.0.1:{port}"   (in /etc/rpcproxy/rpcproxy.toml)')
@@ -249,19 +367,26 @@ def provision_samba(args: argparse.Namespace) -> int:
         print(f"rpcproxy provision samba: cannot read {path}: {exc.strerror or exc}",
               file=sys.stderr)
         return 1
+    if not args.plain:
+        modules = Path(args.modules_dir) if args.modules_dir else samba_modules_dir()
+        if modules is not None and mapiproxy_module(modules) is None:
+            print(f"rpcproxy provision samba: {_no_mapiproxy_message(modules, port, path)}",
+                  file=sys.stderr)
+            return 1
     try:
-        result = merge_smb_conf(text, port)
+        result = merge_smb_conf(text, port, plain=args.plain)
     except SmbConfError as exc:
         print(f"rpcproxy provision samba: {path}: {exc.reason}", file=sys.stderr)
         return 1
     if result.text == text:
-        print(f"{path} already has the mapiproxy settings (port {port}): nothing changed")
-        return 0
+        print(f"{path} already has the {'endpoint' if args.plain else 'mapiproxy'} settings "
+              f"(port {port}): nothing changed")
+        return _after_apply(args, host, port)
 
     with tempfile.TemporaryDirectory() as tmp:
         candidate = Path(tmp) / "smb.conf"
         candidate.write_text(result.text)
-        ok, verdict = _testparm(candidate)
+        ok, verdict = _testparm(candidate, args.plain)
     if not ok:
         print(f"rpcproxy provision samba: {verdict}; {path} left unchanged", file=sys.stderr)
         return 1
@@ -275,11 +400,35 @@ def provision_samba(args: argparse.Namespace) -> int:
     print(f"backup: {backup}")
     for line in result.replaced:
         print(f"commented out (superseded): {line}")
-    print(f"{path}: mapiproxy endpoint enabled, interfaces {', '.join(MAPIPROXY_INTERFACES)} "
-          f"on TCP port {port}")
+    ifaces = PLAIN_INTERFACES if args.plain else MAPIPROXY_INTERFACES
+    print(f"{path}: {'plain DCE/RPC' if args.plain else 'mapiproxy'} endpoint enabled, "
+          f"interfaces {', '.join(ifaces)} on TCP port {port}")
     print(verdict)
     print("Restart Samba to apply: systemctl restart samba-ad-dc")
-    print(f'rpcproxy configuration: backend = "127.0.0.1:{port}"')
+    print(f'rpcproxy configuration: backend = "{host}:{port}"')
+    return _after_apply(args, host, port)
+
+
+def _where(args: argparse.Namespace, port: int) -> tuple[str, int]:
+    """Where rpcproxy will connect: --backend HOST:PORT, else 127.0.0.1:--port."""
+    if not args.backend:
+        return "127.0.0.1", port
+    host, _, num = args.backend.rpartition(":")
+    if not num.isdigit() or not host:
+        return args.backend, port
+    return host.strip("[]"), int(num)
+
+
+def _after_apply(args: argparse.Namespace, host: str, port: int) -> int:
+    """After --apply: does Samba already serve there? Says how to finish either way."""
+    ok, verdict = probe_endpoint(host, port, args.plain)
+    if ok:
+        print(f"[ OK ] Samba endpoint: {verdict}")
+    else:
+        print(f"[WAIT] Samba endpoint: {verdict}")
+        flags = " --plain" if args.plain else ""
+        print(f"After restarting Samba, check again: rpcproxy provision samba --verify{flags} "
+              f"--backend {host}:{port}")
     return 0
 
 
@@ -427,6 +576,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="merge into this smb.conf (a timestamped backup is made first)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"TCP port of the mapiproxy interfaces (default {DEFAULT_PORT})")
+    s.add_argument("--plain", action="store_true",
+                   help="a plain Samba DCE/RPC endpoint on the port instead of mapiproxy "
+                        "(for a Samba without OpenChange: NTLM logins, no mailbox)")
+    s.add_argument("--verify", action="store_true",
+                   help="only check that Samba serves the endpoint where rpcproxy connects")
+    s.add_argument("--backend", metavar="HOST:PORT",
+                   help="where rpcproxy connects (default 127.0.0.1:--port)")
+    s.add_argument("--modules-dir", metavar="DIR",
+                   help="Samba's modules directory (default: MODULESDIR of smbd -b), "
+                        "searched for OpenChange's mapiproxy module")
     s.set_defaults(provision=provision_samba)
 
     u = sub.add_parser("user", help="create a Samba (and OpenChange) user",

@@ -8,7 +8,9 @@ A ``Type=notify`` service tells systemd about its state by sending newline-separ
 * ``RELOADING=1``        while SIGHUP is being handled;
 * ``STOPPING=1``         when shutdown begins;
 * ``WATCHDOG=1``         every ``$WATCHDOG_USEC / 2`` when ``WatchdogSec=`` is set; it is sent
-  from the event loop, so a stuck loop stops it and systemd restarts the service;
+  from the event loop, so a stuck loop stops it and systemd restarts the service (with
+  several workers the supervisor sends it, only while every worker's loop beats: see
+  ``rpcproxy.workers``);
 * ``STATUS=...``         a line ``systemctl status`` shows.
 
 Without ``$NOTIFY_SOCKET`` (not under systemd) every call is a no-op.

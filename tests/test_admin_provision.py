@@ -35,6 +35,18 @@ GUIDE_CONF = """# Global parameters
 """
 
 
+@pytest.fixture(autouse=True)
+def openchange_installed(tmp_path_factory: pytest.TempPathFactory,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about merging smb.conf for an OpenChange host: a modules directory
+    with a mapiproxy module stands in for one (this machine's Samba has none; the refusal
+    on a real Samba without it is tested in test_deploy_issue11)."""
+    modules = tmp_path_factory.mktemp("samba-modules")
+    (modules / "dcerpc_server").mkdir()
+    (modules / "dcerpc_server" / "mapiproxy.so").write_bytes(b"")
+    monkeypatch.setattr(provision, "samba_modules_dir", lambda: modules)
+
+
 def _backups(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f"{path.name}.rpcproxy-*.bak"))
 

@@ -158,7 +158,7 @@ def test_ntlm_helper_in_file_and_removed_ntlm_server(tmp_path: Path) -> None:
 
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main(["serve", "--backend", "nonsense"])
-    assert code == 2
+    assert code == 78  # EX_CONFIG: the unit's RestartPreventExitStatus= (issue 11)
     assert "configuration error" in capsys.readouterr().err
 
 

@@ -57,7 +57,7 @@ def test_env_only_generates_self_signed_cert_loudly(
 
     tls = tmp_path / "tls"
     assert argv == [
-        "rpcproxy", "serve", "--listen", "0.0.0.0:443", "--backend", "samba.internal:1024",
+        "rpcproxy", "serve", "--listen", "0.0.0.0:8443", "--backend", "samba.internal:1024",
         "--server-name", "mail.example.com", "--server-name", "mail",
         "--target", "mail.example.com:6001-6004=samba.internal:1024", "--target", "mail:6001",
         "--tls-cert", str(tls / "cert.pem"), "--tls-key", str(tls / "key.pem"),
@@ -69,7 +69,7 @@ def test_env_only_generates_self_signed_cert_loudly(
     certs.server_ssl_context(str(tls / "cert.pem"), str(tls / "key.pem"))  # a usable pair
 
     _, cfg = _parse(argv)
-    assert cfg.listen == "0.0.0.0:443" and cfg.backend == "samba.internal:1024"
+    assert cfg.listen == "0.0.0.0:8443" and cfg.backend == "samba.internal:1024"
     assert cfg.server_names == ["mail.example.com", "mail"]
     assert [str(r) for r in cfg.allow_list().rules] == [
         "mail.example.com:6001-6004=samba.internal:1024", "mail:6001=samba.internal:1024"]
@@ -196,10 +196,10 @@ def test_entrypoint_execs_a_tls_proxy_with_health(
 def test_containerfile_shape() -> None:
     lines = [ln.strip() for ln in (CONTAINER_DIR / "Containerfile").read_text().splitlines()]
     instructions = [ln for ln in lines if ln and not ln.startswith("#")]
-    assert instructions[0] == "FROM python:3.11-slim"
+    assert instructions[:2] == ["ARG BASE=python:3.11-slim", "FROM ${BASE}"]
     users = [ln.split()[1] for ln in instructions if ln.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
-    assert any(ln.startswith("EXPOSE ") and "443" in ln.split() for ln in instructions)
+    assert any(ln.startswith("EXPOSE ") and "8443" in ln.split() for ln in instructions)
     assert 'CMD ["rpcproxy-entrypoint", "health"]' in (CONTAINER_DIR / "Containerfile").read_text()
     assert 'ENTRYPOINT ["rpcproxy-entrypoint"]' in instructions
     for ln in instructions:

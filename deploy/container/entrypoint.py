@@ -2,23 +2,36 @@
 """Container entrypoint: environment variables -> ``rpcproxy serve``; first-start certificate.
 
     rpcproxy-entrypoint [EXTRA SERVE ARGS...]   prepare, then exec rpcproxy serve
-    rpcproxy-entrypoint health                   exit 0 when /health answers 200 (HEALTHCHECK)
+    rpcproxy-entrypoint health                   exit 0 when /health answers 200 (HEALTHCHECK,
+                                                 or an exec probe of any orchestrator)
+    rpcproxy-entrypoint check [CHECK ARGS...]    rpcproxy check with exactly the settings
+                                                 the service runs with (--user, --password-file)
     rpcproxy-entrypoint plan                     print the serve command line, do not exec
+
+Precedence, for every setting: an environment variable below, then the mounted TOML
+file, then the image's defaults (RPCPROXY_LISTEN and RPCPROXY_METRICS_LISTEN below),
+then rpcproxy's own built-in defaults.
 
 Environment (all optional except RPCPROXY_BACKEND when no config file is mounted):
 
     RPCPROXY_CONFIG          TOML file (default /etc/rpcproxy/rpcproxy.toml when it exists);
                              the variables below override it
     RPCPROXY_BACKEND         Samba mapiproxy endpoint HOST:PORT, e.g. samba:1024
-    RPCPROXY_NTLM_SERVER     where NTLM is verified (default: the backend)
+    RPCPROXY_NTLM_HELPER     the winbind NTLM helper command (default: ntlm_auth
+                             --helper-protocol=squid-2.5-ntlmssp; it needs the host's winbind:
+                             see the Containerfile)
     RPCPROXY_SERVER_NAME     name(s) Outlook uses, comma or space separated
     RPCPROXY_TARGETS         allow-list rule(s) NAME:PORTS[=HOST:PORT], comma or space separated
     RPCPROXY_TLS_CERT        mounted certificate (PEM) ...
     RPCPROXY_TLS_KEY         ... and its key; without both (and without tls_cert in the
                              config file) a self-signed pair is generated at first start
                              under $RPCPROXY_STATE_DIR/tls and a WARNING is logged
-    RPCPROXY_LISTEN          default 0.0.0.0:443
+    RPCPROXY_LISTEN          default 0.0.0.0:8443 (publish it as 443: -p 443:8443); an
+                             unprivileged port, since the container user (uid 10001) may
+                             not bind 443 under every runtime (podman 4.3 on Debian 12)
     RPCPROXY_METRICS_LISTEN  default 0.0.0.0:9090 (/metrics and /health; HEALTHCHECK uses it)
+
+A mounted key or certificate must be readable by uid 10001, the user the image runs as.
     RPCPROXY_LOG_LEVEL, RPCPROXY_LOG_FORMAT, RPCPROXY_WORKERS
     RPCPROXY_STATE_DIR       default /var/lib/rpcproxy (a volume keeps the generated pair)
     RPCPROXY_BIN             the rpcproxy executable (default: rpcproxy on PATH)
@@ -39,7 +52,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 DEFAULT_CONFIG = "/etc/rpcproxy/rpcproxy.toml"
-DEFAULT_LISTEN = "0.0.0.0:443"
+DEFAULT_LISTEN = "0.0.0.0:8443"
 DEFAULT_METRICS = "0.0.0.0:9090"
 DEFAULT_STATE_DIR = "/var/lib/rpcproxy"
 
@@ -77,6 +90,26 @@ def _config_values(path: str | None) -> dict[str, object]:
         raise EntrypointError(f"cannot read the config file {path}: {exc}") from None
 
 
+def _unreadable(what: str, path: str) -> str:
+    uid = os.geteuid()
+    return (f"{what}={path}: permission denied: this container runs as uid {uid}, which "
+            f"cannot read the mounted file. On the host: chown {uid} FILE && chmod 0600 FILE "
+            f"(rootless podman: podman unshare chown {uid} FILE), or mount a copy that "
+            f"uid {uid} may read")
+
+
+def _setting(env: Mapping[str, str], var: str, file_values: Mapping[str, object],
+             key: str, default: str) -> str | None:
+    """The value to pass as a flag: the variable, else None when the file sets the key
+    (the file then wins over the image default), else the image default."""
+    value = env.get(var, "").strip()
+    if value:
+        return value
+    if key in file_values:
+        return None
+    return default
+
+
 def _certificate(env: Mapping[str, str], names: list[str], state_dir: Path) -> tuple[str, str]:
     """The mounted pair, or a self-signed one generated (once) in the state directory."""
     cert, key = env.get("RPCPROXY_TLS_CERT", "").strip(), env.get("RPCPROXY_TLS_KEY", "").strip()
@@ -86,6 +119,8 @@ def _certificate(env: Mapping[str, str], names: list[str], state_dir: Path) -> t
         for what, path in (("RPCPROXY_TLS_CERT", cert), ("RPCPROXY_TLS_KEY", key)):
             if not Path(path).is_file():
                 raise EntrypointError(f"{what}={path}: no such file (is the secret mounted?)")
+            if not os.access(path, os.R_OK):
+                raise EntrypointError(_unreadable(what, path))
         return cert, key
 
     from rpcproxy import certs
@@ -119,7 +154,9 @@ def plan(env: Mapping[str, str], extra: Sequence[str] = ()) -> list[str]:
     if config_path:
         argv += ["--config", config_path]
 
-    argv += ["--listen", env.get("RPCPROXY_LISTEN", "").strip() or DEFAULT_LISTEN]
+    listen = _setting(env, "RPCPROXY_LISTEN", file_values, "listen", DEFAULT_LISTEN)
+    if listen:
+        argv += ["--listen", listen]
 
     backend = env.get("RPCPROXY_BACKEND", "").strip()
     if backend:
@@ -127,9 +164,13 @@ def plan(env: Mapping[str, str], extra: Sequence[str] = ()) -> list[str]:
     elif "backend" not in file_values:
         raise EntrypointError("RPCPROXY_BACKEND is not set: give the Samba mapiproxy endpoint, "
                               "e.g. RPCPROXY_BACKEND=samba.example.com:1024")
-    ntlm = env.get("RPCPROXY_NTLM_SERVER", "").strip()
+    ntlm = env.get("RPCPROXY_NTLM_HELPER", "").strip()
     if ntlm:
-        argv += ["--ntlm-server", ntlm]
+        argv += ["--ntlm-helper", ntlm]
+    if env.get("RPCPROXY_NTLM_SERVER", "").strip():
+        raise EntrypointError("RPCPROXY_NTLM_SERVER is gone: NTLM is judged by the host's "
+                              "winbind through ntlm_auth (mount /run/samba/winbindd, see the "
+                              "Containerfile); unset RPCPROXY_NTLM_SERVER")
 
     names = _split(env.get("RPCPROXY_SERVER_NAME", ""))
     for name in names:
@@ -146,8 +187,10 @@ def plan(env: Mapping[str, str], extra: Sequence[str] = ()) -> list[str]:
         cert, key = _certificate(env, names, state_dir)
         argv += ["--tls-cert", cert, "--tls-key", key]
 
-    metrics = env.get("RPCPROXY_METRICS_LISTEN", "").strip() or DEFAULT_METRICS
-    argv += ["--metrics-listen", metrics]
+    metrics = _setting(env, "RPCPROXY_METRICS_LISTEN", file_values, "metrics_listen",
+                       DEFAULT_METRICS)
+    if metrics:
+        argv += ["--metrics-listen", metrics]
     for var, flag in (("RPCPROXY_LOG_LEVEL", "--log-level"),
                       ("RPCPROXY_LOG_FORMAT", "--log-format"),
                       ("RPCPROXY_WORKERS", "--workers")):
@@ -157,9 +200,30 @@ def plan(env: Mapping[str, str], extra: Sequence[str] = ()) -> list[str]:
     return argv + list(extra)
 
 
+def check_command(env: Mapping[str, str], extra: Sequence[str] = ()) -> list[str]:
+    """``rpcproxy check`` with the same settings ``plan`` gives ``rpcproxy serve``."""
+    serve = plan(env)
+    argv = [serve[0], "check"]
+    rest = serve[2:]
+    i = 0
+    while i < len(rest):
+        if rest[i] in ("--metrics-listen", "--workers"):  # serve-only options
+            i += 2
+            continue
+        argv.append(rest[i])
+        i += 1
+    return argv + list(extra)
+
+
 def health(env: Mapping[str, str], timeout: float = 4.0) -> int:
     """0 when the proxy's /health says ok (what the container HEALTHCHECK runs)."""
-    address = env.get("RPCPROXY_METRICS_LISTEN", "").strip() or DEFAULT_METRICS
+    try:
+        file_values = _config_values(_config_file(env))
+    except EntrypointError as exc:
+        say(f"health check: {exc}")
+        return 1
+    address = _setting(env, "RPCPROXY_METRICS_LISTEN", file_values, "metrics_listen",
+                       DEFAULT_METRICS) or str(file_values.get("metrics_listen", ""))
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     if host in ("0.0.0.0", "", "::"):
@@ -178,6 +242,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     env = os.environ if env is None else env
     if args[:1] == ["health"]:
         return health(env)
+    if args[:1] == ["check"]:
+        try:
+            command = check_command(env, args[1:])
+        except EntrypointError as exc:
+            say(f"error: {exc}")
+            return 2
+        os.execvp(command[0], command)
     dry_run = args[:1] == ["plan"]
     if dry_run:
         args = args[1:]
