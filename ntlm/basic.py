@@ -16,7 +16,8 @@ from .errors import AuthenticationFailed
 from .verifier import Identity, Verifier, check_client_name
 
 
-async def verify_password(verifier: Verifier, user: str, password: str) -> Identity:
+async def verify_password(verifier: Verifier, user: str, password: str,
+                          source: str | None = None) -> Identity:
     """Ask the NTLM server whether ``password`` is right for ``user``.
 
     Raises AuthenticationFailed (wrong password, unknown or disabled user, empty input) or
@@ -38,7 +39,7 @@ async def verify_password(verifier: Verifier, user: str, password: str) -> Ident
         raise AuthenticationFailed(f"cannot start NTLM for {user!r}: {exc}") from None
     if not negotiate:
         raise AuthenticationFailed("NTLM client produced no NEGOTIATE")
-    handshake = await verifier.begin(negotiate)
+    handshake = await verifier.begin(negotiate, source)
     try:
         try:
             authenticate = client.step(handshake.challenge)

@@ -106,6 +106,7 @@ class HttpAuthenticator:
         max_pending: int = 4096,
         max_pending_per_source: int | None = None,
         handshake_timeout: float = 30.0,
+        challenge_timeout: float = 10.0,
         realm: str = "rpcproxy",
     ) -> None:
         self.verifier = verifier
@@ -114,6 +115,7 @@ class HttpAuthenticator:
         self.max_pending = max_pending
         self.max_pending_per_source = max_pending_per_source
         self.handshake_timeout = handshake_timeout
+        self.challenge_timeout = challenge_timeout
         self.realm = realm
         self._states: dict[int, _ConnState] = {}
         self._open = 0  # handshakes holding a socket to the NTLM server
@@ -207,7 +209,7 @@ class HttpAuthenticator:
             return refused
         state.source = source
         try:
-            handshake = await self.verifier.begin(token)
+            handshake = await self.verifier.begin(token, source)
         except BaseException:
             self._give(source)
             raise
@@ -219,7 +221,10 @@ class HttpAuthenticator:
                                        Refusal.OUT_OF_ORDER)
         state.pending = handshake
         loop = asyncio.get_running_loop()
-        state.timer = loop.call_later(self.handshake_timeout, self._expire, key, handshake)
+        # A handshake holds a verifier slot (an ntlm_auth helper) until the AUTHENTICATE:
+        # a client that never sends it gives the slot back after challenge_timeout.
+        state.timer = loop.call_later(min(self.handshake_timeout, self.challenge_timeout),
+                                      self._expire, key, handshake)
         b64 = base64.b64encode(handshake.challenge).decode("ascii")
         return Challenge([f"{scheme} {b64}"])
 
@@ -278,7 +283,7 @@ class HttpAuthenticator:
         if refused is not None:
             return refused
         try:
-            identity = await verify_password(self.verifier, user, password)
+            identity = await verify_password(self.verifier, user, password, source)
         finally:
             self._give(source)
         return Authenticated(identity)

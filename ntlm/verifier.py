@@ -93,6 +93,8 @@ class Handshake(Protocol):
 class Verifier(Protocol):
     """Starts handshakes; ``probe`` proves that the judge answers (NtlmServerUnavailable)."""
 
-    async def begin(self, negotiate: bytes) -> Handshake: ...
+    async def begin(self, negotiate: bytes, source: str | None = None) -> Handshake:
+        """``source``: the client's address key, for per-source bounds (None: none)."""
+        ...
 
     async def probe(self) -> None: ...

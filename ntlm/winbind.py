@@ -55,6 +55,7 @@ class _Helper:
         self.argv0 = argv0
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=4)
         self.broken = False
+        self.source: str | None = None  # whose handshake holds it (per-source bound)
         self._stderr_task = asyncio.get_running_loop().create_task(self._drain_stderr())
 
     async def _drain_stderr(self) -> None:
@@ -130,6 +131,7 @@ class HelperPool:
         queue_timeout: float = 15.0,
         start_timeout: float = 10.0,
         env: dict[str, str] | None = None,
+        per_source: int | None = None,
     ) -> None:
         if not argv:
             raise ValueError("the NTLM helper command is empty")
@@ -140,10 +142,13 @@ class HelperPool:
         self.queue_timeout = queue_timeout
         self.start_timeout = start_timeout
         self.env = env
+        self.per_source = per_source  # helpers one source may hold at once (None: any)
         self._idle: list[_Helper] = []
         self._count = 0  # helpers running or starting
         self._busy = 0
-        self._waiters: collections.deque[asyncio.Future[_Helper | None]] = collections.deque()
+        self._waiters: collections.deque[
+            tuple[asyncio.Future[_Helper | None], str | None]] = collections.deque()
+        self._held: collections.Counter[str] = collections.Counter()  # helpers per source
         self.started = 0  # helper processes started over the pool's life
         self.queued = 0  # acquisitions that had to wait
         self.queue_timeouts = 0
@@ -183,38 +188,53 @@ class HelperPool:
         self.started += 1
         return _Helper(proc, name)
 
-    async def acquire(self) -> _Helper:
-        """A helper for one handshake; NtlmServerUnavailable when none can be had in time."""
+    def _may_hold(self, source: str | None) -> bool:
+        return source is None or self.per_source is None or self._held[source] < self.per_source
+
+    def _held_by(self, helper: _Helper, source: str | None) -> _Helper:
+        self._busy += 1
+        helper.source = source
+        if source is not None:
+            self._held[source] += 1
+        return helper
+
+    async def acquire(self, source: str | None = None) -> _Helper:
+        """A helper for one handshake; NtlmServerUnavailable when none can be had in time.
+
+        ``source`` (the client's address key, None: not bounded per source) may hold at most
+        ``per_source`` helpers at once; beyond that it waits, whatever is idle."""
         if self.closed:
             raise NtlmServerUnavailable("the NTLM helper pool is closed")
-        while self._idle:
-            helper = self._idle.pop()
-            if helper.alive:
-                self._busy += 1
-                return helper
-            self._forget(helper)
-        if self._count < self.size:
-            return await self._start_one()
+        if self._may_hold(source):
+            while self._idle:
+                helper = self._idle.pop()
+                if helper.alive:
+                    return self._held_by(helper, source)
+                self._forget(helper)
+            if self._count < self.size:
+                return self._held_by(await self._start_one(), source)
         self.queued += 1
         waiter: asyncio.Future[_Helper | None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        entry = (waiter, source)
+        self._waiters.append(entry)
         try:
             async with asyncio.timeout(self.queue_timeout):
                 handed = await waiter
         except TimeoutError:
             self.queue_timeouts += 1
+            busy = ("this address's share of" if not self._may_hold(source)
+                    else f"all {self.size}")
             raise NtlmServerUnavailable(
-                f"all {self.size} NTLM helpers stayed busy for {self.queue_timeout:g} s",
+                f"{busy} NTLM helpers stayed busy for {self.queue_timeout:g} s",
                 Unreachable.BUSY,
             ) from None
         finally:
             with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
+                self._waiters.remove(entry)
         if handed is None:  # a slot was freed by a dead helper: start a new one in it
             self._count -= 1
-            return await self._start_one()
-        self._busy += 1
-        return handed
+            handed = await self._start_one()
+        return self._held_by(handed, source)
 
     async def _start_one(self) -> _Helper:
         self._count += 1
@@ -224,20 +244,34 @@ class HelperPool:
             self._count -= 1
             self._wake_for_slot()
             raise
-        self._busy += 1
         return helper
+
+    def _next_waiter(self) -> asyncio.Future[_Helper | None] | None:
+        """The first waiter whose source may hold one more helper (it leaves the queue)."""
+        for entry in list(self._waiters):
+            waiter, source = entry
+            if waiter.done():
+                self._waiters.remove(entry)
+            elif self._may_hold(source):
+                self._waiters.remove(entry)
+                return waiter
+        return None
 
     def release(self, helper: _Helper) -> None:
         """Give a helper back; a broken one is killed and its slot offered to a waiter."""
         self._busy -= 1
+        source, helper.source = helper.source, None
+        if source is not None:
+            self._held[source] -= 1
+            if self._held[source] <= 0:
+                del self._held[source]
         if not helper.alive or self.closed:
             self._forget(helper)
             return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(helper)
-                return
+        waiter = self._next_waiter()
+        if waiter is not None:
+            waiter.set_result(helper)
+            return
         self._idle.append(helper)
 
     def _forget(self, helper: _Helper) -> None:
@@ -249,13 +283,11 @@ class HelperPool:
         self._wake_for_slot()
 
     def _wake_for_slot(self) -> None:
-        """A slot is free: the first waiter starts a helper in it."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self._count += 1  # reserved for the waiter, which undoes this and starts one
-                waiter.set_result(None)
-                return
+        """A slot is free: the first waiter that may take it starts a helper in it."""
+        waiter = self._next_waiter()
+        if waiter is not None:
+            self._count += 1  # reserved for the waiter, which undoes this and starts one
+            waiter.set_result(None)
 
     def close(self) -> None:
         """Kill every idle helper and refuse new handshakes; busy ones die when released."""
@@ -266,7 +298,7 @@ class HelperPool:
         self._count -= len(self._idle)
         self._idle.clear()
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, _ = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(NtlmServerUnavailable("the NTLM helper pool is closed"))
 
@@ -349,7 +381,7 @@ class WinbindVerifier:
     def __repr__(self) -> str:
         return f"WinbindVerifier({self.pool!r})"
 
-    async def begin(self, negotiate: bytes) -> WinbindHandshake:
+    async def begin(self, negotiate: bytes, source: str | None = None) -> WinbindHandshake:
         """Relay the client's NEGOTIATE; the handshake carries winbind's CHALLENGE."""
         try:
             parsed = messages.parse_negotiate(negotiate)
@@ -357,7 +389,7 @@ class WinbindVerifier:
             raise AuthenticationFailed(f"malformed NTLM NEGOTIATE: {exc.reason}") from None
         check_client_name(parsed.domain, "NTLM NEGOTIATE domain name")
         check_client_name(parsed.workstation, "NTLM NEGOTIATE workstation name")
-        helper = await self.pool.acquire()
+        helper = await self.pool.acquire(source)
         try:
             reply = await helper.ask(hp.Request.NEGOTIATE, negotiate, self.reply_timeout)
             if reply.kind is not hp.ReplyKind.CHALLENGE:

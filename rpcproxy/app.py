@@ -301,12 +301,14 @@ class ProxyProcess:
             old_pool.close()  # handshakes under way finish on their helpers
         else:
             server.verifier.pool.size = new.ntlm_helpers
+            server.verifier.pool.per_source = new.ntlm_helpers_per_source
             server.verifier.pool.queue_timeout = new.auth_queue_timeout
         auth = server.authenticator
         auth.allow_basic = new.allow_basic
         auth.basic_requires_tls = not new.basic_over_http
         auth.max_pending = new.max_pending_handshakes
         auth.handshake_timeout = new.handshake_timeout
+        auth.challenge_timeout = new.ntlm_challenge_timeout
         if hasattr(auth, "max_pending_per_source"):
             auth.max_pending_per_source = new.max_pending_handshakes_per_source
         server.guard.limit = new.max_unauthenticated_connections

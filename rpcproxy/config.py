@@ -57,6 +57,11 @@ class Config:
     ntlm_helper: list[str] = field(default_factory=lambda: list(DEFAULT_HELPER))
     ntlm_helpers: int = 32
     auth_queue_timeout: float = 15.0
+    # One source (as for the per-source bounds below) holds at most this many helpers at once;
+    # its further logins wait their turn. A handshake whose client never sends its
+    # AUTHENTICATE gives its helper back after ntlm_challenge_timeout.
+    ntlm_helpers_per_source: int = 8
+    ntlm_challenge_timeout: float = 10.0
     server_names: list[str] = field(default_factory=_default_server_names)
     targets: list[str] = field(default_factory=list)  # replaces the default rules when set
     tls_cert: str | None = None
@@ -127,8 +132,8 @@ class Config:
         if not self.ntlm_helper or not all(isinstance(a, str) and a for a in self.ntlm_helper):
             raise ConfigError("ntlm_helper must be a non-empty command, e.g. "
                               "[\"ntlm_auth\", \"--helper-protocol=squid-2.5-ntlmssp\"]")
-        if self.auth_queue_timeout <= 0:
-            raise ConfigError("auth_queue_timeout must be positive")
+        if self.auth_queue_timeout <= 0 or self.ntlm_challenge_timeout <= 0:
+            raise ConfigError("auth_queue_timeout and ntlm_challenge_timeout must be positive")
         if self.http_listen:
             parse_endpoint(self.http_listen, "http_listen", listen=True)
         if self.metrics_listen:
@@ -155,7 +160,8 @@ class Config:
             raise ConfigError("workers must be at least 1")
         for name in ("max_pending_handshakes", "max_unauthenticated_connections",
                      "max_connections_per_user", "max_unauthenticated_per_source",
-                     "max_pending_handshakes_per_source", "ntlm_helpers"):
+                     "max_pending_handshakes_per_source", "ntlm_helpers",
+                     "ntlm_helpers_per_source"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         try:

@@ -901,7 +901,8 @@ class _NoSocket:
 def helper_pool(config: Config) -> HelperPool:
     """The pool of ntlm_auth helpers the configuration asks for."""
     return HelperPool(config.ntlm_helper, size=config.ntlm_helpers,
-                      queue_timeout=config.auth_queue_timeout)
+                      queue_timeout=config.auth_queue_timeout,
+                      per_source=config.ntlm_helpers_per_source)
 
 
 class ProxyServer:
@@ -923,6 +924,7 @@ class ProxyServer:
             max_pending=config.max_pending_handshakes,
             max_pending_per_source=config.max_pending_handshakes_per_source,
             handshake_timeout=config.handshake_timeout,
+            challenge_timeout=config.ntlm_challenge_timeout,
         )
         self.guard = ConnectionGuard(config.max_unauthenticated_connections,
                                      config.handshake_timeout,
@@ -1138,13 +1140,17 @@ class ProxyServer:
                                  f"{method} user={identity.principal}: {exc.reason}")
             return rpc_error_response(exc)
 
+    def auth_source(self, request: web.Request) -> str | None:
+        """What a request's authentication counts against per source (None: exempt)."""
+        return None if _host(request) in self.guard.exempt else _source(request)
+
     async def _authenticate(self, request: web.Request) -> Identity | web.StreamResponse:
         tls = request.transport is not None and request.transport.get_extra_info(
             "sslcontext") is not None
         started = time.monotonic()
         outcome = await self.authenticator.authenticate(
             request.protocol, request.headers.get("Authorization"), tls=tls,
-            source=None if _host(request) in self.guard.exempt else _source(request),
+            source=self.auth_source(request),
         )
         self.metrics.auth_outcome(outcome, time.monotonic() - started,
                                   had_credentials=bool(request.headers.get("Authorization")))

@@ -338,7 +338,7 @@ class FakeVerifier:
     async def probe(self) -> None:
         pass
 
-    async def begin(self, negotiate: bytes) -> Handshake:
+    async def begin(self, negotiate: bytes, source: str | None = None) -> Handshake:
         if self.gate is not None:
             await self.gate.wait()
         if self.unavailable:
@@ -451,4 +451,16 @@ async def test_anonymous_never_reaches_the_verifier() -> None:
     assert isinstance(outcome, Denied) and "anonymous" in outcome.reason
     assert verifier.handshakes[0].closed
     assert verifier.handshakes[0].identity is not None  # complete() was never called
+    assert auth.pending_count() == 0
+
+
+async def test_unanswered_challenge_gives_its_slot_back_after_challenge_timeout() -> None:
+    """A client that never sends its AUTHENTICATE holds a verifier slot (a helper) only for
+    challenge_timeout, even when the connection may stay unauthenticated longer."""
+    verifier = FakeVerifier()
+    auth = HttpAuthenticator(verifier, handshake_timeout=30.0, challenge_timeout=0.05)
+    conn = Conn()
+    assert isinstance(await auth.authenticate(conn, TYPE1, tls=True), Challenge)
+    assert auth.pending_count() == 1
+    await wait_until(lambda: verifier.handshakes[0].closed)
     assert auth.pending_count() == 0

@@ -460,3 +460,34 @@ async def test_closed_pool_refuses() -> None:
     await pool.aclose()
     with pytest.raises(NtlmServerUnavailable, match="closed"):
         await pool.acquire()
+
+
+async def test_one_source_holds_only_its_share_of_helpers(tmp_path: Path) -> None:
+    """Half-done handshakes from one address take at most ``per_source`` helpers; another
+    address still gets one at once, and the flooder's extra logins wait (then 503 BUSY)."""
+    pool = HelperPool(fake_helper(tmp_path, "AF EXAMPLE\\alice"), size=4, per_source=2,
+                      queue_timeout=0.3)
+    verifier = WinbindVerifier(pool)
+    try:
+        held = [await verifier.begin(messages.build_negotiate(), "198.51.100.7")
+                for _ in range(2)]
+        with pytest.raises(NtlmServerUnavailable) as exc:
+            await verifier.begin(messages.build_negotiate(), "198.51.100.7")
+        assert exc.value.code is Unreachable.BUSY and "this address's share" in exc.value.reason
+        other = await asyncio.wait_for(
+            verifier.begin(messages.build_negotiate(), "203.0.113.9"), 5)
+        assert await other.complete(fake_authenticate()) == Identity("alice", "EXAMPLE")
+        # The flooder's next login gets a helper as soon as one of its own is given back.
+        waiting = asyncio.create_task(verifier.begin(messages.build_negotiate(), "198.51.100.7"))
+        await asyncio.sleep(0.05)
+        held[0].close()
+        third = await asyncio.wait_for(waiting, 5)
+        third.close()
+        held[1].close()
+        assert pool.busy == 0
+        # Without a source (exempt front proxies) there is no per-source share.
+        unbounded = [await verifier.begin(messages.build_negotiate()) for _ in range(4)]
+        for h in unbounded:
+            h.close()
+    finally:
+        await verifier.aclose()

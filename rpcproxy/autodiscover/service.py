@@ -212,7 +212,8 @@ class AutodiscoverService:
         started = loop.time()
         authorization = request.headers.get("Authorization")
         outcome = await server.authenticator.authenticate(request.protocol, authorization,
-                                                          tls=tls)
+                                                          tls=tls,
+                                                          source=server.auth_source(request))
         server.metrics.auth_outcome(outcome, loop.time() - started,
                                     had_credentials=bool(authorization))
         if isinstance(outcome, Authenticated):
