@@ -573,6 +573,24 @@ class ConnectionGuard:
 
         return make
 
+    def take_socket(self, handler: asyncio.BaseProtocol,
+                    transport: asyncio.BaseTransport) -> socket.socket | None:
+        """Count ``handler``'s connection, then take its socket from its first transport
+        before a byte is read (a duplicate descriptor; the transport is aborted, which
+        closes only its own). None: refused or lost, and the connection is closed."""
+        handler.admitted = True  # type: ignore[attr-defined]
+        if not self.admit(handler, transport):
+            return None
+        raw = transport.get_extra_info("socket")
+        try:
+            sock = socket.socket(fileno=os.dup(raw.fileno()))
+        except OSError:
+            self.lost(handler)
+            transport.abort()  # type: ignore[attr-defined]
+            return None
+        transport.abort()  # type: ignore[attr-defined]
+        return sock
+
     def tls_protocol_factory(self, server: web.Server,
                              ctx: ssl.SSLContext) -> Callable[[], asyncio.Protocol]:
         """Like ``protocol_factory`` for a TLS listener: the handshake runs under the guard.
@@ -589,17 +607,9 @@ class ConnectionGuard:
         class TlsAccept(asyncio.Protocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 handler = make_handler()
-                handler.admitted = True  # type: ignore[attr-defined]
-                if not guard.admit(handler, transport):
+                sock = guard.take_socket(handler, transport)
+                if sock is None:
                     return
-                raw = transport.get_extra_info("socket")
-                try:
-                    sock = socket.socket(fileno=os.dup(raw.fileno()))
-                except OSError:
-                    guard.lost(handler)
-                    transport.abort()  # type: ignore[attr-defined]
-                    return
-                transport.abort()  # type: ignore[attr-defined]  # closes its descriptor only: the duplicate holds the socket
                 task = asyncio.get_running_loop().create_task(
                     guard._tls_handshake(handler, sock, ctx))
                 guard.handshakes[handler] = (task, sock, Refusal.TLS_TIMEOUT)
@@ -687,17 +697,9 @@ class ConnectionGuard:
                     inner.connection_made(transport)
                     return
                 handler = make_handler()
-                handler.admitted = True  # type: ignore[attr-defined]
-                if not guard.admit(handler, transport):
+                sock = guard.take_socket(handler, transport)
+                if sock is None:
                     return
-                raw = transport.get_extra_info("socket")
-                try:
-                    sock = socket.socket(fileno=os.dup(raw.fileno()))
-                except OSError:
-                    guard.lost(handler)
-                    transport.abort()  # type: ignore[attr-defined]
-                    return
-                transport.abort()  # type: ignore[attr-defined]
                 sock.setblocking(False)
                 task = asyncio.get_running_loop().create_task(
                     guard._proxied(handler, sock, ctx))
