@@ -4,7 +4,7 @@ Theory of operation ([MS-NTHT], and what IIS does for RPC over HTTP): NTLM authe
 *connection*, not a request.  Per TCP connection (``conn``, any weak-referenceable object; the
 server passes the asyncio transport) this module keeps a small state:
 
-    no state / not authenticated --"NTLM <NEGOTIATE>"--> pending (Samba socket open, timer armed)
+    no state / not authenticated --"NTLM <NEGOTIATE>"--> pending (helper held, timer armed)
     pending --"NTLM <AUTHENTICATE>"--> authenticated (Samba accepted) | not authenticated
     authenticated --request without Authorization--> authenticated (same identity)
     any --"NTLM <NEGOTIATE>"--> pending again (re-authentication restarts the handshake)
@@ -118,13 +118,13 @@ class HttpAuthenticator:
         self.challenge_timeout = challenge_timeout
         self.realm = realm
         self._states: dict[int, _ConnState] = {}
-        self._open = 0  # handshakes holding a socket to the NTLM server
+        self._open = 0  # handshakes waiting for or holding a verifier slot (a helper)
         self._open_by_source: collections.Counter[str] = collections.Counter()
 
     # -- public ---------------------------------------------------------------------------
 
     def pending_count(self) -> int:
-        """Handshakes currently holding a socket to the NTLM server (pending or in flight)."""
+        """Handshakes currently waiting for or holding a helper (pending or in flight)."""
         return self._open
 
     def basic_allowed(self, *, tls: bool) -> bool:
@@ -139,7 +139,7 @@ class HttpAuthenticator:
         return schemes
 
     def forget(self, conn: object) -> None:
-        """The TCP connection closed: drop its state and close its pending Samba socket."""
+        """The TCP connection closed: drop its state and give up its pending handshake."""
         state = self._states.get(id(conn))
         if state is not None and state.ref() is conn:
             self._discard(id(conn), state)

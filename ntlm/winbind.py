@@ -16,9 +16,10 @@ The pool starts helpers on demand up to ``size``; when all are busy a handshake 
 degrades into queueing.  Only a helper that cannot be had in time, or a winbind that gives no
 verdict, is 503.  A helper that answers garbage, times out or exits is killed and replaced.
 
-Rules kept from the NTLM pass-through design: Samba decides (the proxy never sees a password
-hash); anonymous AUTHENTICATE messages and client-written names with NUL or control characters
-are refused before they reach the helper; the identity is the account winbind resolved.
+Rules kept from the earlier DCE/RPC relay of the tokens: Samba decides (the proxy never sees
+a password hash); anonymous AUTHENTICATE messages and client-written names with NUL or
+control characters are refused before they reach the helper; the identity is the account
+winbind resolved.
 
 What the helper needs from the host: winbindd running (on a Samba AD DC it is started by
 ``samba``; on a member server it is the ``winbind`` service), ``ntlm_auth`` (Debian package

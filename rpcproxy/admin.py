@@ -94,7 +94,7 @@ def _provision_run(args: argparse.Namespace) -> int:
 def _check_arguments(p: argparse.ArgumentParser) -> None:
     from rpcproxy import check
 
-    p.description = ("Check the configuration, certificate, backend, NTLM server and "
+    p.description = ("Check the configuration, certificate, backend, winbind (NTLM) and "
                      "(with --user) a real login; exit status 0 only when all pass.")
     cli.add_config_arguments(p)
     check.add_arguments(p)

@@ -20,7 +20,7 @@ EXTRA_SUBCOMMANDS: list[SubcommandSpec] = []
 SUBCOMMAND_HELP = {
     "cert": "create a self-signed TLS certificate for a host and its autodiscover name",
     "provision": "print or apply the Samba, user and DNS set-up the proxy needs",
-    "check": "check configuration, certificate, backend, NTLM server and a test login",
+    "check": "check configuration, certificate, backend, winbind, a test login and Autodiscover",
 }
 
 

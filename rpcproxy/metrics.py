@@ -271,7 +271,7 @@ class ProxyCollector:
                          m.handshake_seconds)
         yield _histogram(HistogramMetricFamily, "rpcproxy_auth_seconds",
                          "Time to authenticate one HTTP request carrying credentials "
-                         "(round trip to the NTLM server)", m.auth_seconds)
+                         "(round trip to winbind)", m.auth_seconds)
         yield _histogram(HistogramMetricFamily, "rpcproxy_event_loop_lag_seconds",
                          "How late the event loop ran a timer (probed every "
                          f"{LOOP_LAG_INTERVAL:g} s); sustained lag = a saturated worker",

@@ -935,7 +935,7 @@ class ProxyServer:
         self.guard.on_refused = self.refuse
         self.refusals = RefusalLog(config.refusal_log_interval)
         self._refusal_timer: asyncio.TimerHandle | None = None
-        # NTLM state is per TCP connection: drop it (and any Samba socket) on close.
+        # NTLM state is per TCP connection: drop it (and give back its helper) on close.
         self.guard.on_lost = self.authenticator.forget
         self.vcs: dict[bytes, VcRuntime] = {}
         self.freeze_mark = FREEZE_FIRST  # VC count at which the next gc.freeze() runs
