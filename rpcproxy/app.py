@@ -15,8 +15,9 @@ Theory of operation
    changes: an invalid file or an unusable certificate leaves the running configuration
    in place (logged as an error). What can change live: target rules, server names,
    backend, the NTLM helper command and pool bounds, authentication options, timeouts
-   and windows for *new* virtual connections, log level, and the TLS certificate (loaded into the existing SSL
-   context: new TLS connections get it, established ones keep theirs). Listener
+   and windows for *new* virtual connections, log level, and the TLS certificate
+   (loaded into the existing SSL context: new TLS connections get it, established ones
+   keep theirs). Listener
    addresses, TLS on/off and the metrics address need a restart; a reload that changes
    them says so and keeps the old ones. Live channels are never touched by a reload.
 4. ``SIGTERM``/``SIGINT``: ``STOPPING=1``, /health turns 503, listeners close, every live
