@@ -221,7 +221,10 @@ class HelperPool:
         try:
             async with asyncio.timeout(self.queue_timeout):
                 handed = await waiter
-        except TimeoutError:
+        except BaseException as exc:
+            self._return_unclaimed(waiter)
+            if not isinstance(exc, TimeoutError):
+                raise  # cancelled: the client went away while waiting
             self.queue_timeouts += 1
             busy = ("this address's share of" if not self._may_hold(source)
                     else f"all {self.size}")
@@ -236,6 +239,19 @@ class HelperPool:
             self._count -= 1
             handed = await self._start_one()
         return self._held_by(handed, source)
+
+    def _return_unclaimed(self, waiter: asyncio.Future[_Helper | None]) -> None:
+        """A waiter gave up (timeout, cancellation) just as it was handed a helper or a
+        slot: pass it on, so that nothing handed over is lost."""
+        if not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
+            return
+        handed = waiter.result()
+        if handed is None:
+            self._count -= 1  # the reserved slot
+            self._wake_for_slot()
+        else:
+            self._busy += 1  # release() counts it back down
+            self.release(handed)
 
     async def _start_one(self) -> _Helper:
         self._count += 1

@@ -491,3 +491,24 @@ async def test_one_source_holds_only_its_share_of_helpers(tmp_path: Path) -> Non
             h.close()
     finally:
         await verifier.aclose()
+
+
+async def test_waiter_cancelled_as_it_is_handed_a_helper_loses_nothing(tmp_path: Path) -> None:
+    """A client that goes away in the instant its queued login is handed a helper must not
+    take the helper with it: the pool would shrink by one for ever."""
+    pool = HelperPool(fake_helper(tmp_path, "AF EXAMPLE\\alice"), size=1, queue_timeout=5)
+    verifier = WinbindVerifier(pool)
+    try:
+        held = await verifier.begin(messages.build_negotiate())
+        waiting = asyncio.create_task(verifier.begin(messages.build_negotiate()))
+        await asyncio.sleep(0.05)
+        held.close()  # hands the helper to the waiter ...
+        waiting.cancel()  # ... which is cancelled before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert pool.busy == 0
+        again = await asyncio.wait_for(verifier.begin(messages.build_negotiate()), 2)
+        assert await again.complete(fake_authenticate()) == Identity("alice", "EXAMPLE")
+        assert pool.started == 1
+    finally:
+        await verifier.aclose()
