@@ -89,6 +89,9 @@ class _Helper:
             raise NtlmServerUnavailable(
                 f"{self.argv0} gave no answer within {timeout:g} s{self.diagnostics()}"
             ) from None
+        except asyncio.CancelledError:
+            self.broken = True  # its answer would be read by the next handshake: replace it
+            raise
         except (OSError, ValueError, asyncio.LimitOverrunError) as exc:
             self.broken = True
             raise NtlmServerUnavailable(f"{self.argv0} failed: {exc}") from None

@@ -512,3 +512,22 @@ async def test_waiter_cancelled_as_it_is_handed_a_helper_loses_nothing(tmp_path:
         assert pool.started == 1
     finally:
         await verifier.aclose()
+
+
+async def test_request_cancelled_mid_answer_replaces_the_helper(tmp_path: Path) -> None:
+    """A login cancelled while its helper is answering must not leave that answer in the
+    pipe for the next handshake to read: the helper is replaced."""
+    pool = HelperPool(fake_helper(tmp_path, "hang"), size=1, queue_timeout=5)
+    verifier = WinbindVerifier(pool, reply_timeout=30)
+    try:
+        handshake = await verifier.begin(messages.build_negotiate())
+        task = asyncio.create_task(handshake.complete(fake_authenticate()))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        again = await asyncio.wait_for(verifier.begin(messages.build_negotiate()), 5)
+        again.close()
+        assert pool.started == 2
+    finally:
+        await verifier.aclose()
