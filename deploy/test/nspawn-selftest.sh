@@ -150,7 +150,8 @@ for h in $helpers; do grep -E "^$h " /tmp/service.strace; done > /tmp/helpers.st
 echo "    strace: $(echo $helpers | wc -w) ntlm_auth helper(s), $(wc -l < /tmp/helpers.strace) calls;" \
     "failed: $(sed -nE 's/^[0-9]+ +(<\.\.\. )?([a-z0-9_]+)[ (].*= -1 (E[A-Z]+).*/\2 \3/p' \
         /tmp/helpers.strace | sort | uniq -c | sed 's/^ *\([0-9]*\) \(.*\)/\2 x\1,/' | tr '\n' ' ')"
-grep -E '= -1 E(PERM|AFNOSUPPORT|ROFS|ACCES)' /tmp/helpers.strace | cut -c1-160 | sed 's/^/    /'
+grep -E '= -1 E(PERM|AFNOSUPPORT|ROFS|ACCES)' /tmp/helpers.strace | sed 's/^[0-9]* *//' | sort \
+    | uniq -c | head -8 | cut -c1-160 | sed 's/^ */    /'
 [ -n "$helpers" ] && ! grep -qE '= -1 E(PERM|AFNOSUPPORT|ROFS)' /tmp/helpers.strace \
     && ok "no call of ntlm_auth refused by the unit's hardening (EPERM, EAFNOSUPPORT, EROFS)" \
     || bad "ntlm_auth under the unit's hardening (helpers: ${helpers:-none traced})"
