@@ -3,6 +3,8 @@
 # network), installs rpcproxy offline from wheels as deploy/README.md says, and runs
 # the unit: start, TLS on 443, journal priorities, a SIGSTOPped worker killed and
 # respawned, a bad key ending in "failed" with status 78 instead of a restart loop.
+# Logins as on a Samba AD DC host: the machine provisions a throwaway DC on loopback
+# (samba starts winbindd) and an NTLM login goes through the hardened unit's ntlm_auth.
 #
 #   sudo deploy/test/nspawn-unit.sh          (needs debootstrap, systemd-container)
 #
@@ -17,16 +19,37 @@ WHEELS=$WORK/wheels
 PIP=${PIP:-pip3}
 mkdir -p "$WORK"
 
+# Samba as on an AD DC (samba starts winbindd; ntlm_auth is in winbind), without Recommends
+# in both paths below (debootstrap installs none).
+SAMBA="samba samba-ad-dc samba-ad-provision samba-dsdb-modules samba-vfs-modules winbind"
+SAMBA="$SAMBA python3-samba krb5-user"
+# strace: the self-test traces the unit's ntlm_auth helpers for calls its hardening refused.
+SAMBA="$SAMBA strace"
 if [ ! -d "$ROOT" ]; then
     debootstrap --variant=minbase \
-        --include=systemd,systemd-sysv,dbus,python3-venv,iproute2,procps \
+        --include="systemd,systemd-sysv,dbus,python3-venv,iproute2,procps,$(echo $SAMBA | tr ' ' ,)" \
         bookworm "$ROOT.tmp" http://deb.debian.org/debian
     mv "$ROOT.tmp" "$ROOT"
 fi
-if [ ! -f "$WHEELS/.complete" ]; then
+# shellcheck disable=SC2086
+if ! chroot "$ROOT" dpkg-query -W $SAMBA >/dev/null 2>&1; then
+    # A rootfs cached by an older version of this script: add Samba from Debian's mirror
+    # (the host has network; the booted machine has none). No service starts in the chroot.
+    cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+    printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
+    chmod 0755 "$ROOT/usr/sbin/policy-rc.d"
+    chroot "$ROOT" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    chroot "$ROOT" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q --no-install-recommends $SAMBA
+    chroot "$ROOT" apt-get clean
+    rm -f "$ROOT/usr/sbin/policy-rc.d"
+fi
+# Wheels are fetched again when pyproject.toml (the dependencies) changed since.
+deps=$(sha256sum < "$REPO/pyproject.toml" | cut -d' ' -f1)
+if [ "$(cat "$WHEELS/.complete" 2>/dev/null)" != "$deps" ]; then
     # The offline path of deploy/README.md: every wheel once, setuptools included.
     "$PIP" wheel --quiet --wheel-dir "$WHEELS" "$REPO[metrics]" setuptools
-    touch "$WHEELS/.complete"
+    echo "$deps" > "$WHEELS/.complete"
 fi
 
 rm -rf "$MACHINE"
