@@ -35,6 +35,8 @@ $P build --quiet --format docker --build-arg BASE="$BASE" -v "$WORK/wheels:/whee
     -f "$REPO/deploy/container/Containerfile" -t localhost/rpcproxy "$REPO" >/dev/null
 hc=$($P image inspect --format '{{.Config.Healthcheck.Test}}' localhost/rpcproxy 2>/dev/null || true)
 case "$hc" in *rpcproxy-entrypoint*health*) ok "HEALTHCHECK kept: $hc";; *) bad "no HEALTHCHECK ($hc)";; esac
+v=$($P run $RUNOPTS --rm --entrypoint ntlm_auth localhost/rpcproxy --version 2>/dev/null || true)
+case "$v" in Version*) ok "ntlm_auth in the image (winbind logins): $v";; *) bad "no ntlm_auth in the image: $v";; esac
 
 echo "\$ podman run -d -p 127.0.0.1:$PORT:8443 -e RPCPROXY_BACKEND=... -e RPCPROXY_SERVER_NAME=mail.example.com rpcproxy"
 $P run $RUNOPTS -d --name "$NAME" -p "127.0.0.1:$PORT:8443" -e RPCPROXY_BACKEND=127.0.0.1:1024 \
