@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from . import messages
 from .basic import verify_password
 from .errors import AuthenticationFailed, NtlmError, NtlmServerUnavailable, Refusal, Unreachable
-from .verifier import Handshake, Identity, Verifier, check_client_names
+from .verifier import Handshake, Identity, Verifier, parse_safe_authenticate
 
 log = logging.getLogger(__name__)
 
@@ -243,16 +243,9 @@ class HttpAuthenticator:
             state.timer = None
         generation = state.generation
         try:
-            # Anonymous logons never reach Samba (it accepts them).  complete() checks this
-            # too; checking here keeps the rule independent of the verifier implementation.
-            try:
-                parsed = messages.parse_authenticate(token)
-                anonymous = parsed.is_anonymous
-            except NtlmError as exc:
-                raise AuthenticationFailed(f"malformed NTLM AUTHENTICATE: {exc.reason}") from None
-            if anonymous:
-                raise AuthenticationFailed("anonymous NTLM logon refused", Refusal.ANONYMOUS)
-            check_client_names(parsed)
+            # Anonymous logons and unsafe names never reach Samba.  The winbind verifier
+            # checks this too; checking here keeps the rule whatever the verifier.
+            parse_safe_authenticate(token)
             identity = await handshake.complete(token)
         finally:
             handshake.close()

@@ -21,7 +21,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import AuthenticationFailed, Refusal
+from . import messages
+from .errors import AuthenticationFailed, NtlmError, Refusal
 from .messages import Authenticate
 
 # Longest user or domain name accepted from a client (sAMAccountName is at most 20, a UPN at most
@@ -70,6 +71,20 @@ def check_client_names(auth: Authenticate) -> None:
     check_client_name(auth.user, "NTLM user name")
     check_client_name(auth.domain, "NTLM domain name")
     check_client_name(auth.workstation, "NTLM workstation name")
+
+
+def parse_safe_authenticate(token: bytes) -> Authenticate:
+    """The AUTHENTICATE a client sent, if it may be relayed at all: well formed, not
+    anonymous (Samba accepts anonymous logons), and its names free of NUL and control
+    characters.  AuthenticationFailed otherwise; nothing has been sent anywhere then."""
+    try:
+        auth = messages.parse_authenticate(token)
+    except NtlmError as exc:
+        raise AuthenticationFailed(f"malformed NTLM AUTHENTICATE: {exc.reason}") from None
+    if auth.is_anonymous:
+        raise AuthenticationFailed("anonymous NTLM logon refused", Refusal.ANONYMOUS)
+    check_client_names(auth)
+    return auth
 
 
 class Handshake(Protocol):

@@ -40,7 +40,7 @@ from . import helper_protocol as hp
 from . import messages
 from .basic import verify_password
 from .errors import AuthenticationFailed, NtlmError, NtlmServerUnavailable, Refusal, Unreachable
-from .verifier import Identity, check_client_name, check_client_names
+from .verifier import Identity, check_client_name, parse_safe_authenticate
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,6 @@ class HelperPool:
             if not waiter.done():
                 waiter.set_exception(NtlmServerUnavailable("the NTLM helper pool is closed"))
 
-
     async def aclose(self) -> None:
         """``close``, then wait until every killed helper is reaped."""
         self.close()
@@ -357,13 +356,7 @@ class WinbindHandshake:
             if helper is None:
                 raise AuthenticationFailed("NTLM handshake already completed or closed",
                                            Refusal.OUT_OF_ORDER)
-            try:
-                auth = messages.parse_authenticate(authenticate)
-            except NtlmError as exc:
-                raise AuthenticationFailed(f"malformed NTLM AUTHENTICATE: {exc.reason}") from None
-            if auth.is_anonymous:
-                raise AuthenticationFailed("anonymous NTLM logon refused", Refusal.ANONYMOUS)
-            check_client_names(auth)
+            parse_safe_authenticate(authenticate)
             reply = await helper.ask(hp.Request.AUTHENTICATE, authenticate, self._reply_timeout)
             return self._verdict(helper, reply)
         finally:
