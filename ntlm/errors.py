@@ -36,8 +36,15 @@ class Refusal(enum.Enum):
 class Unreachable(enum.Enum):
     """Why no verdict could be had (503); the values are metric labels."""
 
-    BUSY = "too_many_pending"  # our own bound: every slot stayed taken
+    BUSY = "too_many_pending"  # our own bound: max_pending handshakes under way
+    BUSY_PER_SOURCE = "too_many_pending_per_source"  # the same bound for one source
+    HELPERS_BUSY = "helpers_busy"  # our own bound: no helper came free in time
     NTLM_SERVER = "ntlm_server_unavailable"  # winbind / the DC could not be asked
+
+    @property
+    def our_bound(self) -> bool:
+        """A bound of the proxy's own (503 RPC Error 6BB), not a judge out of reach (6BA)."""
+        return self is not Unreachable.NTLM_SERVER
 
 
 class NtlmError(Exception):

@@ -35,7 +35,7 @@ import binascii
 import collections
 import logging
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import messages
 from .basic import verify_password
@@ -66,8 +66,6 @@ class Denied:
 class Unavailable:
     reason: str
     code: Unreachable = Unreachable.NTLM_SERVER
-    # "global" / "per_source" when a pending-handshake bound refused it (not part of equality)
-    bound: str | None = field(default=None, compare=False)
 
 
 AuthOutcome = Authenticated | Challenge | Denied | Unavailable
@@ -284,13 +282,13 @@ class HttpAuthenticator:
     # -- bookkeeping ----------------------------------------------------------------------
 
     def _take(self, source: str | None) -> Unavailable | None:
-        """Count one more handshake holding a socket, or say why not."""
+        """Count one more handshake under way, or say which bound refuses it."""
         limit = self.max_pending_per_source
         if source is not None and limit is not None and self._open_by_source[source] >= limit:
             return Unavailable("too many pending handshakes from this address",
-                               Unreachable.BUSY, bound="per_source")
+                               Unreachable.BUSY_PER_SOURCE)
         if self._open >= self.max_pending:
-            return Unavailable("too many pending handshakes", Unreachable.BUSY, bound="global")
+            return Unavailable("too many pending handshakes", Unreachable.BUSY)
         if source is not None and limit is not None:
             self._open_by_source[source] += 1
         self._open += 1

@@ -233,7 +233,7 @@ class HelperPool:
                     else f"all {self.size}")
             raise NtlmServerUnavailable(
                 f"{busy} NTLM helpers stayed busy for {self.queue_timeout:g} s",
-                Unreachable.BUSY,
+                Unreachable.HELPERS_BUSY,
             ) from None
         finally:
             with contextlib.suppress(ValueError):

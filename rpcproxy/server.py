@@ -880,6 +880,11 @@ class ConnectionGuard:
             transport.close()
 
 
+# How an authentication that could not be judged is counted among refusals.
+_UNAVAILABLE_REFUSALS = {Unreachable.BUSY: Refusal.PENDING_LIMIT,
+                         Unreachable.BUSY_PER_SOURCE: Refusal.PENDING_PER_SOURCE}
+
+
 class _Abort:
     """Stands in for the handshake task of a lean TLS connection: cancelling aborts it."""
 
@@ -1160,12 +1165,12 @@ class ProxyServer:
             self.guard.authenticated(request.protocol)
             return outcome.identity
         if isinstance(outcome, Unavailable):
-            reason = {"global": Refusal.PENDING_LIMIT, "per_source": Refusal.PENDING_PER_SOURCE}
-            self._refuse_request(reason.get(outcome.bound or "", Refusal.AUTH_UNAVAILABLE),
+            self._refuse_request(_UNAVAILABLE_REFUSALS.get(outcome.code,
+                                                           Refusal.AUTH_UNAVAILABLE),
                                  request, f"authentication unavailable: {outcome.reason}")
             return rpc_error_response(
                 RpcProxyError(outcome.reason, rpc_error=RPC_S_SERVER_TOO_BUSY
-                              if outcome.code is Unreachable.BUSY else RPC_S_SERVER_UNAVAILABLE)
+                              if outcome.code.our_bound else RPC_S_SERVER_UNAVAILABLE)
             )
         headers: list[tuple[str, str]] = [("WWW-Authenticate", v)
                                           for v in outcome.www_authenticate]

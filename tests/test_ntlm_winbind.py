@@ -425,7 +425,7 @@ async def test_queue_timeout_is_busy_503(tmp_path: Path) -> None:
         held = await verifier.begin(messages.build_negotiate())
         with pytest.raises(NtlmServerUnavailable) as exc:
             await verifier.begin(messages.build_negotiate())
-        assert exc.value.code is Unreachable.BUSY
+        assert exc.value.code is Unreachable.HELPERS_BUSY
         assert pool.queue_timeouts == 1
         # A waiter gets the helper as soon as it is given back.
         waiting = asyncio.create_task(verifier.begin(messages.build_negotiate()))
@@ -473,7 +473,8 @@ async def test_one_source_holds_only_its_share_of_helpers(tmp_path: Path) -> Non
                 for _ in range(2)]
         with pytest.raises(NtlmServerUnavailable) as exc:
             await verifier.begin(messages.build_negotiate(), "198.51.100.7")
-        assert exc.value.code is Unreachable.BUSY and "this address's share" in exc.value.reason
+        assert exc.value.code is Unreachable.HELPERS_BUSY
+        assert "this address's share" in exc.value.reason
         other = await asyncio.wait_for(
             verifier.begin(messages.build_negotiate(), "203.0.113.9"), 5)
         assert await other.complete(fake_authenticate()) == Identity("alice", "EXAMPLE")
