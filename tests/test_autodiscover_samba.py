@@ -124,6 +124,16 @@ def request_body(address: str, name: str = "outlook2016.xml") -> bytes:
     return (DATA / name).read_bytes().replace(b"test.user@example.com", address.encode())
 
 
+def ntlm_once(proxy: ProxyThread, tls_pair: Any, user: str, password: str, body: bytes
+              ) -> RawResponse:
+    """``ntlm`` on a TLS connection of its own, closed afterwards."""
+    conn = TlsConnection(proxy.port, tls_pair.cert_path)
+    try:
+        return ntlm(conn, user, password, body)
+    finally:
+        conn.close()
+
+
 def ntlm(conn: RawConnection, user: str, password: str, body: bytes,
          head: list[str] | None = None, domain: str = "EXAMPLE") -> RawResponse:
     """Outlook's way: the whole request with the NEGOTIATE, again with the AUTHENTICATE."""
@@ -166,11 +176,8 @@ def error_code(resp: RawResponse) -> str:
 
 
 def test_ntlm_outlook_request_gets_settings(proxy: ProxyThread, tls_pair: Any) -> None:
-    conn = TlsConnection(proxy.port, tls_pair.cert_path)
-    try:
-        resp = ntlm(conn, "testuser", "Test1234", request_body("test.user@example.com"))
-    finally:
-        conn.close()
+    resp = ntlm_once(proxy, tls_pair, "testuser", "Test1234",
+                     request_body("test.user@example.com"))
     response, protocols = settings_of(resp)
     assert set(protocols) == {"EXCH", "EXPR"}
     assert b"EXHTTP" not in resp.body  # although the request said X-MapiHttpCapability: 1
@@ -204,11 +211,8 @@ def test_basic_outlook2010_request_and_other_address_forms(proxy: ProxyThread,
 
 def test_upn_that_is_not_the_account_name(proxy: ProxyThread, tls_pair: Any,
                                           samba_dc: SambaDC) -> None:
-    conn = TlsConnection(proxy.port, tls_pair.cert_path)
-    try:
-        resp = ntlm(conn, samba_dc.upn_user, samba_dc.upn_password, request_body(samba_dc.upn))
-    finally:
-        conn.close()
+    resp = ntlm_once(proxy, tls_pair, samba_dc.upn_user, samba_dc.upn_password,
+                     request_body(samba_dc.upn))
     response, _ = settings_of(resp)
     assert response.user.display_name == "Jane Doe"
     assert response.user.legacy_dn.endswith(f"/cn=Recipients/cn={samba_dc.upn_user}")
@@ -218,19 +222,13 @@ def test_login_by_upn_discovers_its_own_mailbox(proxy: ProxyThread, tls_pair: An
                                                  samba_dc: SambaDC) -> None:
     """Logged in *with* the UPN (jane.doe@example.com), the identity is the account winbind
     resolved (upnuser), so its own mailbox is found; another account's UPN is not."""
-    conn = TlsConnection(proxy.port, tls_pair.cert_path)
-    try:
-        resp = ntlm(conn, samba_dc.upn, samba_dc.upn_password, request_body(samba_dc.upn))
-    finally:
-        conn.close()
+    resp = ntlm_once(proxy, tls_pair, samba_dc.upn, samba_dc.upn_password,
+                     request_body(samba_dc.upn))
     response, _ = settings_of(resp)
     assert response.user.display_name == "Jane Doe"
-    conn = TlsConnection(proxy.port, tls_pair.cert_path)
-    try:
-        resp = ntlm(conn, samba_dc.alias_upn, samba_dc.alias_password,
-                    request_body("test.user@example.com"))  # asmith asks for testuser's
-    finally:
-        conn.close()
+    # asmith asks for testuser's mailbox
+    resp = ntlm_once(proxy, tls_pair, samba_dc.alias_upn, samba_dc.alias_password,
+                     request_body("test.user@example.com"))
     assert b"<ErrorCode>500</ErrorCode>" in resp.body, resp.body
 
 
@@ -319,11 +317,7 @@ def test_get_needs_login_then_gets_invalid_request(proxy: ProxyThread, tls_pair:
                                      "test.user@other.org"])
 def test_another_users_or_unknown_address_is_refused(proxy: ProxyThread, tls_pair: Any,
                                                      address: str) -> None:
-    conn = TlsConnection(proxy.port, tls_pair.cert_path)
-    try:
-        resp = ntlm(conn, "testuser", "Test1234", request_body(address))
-    finally:
-        conn.close()
+    resp = ntlm_once(proxy, tls_pair, "testuser", "Test1234", request_body(address))
     assert error_code(resp) == "500"
     assert b"Other User" not in resp.body and b"Jane" not in resp.body
 
@@ -434,11 +428,8 @@ def test_directory_down_is_error_603(samba_dc: SambaDC, tls_pair: Any) -> None:
 
 def test_impacket_connects_where_autodiscover_said(proxy: ProxyThread, tls_pair: Any,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    conn = TlsConnection(proxy.port, tls_pair.cert_path)
-    try:
-        resp = ntlm(conn, "testuser", "Test1234", request_body("test.user@example.com"))
-    finally:
-        conn.close()
+    resp = ntlm_once(proxy, tls_pair, "testuser", "Test1234",
+                     request_body("test.user@example.com"))
     _, protocols = settings_of(resp)
     expr_host, exch_host, exch_port = (protocols["EXPR"].server, protocols["EXCH"].server,
                                        protocols["EXCH"].port)

@@ -17,7 +17,6 @@ import asyncio
 import base64
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 import spnego
@@ -29,17 +28,11 @@ from tests.fakes import EchoBackend, request_pdu
 from tests.rpch_raw import GIB, Head, RawChannel
 from tests.samba_dc import SambaDC
 from tests.test_ntlm_winbind import replace_user_field
+from tests.test_server_http import Env
 
 pytestmark = pytest.mark.samba
 
 PATH = "/rpc/rpcproxy.dll?srv:6001"
-
-
-@dataclass
-class Env:
-    server: ProxyServer
-    port: int
-    backend: EchoBackend
 
 
 @pytest.fixture
