@@ -7,9 +7,19 @@ from collections.abc import Iterator
 import pytest
 
 from tests.samba_dc import SambaDC, samba_dc_session
+from tests.test_deploy_support import ServeProcess
 
 
 @pytest.fixture(scope="session")
 def samba_dc() -> Iterator[SambaDC]:
     """A real Samba AD DC (EXAMPLE.COM) on loopback, provisioned once per session."""
     yield from samba_dc_session()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[ServeProcess]]:
+    """``rpcproxy serve`` processes a test starts; each is stopped (by its pid) afterwards."""
+    started: list[ServeProcess] = []
+    yield started
+    for p in started:
+        p.close()

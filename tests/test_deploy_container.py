@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 import signal
 import socket
@@ -18,7 +17,14 @@ import pytest
 
 from rpcproxy import certs
 from rpcproxy.cli import _load_plugins, build_parser, config_from_args
-from tests.test_deploy_support import REPO, ServeProcess, child_env, http_get, unused_port
+from tests.test_deploy_support import (
+    REPO,
+    ServeProcess,
+    child_env,
+    http_get,
+    load_entrypoint,
+    unused_port,
+)
 
 CONTAINER_DIR = REPO / "deploy" / "container"
 ENTRYPOINT = CONTAINER_DIR / "entrypoint.py"
@@ -26,11 +32,7 @@ ENTRYPOINT = CONTAINER_DIR / "entrypoint.py"
 
 @pytest.fixture(scope="module")
 def ep() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("rpcproxy_entrypoint", ENTRYPOINT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_entrypoint("rpcproxy_entrypoint")
 
 
 def _parse(argv: list[str]):  # type: ignore[no-untyped-def]

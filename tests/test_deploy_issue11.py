@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import http.server
-import importlib.util
 import logging
 import os
 import shutil
@@ -17,7 +16,6 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -27,32 +25,21 @@ from rpcproxy import certs, check, logs, provision, workers
 from rpcproxy.cli import _load_plugins, build_parser, config_from_args, main
 from tests.samba_dc import SambaDC
 from tests.test_deploy_support import (
+    ENTRYPOINT,
     REPO,
     NotifySocket,
     ServeProcess,
+    load_entrypoint,
     unused_port,
     wait_until,
 )
 
-ENTRYPOINT = REPO / "deploy" / "container" / "entrypoint.py"
 UNIT = REPO / "deploy" / "systemd" / "rpcproxy.service"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 @pytest.fixture(scope="module")
 def ep() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("rpcproxy_entrypoint_11", ENTRYPOINT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_entrypoint("rpcproxy_entrypoint_11")
 
 
 # --- 1. the watchdog watches the workers ------------------------------------------------------

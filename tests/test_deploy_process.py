@@ -6,7 +6,6 @@ import asyncio
 import signal
 import socket
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,6 @@ from tests.test_deploy_support import (
     unused_port,
     wait_until,
 )
-
-
-@pytest.fixture
-def procs() -> Iterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 def _serve(procs: list[ServeProcess], *args: str, env: dict[str, str] | None = None

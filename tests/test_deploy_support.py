@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib.util
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from bench import dcerpc
 from rpcproxy import rts
@@ -39,6 +41,16 @@ IN_CONTENT_LENGTH = 0x40000000
 OUT_CONTENT_LENGTH = 76
 # The mgmt interface (C706 appendix Q), which every DCE/RPC server answers a BIND for.
 MGMT_SYNTAX = dcerpc.syntax(uuid.UUID("afa8bd80-7d8a-11c9-bef4-08002b102989"), 1)
+ENTRYPOINT = REPO / "deploy" / "container" / "entrypoint.py"
+
+
+def load_entrypoint(name: str) -> ModuleType:
+    """deploy/container/entrypoint.py (a script, not a package module) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, ENTRYPOINT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def serve_command(*args: str) -> list[str]:

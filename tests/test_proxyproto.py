@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
-import shutil
 import signal
 import socket
 import ssl
@@ -29,6 +27,7 @@ from rpcproxy.proxyproto import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, par
 from rpcproxy.server import ProxyServer
 from tests.fakes import EchoBackend, TableAuthenticator, basic
 from tests.rpch_raw import RawChannel, open_vc
+from tests.test_deploy_haproxy import _haproxy
 
 PATH = "/rpc/rpcproxy.dll?srv:6001"
 ALICE = basic("alice", "pw-alice")
@@ -249,15 +248,6 @@ async def test_header_before_tls(backend: EchoBackend, tmp_path: Path,
 
 
 # --- Debian's HAProxy with send-proxy-v2 -----------------------------------------------------
-
-
-def _haproxy() -> str:
-    tool = shutil.which("haproxy", path="/usr/sbin:/usr/bin:/sbin:/bin")
-    if tool is None:
-        if os.environ.get("CI"):
-            pytest.fail("haproxy is required in CI (Debian package haproxy)")
-        pytest.skip("haproxy not installed (Debian package haproxy)")
-    return tool
 
 
 def _free_port() -> int:
