@@ -139,7 +139,9 @@ async def test_recycling_with_full_client_across_workers(backend: EchoBackend) -
         await b.stop()
 
 
-async def test_tls_channels_relayed_to_owner(backend: EchoBackend, tmp_path: Path) -> None:
+async def make_tls_pair(backend: EchoBackend, tmp_path: Path
+                        ) -> tuple[ProxyServer, ProxyServer, ssl.SSLContext]:
+    """Two TLS workers with a throwaway certificate, and a client context trusting it."""
     from rpcproxy.certs import create_self_signed
 
     create_self_signed("proxy.example.com", tmp_path)
@@ -147,6 +149,11 @@ async def test_tls_channels_relayed_to_owner(backend: EchoBackend, tmp_path: Pat
                            tls_key=str(tmp_path / "key.pem"), basic_over_http=False)
     client_ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
     client_ctx.check_hostname = False
+    return a, b, client_ctx
+
+
+async def test_tls_channels_relayed_to_owner(backend: EchoBackend, tmp_path: Path) -> None:
+    a, b, client_ctx = await make_tls_pair(backend, tmp_path)
     pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
     try:
         for in_port, out_port in ((pa, pb), (pb, pa)) * 3:
@@ -170,7 +177,6 @@ async def test_tls_relay_keeps_an_answer_that_comes_before_it_is_wired(
     import asyncio
 
     from rpcproxy import server as server_mod
-    from rpcproxy.certs import create_self_signed
 
     loop_type = type(asyncio.get_running_loop())
     original = loop_type.connect_accepted_socket
@@ -182,11 +188,7 @@ async def test_tls_relay_keeps_an_answer_that_comes_before_it_is_wired(
         return made
 
     monkeypatch.setattr(loop_type, "connect_accepted_socket", slow_connect)
-    create_self_signed("proxy.example.com", tmp_path)
-    a, b = await make_pair(backend, tls_cert=str(tmp_path / "cert.pem"),
-                           tls_key=str(tmp_path / "key.pem"), basic_over_http=False)
-    client_ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
-    client_ctx.check_hostname = False
+    a, b, client_ctx = await make_tls_pair(backend, tmp_path)
     pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
     try:
         for in_port, out_port in ((pa, pb), (pb, pa)):
