@@ -32,8 +32,8 @@ from collections.abc import Sequence
 from typing import cast
 
 from bench import dcerpc, protocol
+from dcerpc.pdu import PduFramer
 from rpcproxy.errors import ProtocolError
-from rpcproxy.pdu import PduFramer
 
 SERVER_MAX_FRAG = 0xFFF8  # largest fragment we send or accept (8-aligned, < 65535)
 HIGH_WATER = 4 << 20

@@ -55,7 +55,7 @@ from bench.scenarios import SCENARIOS as BASE_SCENARIOS
 from bench.scenarios import Bench, ProxyTarget
 from bench.session import RpcFault
 from bench.storm import run_storm, samba_logins_per_s
-from rpcproxy.rts import MAX_RECEIVE_WINDOW, MIN_RECEIVE_WINDOW
+from rpcproxy.rpch.rts import MAX_RECEIVE_WINDOW, MIN_RECEIVE_WINDOW
 
 DEFAULT_SCENARIOS = ("throughput", "aggregate", "latency", "concurrency", "setup", "soak")
 # storm needs real NTLM (--ntlm-helper): run on request, not by default.

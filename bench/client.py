@@ -75,9 +75,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from rpcproxy import rts
+from dcerpc.pdu import PduFramer, PType
 from rpcproxy.errors import ProtocolError
-from rpcproxy.pdu import PduFramer, PType
+from rpcproxy.rpch import rts
 
 DEFAULT_IN_CONTENT_LENGTH = 1 << 30
 OUT_NEW_CONTENT_LENGTH = 76

@@ -15,8 +15,8 @@ from collections import deque
 from typing import Any
 
 from bench.client import WRITE_HIGH_WATER, RpchClosed, RpchError, RpchProtocolError, RpchTimeout
+from dcerpc.pdu import PduFramer
 from rpcproxy.errors import ProtocolError
-from rpcproxy.pdu import PduFramer
 
 READ_SIZE = 256 << 10
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dcerpc.pdu import MAX_FRAG_LENGTH
 from ntlm.winbind import DEFAULT_HELPER
-from rpcproxy.connection import OUT_RTS_HEADROOM, VcSettings, min_out_content_length
 from rpcproxy.errors import ConfigError
-from rpcproxy.pdu import MAX_FRAG_LENGTH
 from rpcproxy.ratelimit import Exemptions
+from rpcproxy.rpch.connection import OUT_RTS_HEADROOM, VcSettings, min_out_content_length
 from rpcproxy.targets import (
     AllowList,
     Endpoint,

@@ -53,7 +53,7 @@ HANDSHAKE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LOOP_LAG_INTERVAL = 0.25  # seconds between probes: 4 wake-ups a second, nothing on the data path
 
-PAIRING_TIMEOUT_MARK = "waiting for the other channel"  # rpcproxy.connection setup timeout
+PAIRING_TIMEOUT_MARK = "waiting for the other channel"  # rpcproxy.rpch.connection setup timeout
 
 
 class FixedHistogram:

@@ -1,7 +1,7 @@
 """The asyncio/aiohttp adapter: HTTP channels, backend sockets, timers.
 
 This is the only module that awaits. It turns HTTP requests into events for
-``rpcproxy.connection.VirtualConnection`` and carries out the actions it
+``rpcproxy.rpch.connection.VirtualConnection`` and carries out the actions it
 returns. Every action is carried out synchronously (bytes are queued on a
 channel writer or written to a transport), so the order the state machine
 chose is the order on the wire; the only awaits are the HTTP writes of each
@@ -47,14 +47,27 @@ import aiohttp.http_parser
 import aiohttp.web_protocol
 from aiohttp import web
 
+from dcerpc.pdu import HEADER_LEN, PduFramer, parse_header
 from ntlm.errors import Unreachable
 from ntlm.http_auth import Authenticated, Challenge, Denied, HttpAuthenticator, Unavailable
 from ntlm.verifier import Identity
 from ntlm.winbind import HelperPool, WinbindVerifier
-from rpcproxy import proxyproto, rts
+from rpcproxy import proxyproto
 from rpcproxy.autodiscover.service import AutodiscoverService
 from rpcproxy.config import Config
-from rpcproxy.connection import (
+from rpcproxy.errors import (
+    RPC_S_SERVER_TOO_BUSY,
+    RPC_S_SERVER_UNAVAILABLE,
+    BackendUnavailable,
+    ProtocolError,
+    RpcProxyError,
+    TargetRefused,
+)
+from rpcproxy.metrics import ServerMetrics
+from rpcproxy.proxyproto import ProxyHeader, ProxyHeaderError
+from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, source_key
+from rpcproxy.rpch import rts
+from rpcproxy.rpch.connection import (
     Action,
     CloseBackend,
     CloseChannel,
@@ -68,18 +81,6 @@ from rpcproxy.connection import (
     VcSettings,
     VirtualConnection,
 )
-from rpcproxy.errors import (
-    RPC_S_SERVER_TOO_BUSY,
-    RPC_S_SERVER_UNAVAILABLE,
-    BackendUnavailable,
-    ProtocolError,
-    RpcProxyError,
-    TargetRefused,
-)
-from rpcproxy.metrics import ServerMetrics
-from rpcproxy.pdu import HEADER_LEN, PduFramer, parse_header
-from rpcproxy.proxyproto import ProxyHeader, ProxyHeaderError
-from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, source_key
 from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
 from rpcproxy.tls import TlsConnection
 from rpcproxy.workers import Handoff, HandoffError, WorkerSet

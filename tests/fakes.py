@@ -9,9 +9,9 @@ import asyncio
 import base64
 import struct
 
+from dcerpc.pdu import PduFramer, PType
 from ntlm.http_auth import Authenticated, AuthOutcome, Challenge, Denied
 from ntlm.verifier import Identity
-from rpcproxy.pdu import PduFramer, PType
 
 
 class TableAuthenticator:

@@ -10,8 +10,8 @@ import asyncio
 import os
 from dataclasses import dataclass, field
 
-from rpcproxy import rts
-from rpcproxy.pdu import HEADER_LEN, parse_header
+from dcerpc.pdu import HEADER_LEN, parse_header
+from rpcproxy.rpch import rts
 
 GIB = 1 << 30
 TIMEOUT = 10.0

@@ -226,7 +226,7 @@ async def test_stalled_stream_fails_instead_of_hanging() -> None:
 
 async def test_in_window_that_never_reopens_times_out() -> None:
     """A fake proxy that opens the VC but never acknowledges IN traffic."""
-    from rpcproxy import rts
+    from rpcproxy.rpch import rts
 
     async def fake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")

@@ -1,4 +1,4 @@
-"""Unit tests for rpcproxy.connection.VirtualConnection: scripted events in, exact actions out.
+"""Unit tests for rpcproxy.rpch.connection.VirtualConnection: scripted events in, exact actions out.
 
 No sockets and no clocks: time is a number passed with each event.
 """
@@ -14,8 +14,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rpcproxy import rts
-from rpcproxy.connection import (
+from dcerpc.pdu import CLIENT_PTYPES, SERVER_PTYPES, PduFramer, PType
+from rpcproxy.errors import (
+    ERROR_ACCESS_DENIED,
+    RPC_S_PROTOCOL_ERROR,
+    RPC_S_SERVER_UNAVAILABLE,
+    RpcProxyError,
+)
+from rpcproxy.rpch import rts
+from rpcproxy.rpch.connection import (
     Action,
     BackendUnavailable,
     CloseBackend,
@@ -32,14 +39,7 @@ from rpcproxy.connection import (
     VirtualConnection,
     min_out_content_length,
 )
-from rpcproxy.errors import (
-    ERROR_ACCESS_DENIED,
-    RPC_S_PROTOCOL_ERROR,
-    RPC_S_SERVER_UNAVAILABLE,
-    RpcProxyError,
-)
-from rpcproxy.pdu import CLIENT_PTYPES, SERVER_PTYPES, PduFramer, PType
-from rpcproxy.rts import ForwardDestination
+from rpcproxy.rpch.rts import ForwardDestination
 
 VC = bytes.fromhex("40 1e 2b 6f 4a 8d 1b 4c 9a 3e 2f 1d 0c 5b 7a 91")
 OUT_CK = b"O" * 16

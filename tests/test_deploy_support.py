@@ -32,7 +32,7 @@ from pathlib import Path
 from types import ModuleType
 
 from bench import dcerpc
-from rpcproxy import rts
+from rpcproxy.rpch import rts
 
 REPO = Path(__file__).resolve().parents[1]
 RTS_PTYPE = 20

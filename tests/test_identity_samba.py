@@ -22,7 +22,7 @@ import pytest
 import spnego
 
 from rpcproxy import config as config_mod
-from rpcproxy import rts
+from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
 from tests.fakes import EchoBackend, request_pdu
 from tests.rpch_raw import GIB, Head, RawChannel

@@ -1,4 +1,4 @@
-"""Unit tests for rpcproxy.pdu: the common header and the stream framer."""
+"""Unit tests for dcerpc.pdu: the common header and the stream framer."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rpcproxy.errors import ProtocolError, RpcProxyError
-from rpcproxy.pdu import (
+from dcerpc.pdu import (
     CLIENT_PTYPES,
     HEADER_LEN,
     SERVER_PTYPES,
@@ -20,6 +19,7 @@ from rpcproxy.pdu import (
     parse_header,
     single_pdu_ptype,
 )
+from rpcproxy.errors import ProtocolError, RpcProxyError
 
 
 def header(

@@ -90,7 +90,7 @@ async def test_successor_of_another_user_is_refused(
     """Cookies are bearer tokens: a successor channel must bring the same identity."""
     import os
 
-    from rpcproxy import rts
+    from rpcproxy.rpch import rts
     from tests.fakes import basic
     from tests.rpch_raw import GIB, RawChannel, open_vc
 
@@ -118,7 +118,7 @@ async def test_in_r2_a1_that_overtakes_the_pending_a5_waits_for_it(
     import asyncio
     import os
 
-    from rpcproxy import rts
+    from rpcproxy.rpch import rts
     from tests.fakes import basic
     from tests.rpch_raw import GIB, RawChannel, open_vc
 

@@ -1,4 +1,4 @@
-"""Unit tests for rpcproxy.rts: commands, RTS PDU codec, identify(), builders.
+"""Unit tests for rpcproxy.rpch.rts: commands, RTS PDU codec, identify(), builders.
 
 Byte-exact oracles: the hex dumps of rpch-notes.md and a reconstruction of Samba's client
 (tests/rts_captures.py), and PDUs built by impacket's own client code.
@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from impacket.dcerpc.v5 import rpch
 
-from rpcproxy import rts
+from dcerpc.pdu import HEADER_LEN, PType, parse_header
 from rpcproxy.errors import ProtocolError
-from rpcproxy.pdu import HEADER_LEN, PType, parse_header
-from rpcproxy.rts import (
+from rpcproxy.rpch import rts
+from rpcproxy.rpch.rts import (
     ANCE,
     AssociationGroupId,
     ChannelLifetime,

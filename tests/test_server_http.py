@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from rpcproxy import config as config_mod
-from rpcproxy import rts
+from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
 from tests.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
 from tests.rpch_raw import GIB, RawChannel, open_vc

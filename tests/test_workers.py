@@ -21,7 +21,7 @@ import pytest
 
 from bench.client import BasicAuth, RpchClient
 from rpcproxy import config as config_mod
-from rpcproxy import rts
+from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
 from rpcproxy.workers import Handoff, WorkerSet, make_inboxes, owner_of
 from tests.fakes import EchoBackend, TableAuthenticator, basic, request_pdu

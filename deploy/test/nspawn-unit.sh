@@ -55,7 +55,7 @@ fi
 rm -rf "$MACHINE"
 cp -a "$ROOT" "$MACHINE"
 mkdir -p "$MACHINE/src"
-for f in pyproject.toml README.md rpcproxy ntlm bench deploy; do
+for f in pyproject.toml README.md dcerpc rpcproxy ntlm bench deploy; do
     cp -a "$REPO/$f" "$MACHINE/src/"
 done
 cp -a "$WHEELS" "$MACHINE/wheels"

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from dcerpc.pdu import PType
 from rpcproxy.errors import ProtocolError
-from rpcproxy.pdu import PType
 
 RTS_HEADER_LEN = 20  # common header + Flags + NumberOfCommands
 RTS_PFC_FLAGS = 0x03  # PFC_FIRST_FRAG | PFC_LAST_FRAG, 2.2.3.6.1

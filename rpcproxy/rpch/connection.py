@@ -86,15 +86,7 @@ from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from rpcproxy import rts
-from rpcproxy.errors import (
-    ERROR_ACCESS_DENIED,
-    RPC_S_SERVER_UNAVAILABLE,
-    BackendUnavailable,
-    ProtocolError,
-    RpcProxyError,
-)
-from rpcproxy.pdu import (
+from dcerpc.pdu import (
     CLIENT_PTYPES,
     HEADER_LEN,
     MAX_FRAG_LENGTH,
@@ -104,6 +96,14 @@ from rpcproxy.pdu import (
     PType,
     single_pdu_ptype,
 )
+from rpcproxy.errors import (
+    ERROR_ACCESS_DENIED,
+    RPC_S_SERVER_UNAVAILABLE,
+    BackendUnavailable,
+    ProtocolError,
+    RpcProxyError,
+)
+from rpcproxy.rpch import rts
 
 Channel = Hashable  # whatever the adapter uses to name one HTTP channel
 # Room an OUT channel needs for the proxy's own RTS written before its first RPC PDU:

@@ -1,0 +1,1 @@
+"""The asyncio/aiohttp adapter: the only code on a virtual connection's path that awaits."""
