@@ -187,7 +187,7 @@ def _placed_cookie(worker: int, count: int) -> bytes:
     """A random VC cookie that a ``count``-worker proxy gives to ``worker``."""
     import os
 
-    from rpcproxy.workers import owner_of
+    from rpcproxy.http.handoff import owner_of
 
     for _ in range(100 * max(1, count)):  # each try lands on `worker` with chance 1/count
         cookie = os.urandom(16)

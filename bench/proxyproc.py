@@ -115,7 +115,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
     """``--workers N``: bind once, fork N workers (rpcproxy.workers.supervise)."""
     import threading
 
-    from rpcproxy.workers import WorkerSet, supervise
+    from rpcproxy.http.handoff import WorkerSet
+    from rpcproxy.workers import supervise
 
     host, _, port = args.listen.rpartition(":")
     sock = socket.create_server((host, int(port)), backlog=4096)

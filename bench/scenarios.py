@@ -623,7 +623,7 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
     ``limits_of`` names, per path, what was CPU-bound: a load-generator process, the
     backend stub, proxy processes, a relay thread, the machine."""
     from bench.procs import process_tree
-    from rpcproxy.workers import owner_of
+    from rpcproxy.http.handoff import owner_of
 
     n = max(1, bench.aggregate_vcs)
     nprocs = max(1, min(bench.aggregate_procs, n))

@@ -48,13 +48,13 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from rpcproxy import sdnotify
+from rpcproxy.certs import CertificateError
 from rpcproxy.config import Config
 from rpcproxy.errors import ConfigError
-from rpcproxy.ratelimit import Exemptions
 
 if TYPE_CHECKING:
-    from rpcproxy.metrics import MetricsListener
-    from rpcproxy.workers import WorkerSet
+    from rpcproxy.http.handoff import WorkerSet
+    from rpcproxy.prometheus import MetricsListener
 
 log = logging.getLogger("rpcproxy")
 
@@ -149,7 +149,7 @@ class ProxyProcess:
             await self._start_metrics(self.metrics_listen)
 
     async def _start_metrics(self, address: str) -> None:
-        from rpcproxy.metrics import MetricsListener
+        from rpcproxy.prometheus import MetricsListener
         from rpcproxy.targets import parse_endpoint
 
         ep = parse_endpoint(address, "metrics_listen", listen=True)
@@ -257,15 +257,12 @@ class ProxyProcess:
         return ok
 
     def _reload(self) -> bool:
-        from rpcproxy.certs import CertificateError, load_cert_chain, server_ssl_context
-        from rpcproxy.server import helper_pool
-
         old = self.config
         server = self.server
         try:
             new = self._load()
-            allow_list = new.allow_list()
-            settings = new.vc_settings()
+            new.allow_list()  # everything is validated before anything changes
+            new.vc_settings()
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc.reason)
             return False
@@ -283,40 +280,12 @@ class ProxyProcess:
                         "on" if new.tls_cert else "off", "on" if old.tls_cert else "off")
             new.tls_cert, new.tls_key = old.tls_cert, old.tls_key
 
-        if new.tls_cert and new.tls_key and server.ssl_context is not None:
-            try:
-                server_ssl_context(new.tls_cert, new.tls_key)  # check the pair first
-                load_cert_chain(server.ssl_context, new.tls_cert, new.tls_key)
-                server.ssl_context.num_tickets = new.tls_session_tickets
-            except CertificateError as exc:
-                log.error("reload failed, keeping the running configuration and certificate: "
-                          "%s", exc.reason)
-                return False
-
-        server.config = new
-        server.allow_list = allow_list
-        server.settings = settings
-        if new.ntlm_helper != old.ntlm_helper:
-            old_pool = server.verifier.pool
-            server.verifier.pool = helper_pool(new)
-            old_pool.close()  # handshakes under way finish on their helpers
-        else:
-            server.verifier.pool.size = new.ntlm_helpers
-            server.verifier.pool.per_source = new.ntlm_helpers_per_source
-            server.verifier.pool.queue_timeout = new.auth_queue_timeout
-        auth = server.authenticator
-        auth.allow_basic = new.allow_basic
-        auth.basic_requires_tls = not new.basic_over_http
-        auth.max_pending = new.max_pending_handshakes
-        auth.handshake_timeout = new.handshake_timeout
-        auth.challenge_timeout = new.ntlm_challenge_timeout
-        if hasattr(auth, "max_pending_per_source"):
-            auth.max_pending_per_source = new.max_pending_handshakes_per_source
-        server.guard.limit = new.max_unauthenticated_connections
-        server.guard.per_source_limit = new.max_unauthenticated_per_source
-        server.guard.exempt = Exemptions(new.per_source_exempt)
-        server.guard.timeout = new.handshake_timeout
-        server.refusals.interval = new.refusal_log_interval
+        try:
+            server.apply(new)
+        except CertificateError as exc:
+            log.error("reload failed, keeping the running configuration and certificate: "
+                      "%s", exc.reason)
+            return False
         logging.getLogger().setLevel(new.log_level.upper())
         self.config = new
 
@@ -324,7 +293,8 @@ class ProxyProcess:
                    if getattr(new, f.name) != getattr(old, f.name)]
         log.info("configuration reloaded (%s); %d live virtual connection(s) kept; "
                  "%d target rule(s): %s", ", ".join(changed) or "no setting changed",
-                 len(server.vcs), len(allow_list), ", ".join(str(r) for r in allow_list.rules))
+                 len(server.vcs), len(server.allow_list),
+                 ", ".join(str(r) for r in server.allow_list.rules))
         if new.tls_cert:
             log.info("TLS certificate reloaded from %s (new connections use it)", new.tls_cert)
         return True
@@ -366,12 +336,11 @@ def _run_loop(config: Config, main: Coroutine[Any, Any, object]) -> None:
 
 def _bind_listeners(config: Config) -> list[socket.socket]:
     """Bind every listening socket in the supervisor, before forking (workers share them)."""
-    from rpcproxy.server import ProxyServer
     from rpcproxy.targets import parse_endpoint
 
     socks: list[socket.socket] = []
     try:
-        for address, tls in ProxyServer(config).listen_addresses():
+        for address, tls in config.listen_addresses():
             ep = parse_endpoint(address, "listen", listen=True)
             family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
             try:

@@ -107,6 +107,16 @@ class Config:
     def listen_endpoint(self) -> Endpoint:
         return parse_endpoint(self.listen, "listen", listen=True)
 
+    def listen_addresses(self) -> list[tuple[str, bool]]:
+        """(address, tls) of every listener, in the order the server opens them (the
+        supervisor of ``--workers`` binds the same list before forking)."""
+        if self.tls_cert:
+            out = [(self.listen, True)]
+            if self.http_listen:
+                out.append((self.http_listen, False))
+            return out
+        return [(self.listen, False)]
+
     def allow_list(self) -> AllowList:
         backend = self.backend_endpoint()
         if self.targets:

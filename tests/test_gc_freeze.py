@@ -1,4 +1,4 @@
-"""The proxy freezes long-lived objects at new highs of open VCs (rpcproxy.server._tune_gc).
+"""The proxy freezes long-lived objects at new highs of open VCs (rpcproxy.http.registry).
 
 What makes that safe: a closed VC is freed by reference counting alone, frozen or not.
 These tests fail if a VC's objects ever need the cyclic collector to go away.
@@ -18,7 +18,8 @@ from bench.backend import BenchBackend
 from bench.client import BasicAuth, RpchClient
 from bench.session import BenchSession
 from rpcproxy import config as config_mod
-from rpcproxy.server import FREEZE_FIRST, ProxyServer
+from rpcproxy.http.registry import FREEZE_FIRST
+from rpcproxy.server import ProxyServer
 
 TARGET = "bench:6001"
 
@@ -67,12 +68,12 @@ async def _until(check: object, seconds: float = 5.0) -> None:
 async def test_freeze_at_a_new_high_then_closed_vcs_are_freed_without_the_collector(
         proxy: tuple[ProxyServer, str, int]) -> None:
     server, host, port = proxy
-    server.freeze_mark = 4  # the production mark is FREEZE_FIRST VCs
+    server.registry.freeze_mark = 4  # the production mark is FREEZE_FIRST VCs
     frozen_before = gc.get_freeze_count()
     conns = await _open(host, port, 6)
-    await _until(lambda: server.stats["gc_freezes"] == 1)
+    await _until(lambda: server.metrics.gc_freezes == 1)
     assert gc.get_freeze_count() > frozen_before
-    assert server.freeze_mark == FREEZE_FIRST  # the next one waits for a real high
+    assert server.registry.freeze_mark == FREEZE_FIRST  # the next one waits for a real high
     runtimes = [weakref.ref(rt) for rt in server.vcs.values()]
     assert len(runtimes) == 6
     gc.disable()  # from here on only reference counting may free anything
@@ -87,9 +88,9 @@ async def test_freeze_at_a_new_high_then_closed_vcs_are_freed_without_the_collec
 
 async def test_no_freeze_below_the_mark(proxy: tuple[ProxyServer, str, int]) -> None:
     server, host, port = proxy
-    server.freeze_mark = 4
+    server.registry.freeze_mark = 4
     conns = await _open(host, port, 3)
     await asyncio.sleep(0.05)
-    assert server.stats["gc_freezes"] == 0
+    assert server.metrics.gc_freezes == 0
     for conn in conns:
         await conn.close()

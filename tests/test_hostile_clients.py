@@ -25,7 +25,7 @@ import spnego
 from rpcproxy import certs
 from rpcproxy import config as config_mod
 from rpcproxy.logs import JsonFormatter, TextFormatter
-from rpcproxy.metrics import ProxyCollector
+from rpcproxy.prometheus import ProxyCollector
 from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, source_key
 from rpcproxy.server import ProxyServer
 from tests.fakes import EchoBackend, TableAuthenticator, basic

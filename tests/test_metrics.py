@@ -8,7 +8,7 @@ import time
 import aiohttp
 
 from rpcproxy import config as config_mod
-from rpcproxy.metrics import LOOP_LAG_INTERVAL, MetricsListener
+from rpcproxy.prometheus import LOOP_LAG_INTERVAL, MetricsListener, ProxyCollector
 from rpcproxy.server import ProxyServer
 
 
@@ -66,7 +66,6 @@ def test_recycling_out_channel_counted_once() -> None:
     channel is both ``out`` and ``old_out`` until the successor arrives)."""
     from types import SimpleNamespace
 
-    from rpcproxy.metrics import ProxyCollector
     from tests.test_connection import recycle_to_a2
 
     server = _server()
@@ -75,3 +74,4 @@ def test_recycling_out_channel_counted_once() -> None:
     (family,) = [f for f in ProxyCollector(server).collect() if f.name == "rpcproxy_channels"]
     counts = {s.labels["direction"]: s.value for s in family.samples}
     assert counts == {"in": 1, "out": 1}
+

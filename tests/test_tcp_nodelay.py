@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from rpcproxy import config as config_mod
-from rpcproxy.server import ChannelProtocol, ProxyServer
+from rpcproxy.http.vc_io import ChannelProtocol
+from rpcproxy.server import ProxyServer
 from tests.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
 from tests.rpch_raw import open_vc
 

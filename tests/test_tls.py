@@ -14,7 +14,8 @@ import pytest
 
 from rpcproxy import certs
 from rpcproxy import config as config_mod
-from rpcproxy.server import ChannelProtocol, ProxyServer
+from rpcproxy.http.vc_io import ChannelProtocol
+from rpcproxy.server import ProxyServer
 from rpcproxy.tls import TlsConnection
 from tests.fakes import EchoBackend, TableAuthenticator, request_pdu
 from tests.test_workers import open_split_vc

@@ -21,9 +21,10 @@ import pytest
 
 from bench.client import BasicAuth, RpchClient
 from rpcproxy import config as config_mod
+from rpcproxy.http.handoff import Handoff, WorkerSet, owner_of
 from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
-from rpcproxy.workers import Handoff, WorkerSet, make_inboxes, owner_of
+from rpcproxy.workers import make_inboxes
 from tests.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
 from tests.rpch_raw import GIB, RawChannel
 
@@ -176,14 +177,14 @@ async def test_tls_relay_keeps_an_answer_that_comes_before_it_is_wired(
     VC never opened)."""
     import asyncio
 
-    from rpcproxy import server as server_mod
+    from rpcproxy.http import handoff
 
     loop_type = type(asyncio.get_running_loop())
     original = loop_type.connect_accepted_socket
 
     async def slow_connect(self: Any, *args: Any, **kwargs: Any) -> Any:
         made = await original(self, *args, **kwargs)
-        if isinstance(made[1], server_mod._Relay):  # the TLS holder's end of the socketpair
+        if isinstance(made[1], handoff._Relay):  # the TLS holder's end of the socketpair
             await asyncio.sleep(0.3)  # it is already being read; the owner answers
         return made
 

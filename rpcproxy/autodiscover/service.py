@@ -25,11 +25,11 @@ import dataclasses
 import datetime as dt
 import logging
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from ntlm.http_auth import Authenticated, Challenge, Denied, Unavailable
+from ntlm.http_auth import Authenticated, Challenge, Denied, HttpAuthenticator, Unavailable
 from ntlm.verifier import Identity
 from rpcproxy.autodiscover import pox
 from rpcproxy.autodiscover.directory import (
@@ -46,10 +46,11 @@ from rpcproxy.autodiscover.settings import (
     legacy_dn,
     parse_table,
 )
+from rpcproxy.http.aiohttp_glue import ConnectionGuard, peer_of
+from rpcproxy.metrics import ServerMetrics
 
 if TYPE_CHECKING:
     from rpcproxy.config import Config
-    from rpcproxy.server import ProxyServer
 
 log = logging.getLogger("rpcproxy.autodiscover")
 
@@ -80,8 +81,23 @@ def resolve(config: Config) -> Resolved:
     return Resolved(table, derive(table, config.server_names, cert_names(config)))
 
 
+class AutodiscoverHost(Protocol):
+    """What the endpoint uses of the proxy it runs in (``rpcproxy.server.ProxyServer``)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def authenticator(self) -> HttpAuthenticator: ...
+
+    @property
+    def metrics(self) -> ServerMetrics: ...
+
+    def auth_source(self, request: web.Request) -> str | None: ...
+
+
 class AutodiscoverService:
-    def __init__(self, server: ProxyServer, directory: Directory | None = None) -> None:
+    def __init__(self, server: AutodiscoverHost, directory: Directory | None = None) -> None:
         self.server = server
         self._fixed_directory = directory
         self._directory: Directory | None = directory
@@ -117,9 +133,7 @@ class AutodiscoverService:
         app.router.add_route("*", ROUTE, self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        from rpcproxy.server import _peer
-
-        peer = _peer(request)
+        peer = peer_of(request)
         resolved = self.resolved()
         table = resolved.table
         if not table.enabled:
@@ -225,7 +239,7 @@ class AutodiscoverService:
             resp.force_close()
             return resp
         if isinstance(outcome, Denied):
-            server.stats["auth_denied"] += 1
+            server.metrics.auth_denied += 1
             log.warning("autodiscover from %s: authentication failed: %s", peer, outcome.reason)
             text = "authentication failed\r\n"
         else:
@@ -242,7 +256,6 @@ class AutodiscoverService:
 
     async def start(self) -> None:
         """Open ``redirect_listen`` when configured (every worker binds it: SO_REUSEPORT)."""
-        from rpcproxy.server import ConnectionGuard
         from rpcproxy.targets import parse_endpoint
 
         resolved = self.resolved()
