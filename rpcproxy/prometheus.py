@@ -3,7 +3,7 @@
 Theory of operation: nothing here runs on the data path. At scrape time ``ProxyCollector``
 reads the counters of ``rpcproxy.metrics.ServerMetrics`` and walks the live VC registry
 (``rpcproxy.http.registry``) for the gauges: VCs by phase, channels open (the core counts
-its own, ``VirtualConnection.channel_counts``), and bytes each way (the totals of closed VCs
+its own, ``VirtualConnection.open_channels``), and bytes each way (the totals of closed VCs
 plus the live ``vc.traffic`` counters). It sees the proxy only through ``Scraped``, never
 the server object. prometheus_client is only imported when the metrics listener starts,
 so it stays an optional dependency (``rpcproxy[metrics]``).
@@ -89,7 +89,7 @@ class ProxyCollector:
         for rt in list(source.registry.vcs.values()):
             vc = rt.vc
             phases[vc.phase.name.lower()] += 1
-            ins, outs = vc.channel_counts()
+            ins, outs = vc.open_channels()
             channels["in"] += ins
             channels["out"] += outs
             live_up += vc.traffic.client_to_backend

@@ -75,3 +75,26 @@ def test_recycling_out_channel_counted_once() -> None:
     counts = {s.labels["direction"]: s.value for s in family.samples}
     assert counts == {"in": 1, "out": 1}
 
+
+def _channel_gauge(server: ProxyServer) -> dict[str, float]:
+    (family,) = [f for f in ProxyCollector(server).collect() if f.name == "rpcproxy_channels"]
+    return {s.labels["direction"]: s.value for s in family.samples}
+
+
+def test_queued_in_successor_counted_while_the_out_channel_recycles() -> None:
+    """The scrape side asks the core: an IN_R2/A1 that overtook the previous A5 waits as a
+    third IN channel (its TCP connection is open) and counts, while the OUT channel that
+    is both ``out`` and ``old_out`` still counts once (the gauge read in=2 here)."""
+    from types import SimpleNamespace
+
+    from tests.test_connection import IN2, IN2_CK, IN3, IN3_CK, ME, TARGET, in_a1, recycle_to_a2
+
+    server = _server()
+    vc, _ = recycle_to_a2()
+    assert vc.old_out is vc.out
+    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=1.0)
+    assert vc.in_queued is not None
+    server.vcs[vc.cookie] = SimpleNamespace(vc=vc)  # type: ignore[assignment]
+    assert _channel_gauge(server) == {"in": 3, "out": 1}
+    assert vc.open_channels() == (3, 1)

@@ -970,3 +970,10 @@ class VirtualConnection:
         if self.backend_requested:
             self._emit(CloseBackend())
         self._emit(VcClosed(reason, error))
+
+    def open_channels(self) -> tuple[int, int]:
+        """(IN, OUT) HTTP channels attached to this VC now, each counted once: while an OUT
+        channel recycles it is both ``out`` and ``old_out``; a queued IN successor counts."""
+        outs = {c.channel for c in (self.out, self.old_out, self.out_successor) if c is not None}
+        ins = {c.channel for c in (self.in_, self.in_successor, self.in_queued) if c is not None}
+        return len(ins), len(outs)
