@@ -14,6 +14,8 @@ import bisect
 from collections import Counter
 from collections.abc import Iterable
 
+from ntlm.http_auth import Authenticated, Challenge, Denied, Unavailable
+
 # Seconds. Auth goes to Samba and back (ms when healthy); a VC handshake additionally waits
 # for the client's second channel and the backend connect.
 AUTH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -104,8 +106,6 @@ class ServerMetrics:
 
     def auth_outcome(self, outcome: object, seconds: float, *, had_credentials: bool) -> None:
         """One HTTP request went through authentication (``ntlm.http_auth`` outcome)."""
-        from ntlm.http_auth import Authenticated, Challenge, Denied, Unavailable
-
         if isinstance(outcome, Authenticated):
             if not had_credentials:
                 return  # a request on an already authenticated connection

@@ -135,9 +135,6 @@ class ProxyServer:
         self.ssl_context: ssl.SSLContext | None = None
         self.autodiscover = AutodiscoverService(self)  # /autodiscover/autodiscover.xml
 
-    # ---- lifecycle ----------------------------------------------------------------------
-
-
     @property
     def vcs(self) -> dict[bytes, VcRuntime]:
         """Open VCs by cookie (the registry's)."""
@@ -145,7 +142,11 @@ class ProxyServer:
 
     @property
     def vcs_per_user(self) -> collections.Counter[Hashable]:
+        """Open VCs per identity (the registry's)."""
         return self.registry.per_user
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
         for path in PATHS:
@@ -199,12 +200,10 @@ class ProxyServer:
         tune_gc()
         return bound
 
-
     def make_ssl_context(self) -> ssl.SSLContext:
         assert self.config.tls_cert and self.config.tls_key
         return server_ssl_context(self.config.tls_cert, self.config.tls_key,
                                   session_tickets=self.config.tls_session_tickets)
-
 
     def apply(self, config: Config) -> None:
         """A reloaded configuration: new requests, VCs and connections follow it; live VCs
@@ -501,9 +500,9 @@ class ProxyServer:
         if leftover or early:
             channel.data_received(leftover + early)
 
-
     def _take_over(self, request: web.Request, kind: str,
                    body_left: int) -> tuple[ChannelProtocol, bytes]:
+        """The request's transport becomes a ChannelProtocol (``aiohttp_glue.take_over``)."""
         return take_over(request, kind, body_left)
 
     async def _hand_off(self, request: web.Request, pdu: rts.RtsPdu, body_left: int,

@@ -9,6 +9,7 @@ to its owner. The supervisor's fork/respawn path is exercised by running
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import ssl
@@ -38,6 +39,18 @@ def test_owner_is_stable_and_spread() -> None:
     assert owners == [owner_of(c, 2) for c in cookies]
     assert 800 < owners.count(0) < 1200
     assert all(owner_of(c, 1) == 0 for c in cookies[:10])
+
+
+def test_supervisor_binds_the_listeners_the_server_opens() -> None:
+    """The supervisor binds ``Config.listen_addresses()`` before forking; a worker's
+    ProxyServer opens its listeners on those sockets in the same order (TLS first)."""
+    plain = config_mod.load(None, {"backend": "127.0.0.1:1", "listen": "127.0.0.1:8443",
+                                   "http_listen": "127.0.0.1:8080"})
+    assert plain.listen_addresses() == [("127.0.0.1:8443", False)]  # no TLS: one listener
+    tls = dataclasses.replace(plain, tls_cert="cert.pem", tls_key="key.pem")
+    assert tls.listen_addresses() == [("127.0.0.1:8443", True), ("127.0.0.1:8080", False)]
+    assert dataclasses.replace(tls, http_listen=None).listen_addresses() == [
+        ("127.0.0.1:8443", True)]
 
 
 def test_handoff_record_round_trip() -> None:
