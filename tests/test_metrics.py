@@ -1,4 +1,4 @@
-"""rpcproxy.metrics in process: the event-loop lag probe and its histogram on /metrics."""
+"""rpcproxy.prometheus and rpcproxy.metrics in process: loop lag probe, /metrics, gauges."""
 
 from __future__ import annotations
 
