@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.samba_dc import SambaDC, samba_dc_session
-from tests.test_deploy_support import ServeProcess
+from tests.support.deploy_support import ServeProcess
+from tests.support.samba_dc import SambaDC, samba_dc_session
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from rpcproxy.autodiscover.settings import (
 )
 from rpcproxy.errors import ConfigError
 
-DATA = Path(__file__).parent / "data" / "autodiscover"
+DATA = Path(__file__).parents[1] / "data" / "autodiscover"
 SCHEMA = pox.OUTLOOK_RESPONSE_NS
 
 

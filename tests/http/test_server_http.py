@@ -18,8 +18,8 @@ import pytest
 from rpcproxy import config as config_mod
 from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
-from tests.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
-from tests.rpch_raw import GIB, RawChannel, open_vc
+from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
+from tests.support.rpch_raw import GIB, RawChannel, open_vc
 
 ALICE = basic("alice", "pw-alice")
 BOB = basic("bob", "pw-bob")

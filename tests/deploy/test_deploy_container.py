@@ -17,7 +17,7 @@ import pytest
 
 from rpcproxy import certs
 from rpcproxy.cli import _load_plugins, build_parser, config_from_args
-from tests.test_deploy_support import (
+from tests.support.deploy_support import (
     REPO,
     ServeProcess,
     child_env,

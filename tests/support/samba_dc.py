@@ -162,7 +162,7 @@ def _claim_host(forced: str | None) -> tuple[str, IO[bytes]]:
 
 def _smb_conf(base: Path, host: str) -> str:
     d = str(base)
-    return f"""# Written by tests/samba_dc.py: loopback only, everything under {d}
+    return f"""# Written by tests/support/samba_dc.py: loopback only, everything under {d}
 [global]
 \tnetbios name = {HOST_NAME}
 \trealm = {REALM}

@@ -26,7 +26,7 @@ from ntlm.http_auth import (
 )
 from ntlm.verifier import Handshake, Identity
 from ntlm.winbind import HelperPool, WinbindVerifier
-from tests.samba_dc import SambaDC
+from tests.support.samba_dc import SambaDC
 
 TESTUSER = Identity("testuser", "EXAMPLE")
 BASIC_OFFER = 'Basic realm="rpcproxy"'

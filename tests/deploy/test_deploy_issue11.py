@@ -23,8 +23,7 @@ import pytest
 
 from rpcproxy import certs, check, logs, provision, workers
 from rpcproxy.cli import _load_plugins, build_parser, config_from_args, main
-from tests.samba_dc import SambaDC
-from tests.test_deploy_support import (
+from tests.support.deploy_support import (
     ENTRYPOINT,
     REPO,
     NotifySocket,
@@ -33,6 +32,7 @@ from tests.test_deploy_support import (
     unused_port,
     wait_until,
 )
+from tests.support.samba_dc import SambaDC
 
 UNIT = REPO / "deploy" / "systemd" / "rpcproxy.service"
 
@@ -369,7 +369,7 @@ def test_under_journal_stream_lines_carry_priority_not_time(tmp_path: Path) -> N
         st = os.fstat(fh.fileno())
         import subprocess
 
-        from tests.test_deploy_support import child_env, serve_command
+        from tests.support.deploy_support import child_env, serve_command
 
         done = subprocess.run(serve_command("serve", "--listen",
                                             f"127.0.0.1:{busy.getsockname()[1]}"),

@@ -25,9 +25,9 @@ from rpcproxy import certs
 from rpcproxy import config as config_mod
 from rpcproxy.proxyproto import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, parse
 from rpcproxy.server import ProxyServer
-from tests.fakes import EchoBackend, TableAuthenticator, basic
-from tests.rpch_raw import RawChannel, open_vc
-from tests.test_deploy_haproxy import _haproxy
+from tests.deploy.test_deploy_haproxy import _haproxy
+from tests.support.fakes import EchoBackend, TableAuthenticator, basic
+from tests.support.rpch_raw import RawChannel, open_vc
 
 PATH = "/rpc/rpcproxy.dll?srv:6001"
 ALICE = basic("alice", "pw-alice")

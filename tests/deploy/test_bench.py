@@ -33,9 +33,9 @@ from bench.protocol import IntegrityError
 from bench.session import BenchSession
 from rpcproxy import config as config_mod
 from rpcproxy.server import ProxyServer
-from tests.samba_dc import SambaDC
+from tests.support.samba_dc import SambaDC
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TARGET = "bench:6001"
 
 pytestmark = pytest.mark.timeout(60)

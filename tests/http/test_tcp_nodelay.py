@@ -18,8 +18,8 @@ import pytest
 
 from rpcproxy import config as config_mod
 from rpcproxy.server import ChannelProtocol, ProxyServer
-from tests.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
-from tests.rpch_raw import open_vc
+from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
+from tests.support.rpch_raw import open_vc
 
 
 def _nodelay(sock: object) -> int:

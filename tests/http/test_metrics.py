@@ -67,7 +67,7 @@ def test_recycling_out_channel_counted_once() -> None:
     from types import SimpleNamespace
 
     from rpcproxy.metrics import ProxyCollector
-    from tests.test_connection import recycle_to_a2
+    from tests.unit.test_connection import recycle_to_a2
 
     server = _server()
     vc, _ = recycle_to_a2()

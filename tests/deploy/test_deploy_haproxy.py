@@ -24,8 +24,7 @@ import pytest
 from bench.backend import BenchBackend
 from bench.client import BasicAuth, RpchClient, RpchError
 from bench.session import BenchSession
-from tests.samba_dc import SambaDC
-from tests.test_deploy_support import (
+from tests.support.deploy_support import (
     REPO,
     ServeProcess,
     http_get,
@@ -33,6 +32,7 @@ from tests.test_deploy_support import (
     unused_port,
     wait_until,
 )
+from tests.support.samba_dc import SambaDC
 
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 TARGET = "mail.example.com:6001"

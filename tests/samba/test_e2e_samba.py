@@ -23,9 +23,9 @@ from impacket.dcerpc.v5 import samr, transport
 from impacket.dcerpc.v5.rpcrt import RPC_C_AUTHN_LEVEL_PKT_PRIVACY
 from impacket.http import AUTH_BASIC
 
-from tests.proxy_harness import ProxyThread, SpyBackend
-from tests.rawhttp import RawConnection, basic_header, ntlm_request
-from tests.samba_dc import SambaDC
+from tests.support.proxy_harness import ProxyThread, SpyBackend
+from tests.support.rawhttp import RawConnection, basic_header, ntlm_request
+from tests.support.samba_dc import SambaDC
 
 pytestmark = pytest.mark.samba
 

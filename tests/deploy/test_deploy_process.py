@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from rpcproxy import certs
-from tests.samba_dc import SambaDC
-from tests.test_deploy_support import (
+from tests.support.deploy_support import (
     BIND_ACK_PTYPE,
     NotifySocket,
     ServeProcess,
@@ -24,6 +23,7 @@ from tests.test_deploy_support import (
     unused_port,
     wait_until,
 )
+from tests.support.samba_dc import SambaDC
 
 
 def _serve(procs: list[ServeProcess], *args: str, env: dict[str, str] | None = None

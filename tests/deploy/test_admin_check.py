@@ -12,8 +12,8 @@ from rpcproxy import certs
 from rpcproxy.check import check_certificate
 from rpcproxy.cli import main
 from rpcproxy.config import Config
-from tests.samba_dc import SambaDC
-from tests.test_deploy_support import unused_port
+from tests.support.deploy_support import unused_port
+from tests.support.samba_dc import SambaDC
 
 pytestmark = pytest.mark.samba
 

@@ -14,7 +14,7 @@ import pytest
 from rpcproxy import config as config_mod
 from rpcproxy.cli import _load_plugins, build_parser
 
-SYSTEMD_DIR = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
+SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 UNIT = SYSTEMD_DIR / "rpcproxy.service"
 
 

@@ -17,7 +17,7 @@ import pytest
 from bench.client import BasicAuth, RpchClient
 from rpcproxy import config as config_mod
 from rpcproxy.server import ProxyServer
-from tests.fakes import EchoBackend, TableAuthenticator, request_pdu
+from tests.support.fakes import EchoBackend, TableAuthenticator, request_pdu
 
 
 @pytest.fixture
@@ -91,8 +91,8 @@ async def test_successor_of_another_user_is_refused(
     import os
 
     from rpcproxy.rpch import rts
-    from tests.fakes import basic
-    from tests.rpch_raw import GIB, RawChannel, open_vc
+    from tests.support.fakes import basic
+    from tests.support.rpch_raw import GIB, RawChannel, open_vc
 
     server, port, _ = small_channels
     vc = await open_vc(port, basic("alice", "pw-alice"))
@@ -119,8 +119,8 @@ async def test_in_r2_a1_that_overtakes_the_pending_a5_waits_for_it(
     import os
 
     from rpcproxy.rpch import rts
-    from tests.fakes import basic
-    from tests.rpch_raw import GIB, RawChannel, open_vc
+    from tests.support.fakes import basic
+    from tests.support.rpch_raw import GIB, RawChannel, open_vc
 
     server, port, backend = small_channels
     auth = {"Authorization": basic("alice", "pw-alice")}

@@ -1,7 +1,7 @@
 """Unit tests for rpcproxy.rpch.rts: commands, RTS PDU codec, identify(), builders.
 
 Byte-exact oracles: the hex dumps of rpch-notes.md and a reconstruction of Samba's client
-(tests/rts_captures.py), and PDUs built by impacket's own client code.
+(tests/support/rts_captures.py), and PDUs built by impacket's own client code.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from rpcproxy.rpch.rts import (
     encode_command,
     identify,
 )
-from tests import rts_captures as cap
+from tests.support import rts_captures as cap
 
 C1 = bytes(range(16))
 C2 = bytes(range(16, 32))

@@ -34,7 +34,7 @@ from types import ModuleType
 from bench import dcerpc
 from rpcproxy.rpch import rts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RTS_PTYPE = 20
 BIND_ACK_PTYPE = 12
 IN_CONTENT_LENGTH = 0x40000000

@@ -25,7 +25,7 @@ from ntlm.basic import verify_password
 from ntlm.errors import AuthenticationFailed, NtlmServerUnavailable, Refusal, Unreachable
 from ntlm.verifier import Identity, has_control_characters
 from ntlm.winbind import HelperPool, WinbindVerifier
-from tests.samba_dc import SambaDC
+from tests.support.samba_dc import SambaDC
 
 TESTUSER = Identity(user="testuser", domain="EXAMPLE")
 

@@ -24,8 +24,8 @@ from rpcproxy import config as config_mod
 from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
 from rpcproxy.workers import Handoff, WorkerSet, make_inboxes, owner_of
-from tests.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
-from tests.rpch_raw import GIB, RawChannel
+from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
+from tests.support.rpch_raw import GIB, RawChannel
 
 PATH = "/rpc/rpcproxy.dll?srv:6001"
 ALICE = basic("alice", "pw-alice")

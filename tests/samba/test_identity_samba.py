@@ -24,11 +24,11 @@ import spnego
 from rpcproxy import config as config_mod
 from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
-from tests.fakes import EchoBackend, request_pdu
-from tests.rpch_raw import GIB, Head, RawChannel
-from tests.samba_dc import SambaDC
-from tests.test_ntlm_winbind import replace_user_field
-from tests.test_server_http import Env
+from tests.http.test_server_http import Env
+from tests.samba.test_ntlm_winbind import replace_user_field
+from tests.support.fakes import EchoBackend, request_pdu
+from tests.support.rpch_raw import GIB, Head, RawChannel
+from tests.support.samba_dc import SambaDC
 
 pytestmark = pytest.mark.samba
 

@@ -28,9 +28,9 @@ from rpcproxy.logs import JsonFormatter, TextFormatter
 from rpcproxy.metrics import ProxyCollector
 from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, source_key
 from rpcproxy.server import ProxyServer
-from tests.fakes import EchoBackend, TableAuthenticator, basic
-from tests.rpch_raw import RawChannel, open_vc
-from tests.samba_dc import SambaDC
+from tests.support.fakes import EchoBackend, TableAuthenticator, basic
+from tests.support.rpch_raw import RawChannel, open_vc
+from tests.support.samba_dc import SambaDC
 
 PATH = "/rpc/rpcproxy.dll?srv:6001"
 ALICE = basic("alice", "pw-alice")

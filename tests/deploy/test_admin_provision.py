@@ -17,7 +17,7 @@ import pytest
 from ntlm import HelperPool, WinbindVerifier, verify_password
 from rpcproxy import provision
 from rpcproxy.cli import main
-from tests.samba_dc import SambaDC
+from tests.support.samba_dc import SambaDC
 
 GUIDE_CONF = """# Global parameters
 [global]

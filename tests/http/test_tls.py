@@ -16,8 +16,8 @@ from rpcproxy import certs
 from rpcproxy import config as config_mod
 from rpcproxy.server import ChannelProtocol, ProxyServer
 from rpcproxy.tls import TlsConnection
-from tests.fakes import EchoBackend, TableAuthenticator, request_pdu
-from tests.test_workers import open_split_vc
+from tests.http.test_workers import open_split_vc
+from tests.support.fakes import EchoBackend, TableAuthenticator, request_pdu
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 

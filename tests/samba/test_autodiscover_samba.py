@@ -22,14 +22,14 @@ from exchangelib.version import Build
 
 from rpcproxy import certs
 from rpcproxy.autodiscover.directory import LdapDirectory, server_url
-from tests.proxy_harness import ProxyThread, SpyBackend
-from tests.rawhttp import RawConnection, RawResponse
-from tests.samba_dc import SambaDC
-from tests.test_e2e_samba import run_with_timeout, samr_domains
+from tests.samba.test_e2e_samba import run_with_timeout, samr_domains
+from tests.support.proxy_harness import ProxyThread, SpyBackend
+from tests.support.rawhttp import RawConnection, RawResponse
+from tests.support.samba_dc import SambaDC
 
 pytestmark = pytest.mark.samba
 
-DATA = Path(__file__).parent / "data" / "autodiscover"
+DATA = Path(__file__).parents[1] / "data" / "autodiscover"
 HOST = "mail.example.com"
 OTHER_LEGACY_DN = "/o=OpenChange Org/ou=First Administrative Group/cn=Recipients/cn=otheruser"
 
@@ -258,7 +258,7 @@ def test_lower_and_upper_case_paths(proxy: ProxyThread, tls_pair: Any) -> None:
 
 
 def _anonymous_ntlm(conn: RawConnection, body: bytes) -> RawResponse:
-    from tests.test_ntlm_winbind import anonymous_authenticate
+    from tests.samba.test_ntlm_winbind import anonymous_authenticate
 
     client = spnego.client("u", "p", protocol="ntlm")
     t1 = client.step()
@@ -327,7 +327,7 @@ def test_another_users_or_unknown_address_is_refused(proxy: ProxyThread, tls_pai
 
 def test_bad_bodies_get_error_responses_without_traceback(
         proxy: ProxyThread, tls_pair: Any, caplog: pytest.LogCaptureFixture) -> None:
-    from tests.test_autodiscover_pox import BAD
+    from tests.unit.test_autodiscover_pox import BAD
 
     caplog.set_level(logging.INFO)
     auth = basic("testuser", "Test1234")
@@ -500,7 +500,7 @@ def test_bad_input_memory_is_bounded(proxy: ProxyThread, tls_pair: Any) -> None:
     """50 entity bombs and 50 claimed 50 MiB bodies: the proxy's peak allocation stays small."""
     import tracemalloc
 
-    from tests.test_autodiscover_pox import BILLION_LAUGHS
+    from tests.unit.test_autodiscover_pox import BILLION_LAUGHS
 
     auth = basic("testuser", "Test1234")
     tracemalloc.start()
