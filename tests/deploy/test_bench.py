@@ -645,9 +645,10 @@ def test_bottleneck_notes_judge_the_busiest_process() -> None:
     """Several load-generator (or proxy) processes are CPU-bound only when one of them is."""
     from bench.scenarios import bottleneck, limits_of
 
-    spread = {"wall_s": 1.0, "loadgen_cpu": 1.3, "loadgen_processes": 3,
-              "loadgen_busiest": 0.5, "proxy_cpu": 0.9, "proxy_processes": 3,
-              "proxy_busiest": 0.45, "backend_cpu": 0.2, "irq_cpu": 0.1, "other_cpu": 0.0}
+    spread: dict[str, float | None] = {
+        "wall_s": 1.0, "loadgen_cpu": 1.3, "loadgen_processes": 3,
+        "loadgen_busiest": 0.5, "proxy_cpu": 0.9, "proxy_processes": 3,
+        "proxy_busiest": 0.45, "backend_cpu": 0.2, "irq_cpu": 0.1, "other_cpu": 0.0}
     note = bottleneck({"proxy": spread})
     assert "CPU-bound" not in note and "load generator" not in note
     hot = dict(spread, loadgen_busiest=0.97)

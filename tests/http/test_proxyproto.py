@@ -17,10 +17,11 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from ntlm.http_auth import HttpAuthenticator
 from rpcproxy import certs
 from rpcproxy import config as config_mod
 from rpcproxy.proxyproto import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, parse
@@ -110,7 +111,8 @@ async def start(backend: EchoBackend, **overrides: Any) -> tuple[ProxyServer, in
         "proxy_protocol_from": ["127.0.0.1"],
     }
     cfg.update(overrides)
-    server = ProxyServer(config_mod.load(None, cfg), authenticator=TableAuthenticator())
+    server = ProxyServer(config_mod.load(None, cfg),
+                         authenticator=cast(HttpAuthenticator, TableAuthenticator()))
     bound = await server.start()
     return server, bound[0][1]
 

@@ -11,10 +11,11 @@ import os
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from ntlm.http_auth import HttpAuthenticator
 from rpcproxy import config as config_mod
 from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
@@ -42,7 +43,8 @@ async def make_env(**overrides: Any) -> Env:
         "basic_over_http": True,
     }
     cfg.update(overrides)
-    server = ProxyServer(config_mod.load(None, cfg), authenticator=TableAuthenticator())
+    server = ProxyServer(config_mod.load(None, cfg),
+                         authenticator=cast(HttpAuthenticator, TableAuthenticator()))
     bound = await server.start()
     return Env(server, bound[0][1], backend)
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 
+from ntlm.http_auth import HttpAuthenticator
 from rpcproxy import config as config_mod
 from rpcproxy.server import ChannelProtocol, ProxyServer
 from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
@@ -41,7 +43,8 @@ async def test_listener_channels_and_backend_have_tcp_nodelay(backend: EchoBacke
     cfg = config_mod.load(None, {"listen": "127.0.0.1:0", "backend": backend.endpoint,
                                  "targets": ["srv:6001"], "basic_over_http": True})
     socks = [socket.create_server(("127.0.0.1", 0))] if prebound else None
-    server = ProxyServer(cfg, authenticator=TableAuthenticator(), listen_sockets=socks)
+    server = ProxyServer(cfg, authenticator=cast(HttpAuthenticator, TableAuthenticator()),
+                         listen_sockets=socks)
     port = (await server.start())[0][1]
     try:
         vc = await open_vc(port, basic("alice", "pw-alice"))

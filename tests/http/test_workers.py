@@ -15,11 +15,12 @@ import ssl
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from bench.client import BasicAuth, RpchClient
+from ntlm.http_auth import HttpAuthenticator
 from rpcproxy import config as config_mod
 from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
@@ -53,7 +54,8 @@ async def make_pair(backend: EchoBackend, **extra: Any) -> list[ProxyServer]:
                                      "targets": ["srv:6001"], "basic_over_http": True,
                                      **extra})
         ws = WorkerSet(i, 2, [p[0] for p in inboxes], inboxes[i][1])
-        server = ProxyServer(cfg, authenticator=TableAuthenticator(), workers=ws)
+        server = ProxyServer(cfg, authenticator=cast(HttpAuthenticator, TableAuthenticator()),
+                             workers=ws)
         server.bound = await server.start()  # type: ignore[attr-defined]
         servers.append(server)
     return servers

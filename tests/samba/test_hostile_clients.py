@@ -17,11 +17,12 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import spnego
 
+from ntlm.http_auth import HttpAuthenticator
 from rpcproxy import certs
 from rpcproxy import config as config_mod
 from rpcproxy.logs import JsonFormatter, TextFormatter
@@ -46,13 +47,16 @@ async def start(backend: EchoBackend, authenticator: Any = None, **overrides: An
     }
     cfg.update(overrides)
     server = ProxyServer(config_mod.load(None, cfg),
-                         authenticator=authenticator or TableAuthenticator())
+                         authenticator=authenticator
+                         or cast(HttpAuthenticator, TableAuthenticator()))
     await server.start()
     return server
 
 
 def port_of(server: ProxyServer) -> int:
-    return int(server.servers[0].sockets[0].getsockname()[1])
+    listener = server.servers[0]
+    assert isinstance(listener, asyncio.Server)
+    return int(listener.sockets[0].getsockname()[1])
 
 
 @pytest.fixture

@@ -282,11 +282,9 @@ async def _open_channel(host: str, port: int, method: str, target: str, auth: st
                         tls: ssl.SSLContext | None = None, server_hostname: str | None = None
                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     local = (source, 0) if source else None
-    extra: dict[str, object] = {}
-    if tls is not None:
-        extra = {"ssl": tls, "server_hostname": server_hostname or host}
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, port, local_addr=local, **extra), 10)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(
+        host, port, local_addr=local, ssl=tls,
+        server_hostname=None if tls is None else server_hostname or host), 10)
     head = (f"{method} /rpc/rpcproxy.dll?{target} HTTP/1.1\r\n"
             f"Host: {host}\r\nAccept: application/rpc\r\nUser-Agent: MSRPC\r\n"
             f"Cache-Control: no-cache\r\nAuthorization: {auth}\r\n"

@@ -122,7 +122,7 @@ def settings(**kw: object) -> pox.ResponseSettings:
     s = derive(t, ["mail.example.com", "mail"], CertNames("mail.example.com",
                                                           ["mail.example.com",
                                                            "autodiscover.example.com"]))
-    return pox.ResponseSettings(**{**s.__dict__, **kw})  # type: ignore[arg-type]
+    return pox.ResponseSettings(**{**s.__dict__, **kw})
 
 
 def test_response_read_by_exchangelib() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import struct
 from collections.abc import Callable, Hashable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -19,12 +20,12 @@ from rpcproxy.errors import (
     ERROR_ACCESS_DENIED,
     RPC_S_PROTOCOL_ERROR,
     RPC_S_SERVER_UNAVAILABLE,
+    BackendUnavailable,
     RpcProxyError,
 )
 from rpcproxy.rpch import rts
 from rpcproxy.rpch.connection import (
     Action,
-    BackendUnavailable,
     CloseBackend,
     CloseChannel,
     ConnectBackend,
@@ -201,8 +202,8 @@ def test_every_permutation_never_raises_and_connects_once() -> None:
     for order in itertools.permutations(("a1", "b1", "up")):
         vc = new_vc()
         events: dict[str, Callable[[], list[Action]]] = {
-            "a1": lambda vc=vc: open_out(vc), "b1": lambda vc=vc: open_in(vc),
-            "up": lambda vc=vc: vc.backend_up(0.5)}
+            "a1": partial(open_out, vc), "b1": partial(open_in, vc),
+            "up": partial(vc.backend_up, 0.5)}
         acts = [a for e in order for a in events[e]()]
         assert acts.count(ConnectBackend()) == 1
         assert acts[-3:] == [
@@ -1581,11 +1582,16 @@ def test_fast_paths_change_nothing_under_hostile_events(ops: list[tuple[str, int
     _same_outcome(ops, strict=False)
 
 
-def test_fast_paths_are_taken() -> None:
+def test_fast_paths_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     """The common reads really take the fast paths (else the test above proves nothing)."""
     vc = opened()
     calls: list[str] = []
-    vc._run = lambda fn, *a: calls.append(fn.__name__) or []  # type: ignore[method-assign]
+
+    def spy(fn: Callable[..., object], *a: object) -> list[Action]:
+        calls.append(fn.__name__)
+        return []
+
+    monkeypatch.setattr(vc, "_run", spy)
     assert vc.in_data(IN, rpc(PType.REQUEST, 64), 1.0) == [SendToBackend(rpc(PType.REQUEST, 64))]
     response = rpc(PType.RESPONSE, 64)
     assert vc.backend_data(response, 1.0) == [SendToClient(OUT, response)]
