@@ -41,7 +41,7 @@ from rpcproxy.tls import TlsConnection
 # aiohttp's C parser (llhttp) only knows the registered HTTP methods and rejects
 # RPC_IN_DATA / RPC_OUT_DATA with "Invalid method". The pure-Python request
 # parser accepts any RFC 9110 token; it only parses headers, the channel bodies
-# pass through it in large chunks. tests/test_server_http.py guards this.
+# pass through it in large chunks. tests/http/test_server_http.py guards this.
 aiohttp.web_protocol.HttpRequestParser = aiohttp.http_parser.HttpRequestParserPy  # type: ignore[attr-defined]
 
 

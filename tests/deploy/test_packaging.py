@@ -1,0 +1,14 @@
+"""The wheel carries every package of the source tree (an install from it can import them all)."""
+
+import tomllib
+from pathlib import Path
+
+from setuptools import find_packages
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_source_package_is_packaged() -> None:
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = find_packages(str(ROOT), include=["rpcproxy*", "ntlm*", "bench*"])
+    assert sorted(found) == sorted(listed)

@@ -1,0 +1,219 @@
+"""Multi-worker mode: the channels of one VC meet in the worker that owns its cookie.
+
+Two ProxyServers in one event loop stand in for two worker processes: each
+has its own listener and WorkerSet, and they share the inboxes, so a channel
+accepted by the "wrong" one is really handed off (SCM_RIGHTS, or a TLS relay)
+to its owner. The supervisor's fork/respawn path is exercised by running
+``rpcproxy serve --workers 2`` in test_multiworker_process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import ssl
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from bench.client import BasicAuth, RpchClient
+from ntlm.http_auth import HttpAuthenticator
+from rpcproxy import config as config_mod
+from rpcproxy.http.handoff import Handoff, WorkerSet, owner_of
+from rpcproxy.rpch import rts
+from rpcproxy.server import ProxyServer
+from rpcproxy.workers import make_inboxes
+from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
+from tests.support.rpch_raw import GIB, RawChannel
+
+PATH = "/rpc/rpcproxy.dll?srv:6001"
+ALICE = basic("alice", "pw-alice")
+
+
+def test_owner_is_stable_and_spread() -> None:
+    cookies = [os.urandom(16) for _ in range(2000)]
+    owners = [owner_of(c, 2) for c in cookies]
+    assert owners == [owner_of(c, 2) for c in cookies]
+    assert 800 < owners.count(0) < 1200
+    assert all(owner_of(c, 1) == 0 for c in cookies[:10])
+
+
+def test_supervisor_binds_the_listeners_the_server_opens() -> None:
+    """The supervisor binds ``Config.listen_addresses()`` before forking; a worker's
+    ProxyServer opens its listeners on those sockets in the same order (TLS first)."""
+    plain = config_mod.load(None, {"backend": "127.0.0.1:1", "listen": "127.0.0.1:8443",
+                                   "http_listen": "127.0.0.1:8080"})
+    assert plain.listen_addresses() == [("127.0.0.1:8443", False)]  # no TLS: one listener
+    tls = dataclasses.replace(plain, tls_cert="cert.pem", tls_key="key.pem")
+    assert tls.listen_addresses() == [("127.0.0.1:8443", True), ("127.0.0.1:8080", False)]
+    assert dataclasses.replace(tls, http_listen=None).listen_addresses() == [
+        ("127.0.0.1:8443", True)]
+
+
+def test_handoff_record_round_trip() -> None:
+    h = Handoff("RPC_IN_DATA", b"\x05\x00pdu", 123, b"\x00left", "alice", "TEST", "srv",
+                6001, "127.0.0.1", 1024, "127.0.0.1:5555")
+    assert Handoff.decode(h.encode()) == h
+
+
+async def make_pair(backend: EchoBackend, **extra: Any) -> list[ProxyServer]:
+    inboxes = make_inboxes(2)
+    servers = []
+    for i in range(2):
+        cfg = config_mod.load(None, {"listen": "127.0.0.1:0", "backend": backend.endpoint,
+                                     "targets": ["srv:6001"], "basic_over_http": True,
+                                     **extra})
+        ws = WorkerSet(i, 2, [p[0] for p in inboxes], inboxes[i][1])
+        server = ProxyServer(cfg, authenticator=cast(HttpAuthenticator, TableAuthenticator()),
+                             workers=ws)
+        server.bound = await server.start()  # type: ignore[attr-defined]
+        servers.append(server)
+    return servers
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[EchoBackend]:
+    b = await EchoBackend().start()
+    yield b
+    await b.stop()
+
+
+async def open_split_vc(in_port: int, out_port: int,
+                        ssl_ctx: ssl.SSLContext | None = None) -> tuple[RawChannel, RawChannel]:
+    import asyncio
+
+    vc, in_c, out_c, grp = (os.urandom(16) for _ in range(4))
+
+    async def conn(port: int) -> RawChannel:
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_ctx)
+        return RawChannel(r, w)
+
+    inp = await conn(in_port)
+    out = await conn(out_port)
+    inp.request("RPC_IN_DATA", PATH, content_length=GIB, headers={"Authorization": ALICE},
+                body=rts.conn_b1(vc, in_c, grp))
+    out.request("RPC_OUT_DATA", PATH, content_length=76, headers={"Authorization": ALICE},
+                body=rts.conn_a1(vc, out_c, 0x40000))
+    head = await out.head()
+    assert head.status == 200, (head.status, head.reason)
+    assert rts.identify(rts.decode_rts(await out.pdu())) is rts.Kind.CONN_A3
+    assert rts.identify(rts.decode_rts(await out.pdu())) is rts.Kind.CONN_C2
+    return inp, out
+
+
+async def exercise(inp: RawChannel, out: RawChannel, calls: int = 30) -> None:
+    for call_id in range(1, calls + 1):
+        stub = struct.pack("<I", call_id) * (call_id * 40)
+        inp.send(request_pdu(call_id, stub))
+        while True:
+            pdu = await out.pdu()
+            if pdu[2] != 20:
+                break
+        assert pdu[2] == 2 and pdu[3:] == request_pdu(call_id, stub)[3:]
+
+
+async def test_channels_split_across_workers_meet(backend: EchoBackend) -> None:
+    a, b = await make_pair(backend)
+    pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
+    try:
+        for in_port, out_port in ((pa, pb), (pb, pa), (pa, pa), (pb, pb)) * 3:
+            inp, out = await open_split_vc(in_port, out_port)
+            await exercise(inp, out)
+            inp.close()
+            out.close()
+        assert a.workers is not None and b.workers is not None
+        assert a.workers.sent + b.workers.sent > 0, "some channels must have been handed off"
+        assert a.workers.received + b.workers.received == a.workers.sent + b.workers.sent
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_recycling_with_full_client_across_workers(backend: EchoBackend) -> None:
+    """RpchClient opens successors on whichever port; OUT_R2 and IN_R2 still work."""
+    a, b = await make_pair(backend, out_content_length=80 * 1024)
+    try:
+        client = await RpchClient.connect(
+            "127.0.0.1", a.bound[0][1], target="srv:6001",  # type: ignore[attr-defined]
+            auth=BasicAuth("alice", "pw-alice"), in_content_length=0x20000, timeout=10)
+        digest = hashlib.sha256()
+        back = hashlib.sha256()
+        for call_id in range(1, 150):
+            pdu = request_pdu(call_id, bytes([call_id % 256]) * 3000)
+            digest.update(pdu[3:])
+            await client.send_pdu(pdu)
+            back.update((await client.recv_pdu())[3:])
+        assert back.digest() == digest.digest()
+        assert client.out_recycles >= 2 and client.in_recycles >= 2
+        await client.close()
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def make_tls_pair(backend: EchoBackend, tmp_path: Path
+                        ) -> tuple[ProxyServer, ProxyServer, ssl.SSLContext]:
+    """Two TLS workers with a throwaway certificate, and a client context trusting it."""
+    from rpcproxy.certs import create_self_signed
+
+    create_self_signed("proxy.example.com", tmp_path)
+    a, b = await make_pair(backend, tls_cert=str(tmp_path / "cert.pem"),
+                           tls_key=str(tmp_path / "key.pem"), basic_over_http=False)
+    client_ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    client_ctx.check_hostname = False
+    return a, b, client_ctx
+
+
+async def test_tls_channels_relayed_to_owner(backend: EchoBackend, tmp_path: Path) -> None:
+    a, b, client_ctx = await make_tls_pair(backend, tmp_path)
+    pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
+    try:
+        for in_port, out_port in ((pa, pb), (pb, pa)) * 3:
+            inp, out = await open_split_vc(in_port, out_port, client_ctx)
+            await exercise(inp, out, calls=10)
+            inp.close()
+            out.close()
+        assert a.workers is not None and b.workers is not None
+        assert a.workers.sent + b.workers.sent > 0
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_tls_relay_keeps_an_answer_that_comes_before_it_is_wired(
+        backend: EchoBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner may answer a TLS channel handed to it (an OUT channel's 200 and CONN/A3)
+    before the worker that holds the TLS connection has finished setting up its relay:
+    those bytes must still reach the client (they were once dropped under load, and the
+    VC never opened)."""
+    import asyncio
+
+    from rpcproxy.http import handoff
+
+    loop_type = type(asyncio.get_running_loop())
+    original = loop_type.connect_accepted_socket
+
+    async def slow_connect(self: Any, *args: Any, **kwargs: Any) -> Any:
+        made = await original(self, *args, **kwargs)
+        if isinstance(made[1], handoff._Relay):  # the TLS holder's end of the socketpair
+            await asyncio.sleep(0.3)  # it is already being read; the owner answers
+        return made
+
+    monkeypatch.setattr(loop_type, "connect_accepted_socket", slow_connect)
+    a, b, client_ctx = await make_tls_pair(backend, tmp_path)
+    pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
+    try:
+        for in_port, out_port in ((pa, pb), (pb, pa)):
+            inp, out = await asyncio.wait_for(open_split_vc(in_port, out_port, client_ctx), 10)
+            await asyncio.wait_for(exercise(inp, out, calls=3), 10)
+            inp.close()
+            out.close()
+        assert a.workers is not None and b.workers is not None
+        assert a.workers.sent + b.workers.sent > 0
+    finally:
+        await a.stop()
+        await b.stop()
