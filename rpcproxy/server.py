@@ -47,7 +47,7 @@ import aiohttp.http_parser
 import aiohttp.web_protocol
 from aiohttp import web
 
-from dcerpc.pdu import HEADER_LEN, PduFramer, parse_header
+from dcerpc.pdu import HEADER_LEN, FramingError, PduFramer, parse_header
 from ntlm.errors import Unreachable
 from ntlm.http_auth import Authenticated, Challenge, Denied, HttpAuthenticator, Unavailable
 from ntlm.verifier import Identity
@@ -62,6 +62,7 @@ from rpcproxy.errors import (
     ProtocolError,
     RpcProxyError,
     TargetRefused,
+    protocol_error,
 )
 from rpcproxy.metrics import ServerMetrics
 from rpcproxy.proxyproto import ProxyHeader, ProxyHeaderError
@@ -225,10 +226,10 @@ class ChannelProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self.feed(data)
-        except ProtocolError as exc:  # framing of the OUT body
+        except FramingError as exc:  # framing of the OUT body
             rt = self.runtime
             if rt is not None:
-                rt.execute(rt.vc.channel_failed(self, exc, rt.now()))
+                rt.execute(rt.vc.channel_failed(self, protocol_error(exc), rt.now()))
 
     def eof_received(self) -> bool | None:
         return False  # close our side too
@@ -1211,7 +1212,10 @@ class ProxyServer:
         try:
             async with asyncio.timeout(timeout):
                 head = await request.content.readexactly(HEADER_LEN)
-                header = parse_header(head)
+                try:
+                    header = parse_header(head)
+                except FramingError as exc:
+                    raise protocol_error(exc) from None
                 if header.frag_length > MAX_OPENING_PDU:
                     raise ProtocolError(
                         f"first PDU of a channel is {header.frag_length} bytes long")

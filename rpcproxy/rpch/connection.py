@@ -91,6 +91,7 @@ from dcerpc.pdu import (
     HEADER_LEN,
     MAX_FRAG_LENGTH,
     SERVER_PTYPES,
+    FramingError,
     Pdu,
     PduFramer,
     PType,
@@ -102,6 +103,7 @@ from rpcproxy.errors import (
     BackendUnavailable,
     ProtocolError,
     RpcProxyError,
+    protocol_error,
 )
 from rpcproxy.rpch import rts
 
@@ -372,6 +374,8 @@ class VirtualConnection:
             fn(*args)  # type: ignore[operator]
         except RpcProxyError as exc:
             self._teardown(exc.reason, exc)
+        except FramingError as exc:  # a framer's: the stream lost its DCE/RPC framing
+            self._teardown(exc.reason, protocol_error(exc))
         return self._flush()
 
     def _run_opening(self, channel: Channel, fn: object, *args: object) -> list[Action]:
