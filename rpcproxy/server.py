@@ -99,8 +99,8 @@ RPC_OUT_DATA = "RPC_OUT_DATA"
 RPC_CONNECT = "RPC_CONNECT"  # RPC over HTTP v1: not supported
 PATHS = ("/rpc/rpcproxy.dll", "/rpcwithcert/rpcproxy.dll")
 
-ECHO_MAX_BODY = 16  # [MS-RPCH] 2.1.2.1.6 / rpch-notes 3.2
-IN_MIN_CONTENT_LENGTH = 0x20000  # 128 KiB .. 2 GiB, rpch-notes 3.5
+ECHO_MAX_BODY = 16  # [MS-RPCH] 2.1.2.1.5
+IN_MIN_CONTENT_LENGTH = 0x20000  # 128 KiB .. 2 GiB, [MS-RPCH] 2.1.2.1.1
 IN_MAX_CONTENT_LENGTH = 0x80000000
 OUT_NEW_CONTENT_LENGTH = 76  # CONN/A1
 OUT_SUCCESSOR_CONTENT_LENGTH = 120  # OUT_R2/A3 (96) + OUT_R2/C1 (24)
@@ -1189,7 +1189,7 @@ class ProxyServer:
             resp.headers.add(name, value)
         length = request.content_length or 0
         if length > ECHO_MAX_BODY or isinstance(outcome, Denied) and length:
-            # A channel-sized body cannot be drained: answer and close (rpch-notes 3.6).
+            # A channel-sized body cannot be drained: answer and close (protocol notes 3).
             resp.force_close()
         elif length:
             await request.content.read(length)
