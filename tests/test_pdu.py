@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench import dcerpc as bench_dcerpc
 from dcerpc.pdu import (
     CLIENT_PTYPES,
     HEADER_LEN,
@@ -370,3 +372,35 @@ def test_single_pdu_ptype_agrees_with_the_framer(data: bytes) -> None:
     except FramingError:
         framed = -1
     assert got == framed
+
+
+# --- the bench's DCE/RPC toolkit parses headers through this codec --------------------------
+
+
+def test_bench_has_no_header_codec_of_its_own() -> None:
+    assert bench_dcerpc.parse_header is parse_header
+    assert bench_dcerpc.FramingError is FramingError and bench_dcerpc.PType is PType
+    # no second error class, header type or PTYPE table
+    for name in ("DceRpcError", "Header", "REQUEST", "RESPONSE", "FAULT", "BIND", "BIND_ACK",
+                 "RTS", "MAX_FRAG"):
+        assert not hasattr(bench_dcerpc, name), name
+
+
+@pytest.mark.parametrize("parse", [bench_dcerpc.parse_request, bench_dcerpc.parse_response,
+                                   bench_dcerpc.parse_bind, bench_dcerpc.parse_bind_ack,
+                                   bench_dcerpc.parse_fault])
+def test_bench_parsers_apply_the_codecs_header_checks(parse: Callable[[bytes], object]) -> None:
+    with pytest.raises(FramingError, match="version"):
+        parse(header(vers=4, frag_length=24) + bytes(8))
+    with pytest.raises(FramingError, match="auth_length"):
+        parse(header(frag_length=24, auth_length=9) + bytes(8))  # the bench's own parser let it by
+    with pytest.raises(FramingError, match="big-endian"):
+        parse(header(little=False, frag_length=24) + bytes(8))
+
+
+def test_bench_builders_frame_through_the_codec() -> None:
+    built = bench_dcerpc.build_request(7, 3, b"stub-bytes")
+    (frame,) = PduFramer().feed(built)
+    assert frame.header == PduHeader(PType.REQUEST, 0x03, True, len(built), 0, 7)
+    fault = bench_dcerpc.build_fault(9, bench_dcerpc.NCA_S_UNK_IF)
+    assert parse_header(fault).pfc_flags == 0x23 and bench_dcerpc.parse_fault(fault) == 0x1C010003
