@@ -2,9 +2,7 @@
 
 ``rpcproxy.cli`` calls ``add_subcommands`` while it builds its parser. The heavy lifting
 lives in ``rpcproxy.certs``, ``rpcproxy.provision`` and ``rpcproxy.check``; this module only
-parses and prints. Those three are imported inside the functions that use them, for start-up
-time: every ``rpcproxy`` command (``serve`` too) builds this parser, and only the one
-subcommand that runs needs ``cryptography`` or the checks.
+parses and prints.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from rpcproxy import certs, check, provision
 from rpcproxy.config import add_config_arguments
 
 # --- cert ------------------------------------------------------------------------------------
@@ -41,8 +40,6 @@ def _cert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cert_run(args: argparse.Namespace) -> int:
-    from rpcproxy import certs
-
     if args.days < 1:
         print("rpcproxy cert: --days must be at least 1", file=sys.stderr)
         return 2
@@ -81,14 +78,10 @@ def _cert_run(args: argparse.Namespace) -> int:
 
 
 def _provision_arguments(p: argparse.ArgumentParser) -> None:
-    from rpcproxy import provision
-
     provision.add_arguments(p)
 
 
 def _provision_run(args: argparse.Namespace) -> int:
-    from rpcproxy import provision
-
     return provision.run(args)
 
 
@@ -96,8 +89,6 @@ def _provision_run(args: argparse.Namespace) -> int:
 
 
 def _check_arguments(p: argparse.ArgumentParser) -> None:
-    from rpcproxy import check
-
     p.description = ("Check the configuration, certificate, backend, winbind (NTLM) and "
                      "(with --user) a real login; exit status 0 only when all pass.")
     add_config_arguments(p)
@@ -105,8 +96,6 @@ def _check_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_run(args: argparse.Namespace) -> int:
-    from rpcproxy import check
-
     return check.run(args)
 
 
