@@ -32,8 +32,7 @@ from collections.abc import Sequence
 from typing import cast
 
 from bench import dcerpc, protocol
-from dcerpc.pdu import PduFramer
-from rpcproxy.errors import ProtocolError
+from dcerpc.pdu import PFC_FIRST_FRAG, PFC_LAST_FRAG, FramingError, PduFramer, PType
 
 SERVER_MAX_FRAG = 0xFFF8  # largest fragment we send or accept (8-aligned, < 65535)
 HIGH_WATER = 4 << 20
@@ -77,7 +76,7 @@ class _Conn(asyncio.Protocol):
             pdus = self.framer.feed(data)
             for pdu in pdus:
                 self._pdu(pdu.data)
-        except (ProtocolError, dcerpc.DceRpcError) as exc:
+        except FramingError as exc:
             self.server.errors.append(str(exc))
             self._close()
 
@@ -91,18 +90,18 @@ class _Conn(asyncio.Protocol):
 
     def _pdu(self, data: bytes) -> None:
         ptype = data[2]
-        if ptype in (dcerpc.BIND, dcerpc.ALTER_CONTEXT):
+        if ptype in (PType.BIND, PType.ALTER_CONTEXT):
             self._bind(data, ptype)
-        elif ptype == dcerpc.REQUEST:
+        elif ptype == PType.REQUEST:
             self._request(data)
         elif ptype in (16, 18, 19):  # AUTH3, CO_CANCEL, ORPHANED: nothing to answer
             return
         else:
-            raise dcerpc.DceRpcError(f"PDU type {ptype} is not a client PDU")
+            raise FramingError(f"PDU type {ptype} is not a client PDU")
 
     def _bind(self, data: bytes, ptype: int) -> None:
         bind = dcerpc.parse_bind(data)
-        if ptype == dcerpc.BIND:
+        if ptype == PType.BIND:
             self.max_xmit = min(bind.max_recv, SERVER_MAX_FRAG)
             self.server.assoc_groups += 1
             self.assoc_group = bind.assoc_group or (0x12340000 + self.server.assoc_groups)
@@ -117,29 +116,29 @@ class _Conn(asyncio.Protocol):
             else:
                 self.contexts.add(ctx_id)
                 results.append((dcerpc.RESULT_ACCEPTANCE, 0, dcerpc.NDR_SYNTAX))
-        reply = dcerpc.BIND_ACK if ptype == dcerpc.BIND else dcerpc.ALTER_CONTEXT_RESP
+        reply = PType.BIND_ACK if ptype == PType.BIND else PType.ALTER_CONTEXT_RESP
         self._write(dcerpc.build_bind_ack(
             bind.call_id, self.max_xmit, min(bind.max_xmit, SERVER_MAX_FRAG), self.assoc_group,
-            results, secondary_address=b"1024" if ptype == dcerpc.BIND else b"", ptype=reply))
+            results, secondary_address=b"1024" if ptype == PType.BIND else b"", ptype=reply))
 
     def _request(self, data: bytes) -> None:
         req = dcerpc.parse_request(data)
         call_id = req.header.call_id
-        flags = req.header.flags
+        flags = req.header.pfc_flags
         if not self.max_xmit:
-            raise dcerpc.DceRpcError("REQUEST before BIND")
-        if flags & dcerpc.PFC_FIRST_FRAG:
+            raise FramingError("REQUEST before BIND")
+        if flags & PFC_FIRST_FRAG:
             if call_id in self.partial:
-                raise dcerpc.DceRpcError(f"call {call_id} started twice")
+                raise FramingError(f"call {call_id} started twice")
             self.partial[call_id] = []
             self.partial_len[call_id] = 0
         elif call_id not in self.partial:
-            raise dcerpc.DceRpcError(f"middle fragment of unknown call {call_id}")
+            raise FramingError(f"middle fragment of unknown call {call_id}")
         self.partial[call_id].append(req.stub)
         self.partial_len[call_id] += len(req.stub)
         if self.partial_len[call_id] > MAX_CALL_STUB:
-            raise dcerpc.DceRpcError(f"call {call_id} exceeds {MAX_CALL_STUB} bytes")
-        if not flags & dcerpc.PFC_LAST_FRAG:
+            raise FramingError(f"call {call_id} exceeds {MAX_CALL_STUB} bytes")
+        if not flags & PFC_LAST_FRAG:
             return
         pieces = self.partial.pop(call_id)
         del self.partial_len[call_id]
@@ -191,8 +190,8 @@ class _Conn(asyncio.Protocol):
         pos = 0
         while pos < total:
             piece = stub[pos : pos + room]
-            flags = (dcerpc.PFC_FIRST_FRAG if pos == 0 else 0) | (
-                dcerpc.PFC_LAST_FRAG if pos + len(piece) >= total else 0)
+            flags = (PFC_FIRST_FRAG if pos == 0 else 0) | (
+                PFC_LAST_FRAG if pos + len(piece) >= total else 0)
             out.append(dcerpc.build_response(call_id, piece, context_id=ctx, flags=flags,
                                              alloc_hint=total - pos))
             pos += len(piece)

@@ -75,8 +75,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from dcerpc.pdu import PduFramer, PType
-from rpcproxy.errors import ProtocolError
+from dcerpc.pdu import FramingError, PduFramer, PType
 from rpcproxy.rpch import rts
 
 DEFAULT_IN_CONTENT_LENGTH = 1 << 30
@@ -447,7 +446,7 @@ class RpchClient:
         try:
             pdu = rts.decode_rts(head + rest)
             rts.identify(pdu)
-        except ProtocolError as exc:
+        except FramingError as exc:
             raise RpchProtocolError(f"OUT channel before CONN/C2: {exc.reason}") from None
         return pdu
 
@@ -809,7 +808,7 @@ class RpchClient:
             raise
         except RpchError as exc:
             self._fail(exc)
-        except ProtocolError as exc:
+        except FramingError as exc:
             self._fail(RpchProtocolError(f"OUT channel: {exc.reason}"))
         except (ConnectionError, OSError) as exc:
             if not self._closing:

@@ -1,8 +1,10 @@
 """A tiny connection-oriented DCE/RPC toolkit for the bench (C706 ch. 12, [MS-RPCE] 2.2.2).
 
 Builders for the PDUs a client sends (BIND, REQUEST) and a server sends (BIND_ACK, RESPONSE,
-FAULT), and header/body parsers for all of them. Little-endian NDR only; no authentication
-verifiers are built (they are parsed past: ``auth_length`` is honoured when a stub is cut out).
+FAULT), and body parsers for all of them. The common header, the PTYPE and pfc_flags values and
+``FramingError`` (raised for bytes that are not the PDU they should be) are ``dcerpc.pdu``'s.
+Little-endian NDR only; no authentication verifiers are built (they are parsed past:
+``auth_length`` is honoured when a stub is cut out).
 
 Everything here is pure: bytes in, values out. Bodies are returned as ``memoryview`` slices so
 a 64 KiB stub is not copied just to be looked at.
@@ -14,26 +16,21 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-# PTYPE values (C706 12.6.3.1).
-REQUEST = 0
-RESPONSE = 2
-FAULT = 3
-BIND = 11
-BIND_ACK = 12
-BIND_NAK = 13
-ALTER_CONTEXT = 14
-ALTER_CONTEXT_RESP = 15
-SHUTDOWN = 17
-RTS = 20
+from dcerpc.pdu import (
+    HEADER_LEN,
+    MAX_FRAG_LENGTH,
+    PFC_DID_NOT_EXECUTE,
+    PFC_FIRST_FRAG,
+    PFC_LAST_FRAG,
+    PFC_OBJECT_UUID,
+    FramingError,
+    PduHeader,
+    PType,
+    parse_header,
+)
 
-PFC_FIRST_FRAG = 0x01
-PFC_LAST_FRAG = 0x02
-PFC_OBJECT_UUID = 0x80
-
-HEADER_LEN = 16
 REQUEST_HEADER_LEN = 24  # common header + alloc_hint, p_cont_id, opnum
 RESPONSE_HEADER_LEN = 24  # common header + alloc_hint, p_cont_id, cancel_count, reserved
-MAX_FRAG = 0xFFFF
 
 NDR_UUID = uuid.UUID("8a885d04-1ceb-11c9-9fe8-08002b104860")
 NDR_VERSION = 2
@@ -59,33 +56,12 @@ _BIND_FIXED = struct.Struct("<HHIBBH")
 _SYNTAX = struct.Struct("<16sI")
 
 
-class DceRpcError(Exception):
-    """Bytes that are not the DCE/RPC PDU they should be."""
-
-
-@dataclass(frozen=True, slots=True)
-class Header:
-    ptype: int
-    flags: int
-    frag_length: int
-    auth_length: int
-    call_id: int
-
-
-def parse_header(data: bytes | bytearray | memoryview) -> Header:
-    """The common header of a little-endian PDU (raises DceRpcError otherwise)."""
-    if len(data) < HEADER_LEN:
-        raise DceRpcError(f"PDU of {len(data)} bytes is shorter than its header")
-    vers, minor, ptype, flags, drep, frag_length, auth_length, call_id = _COMMON.unpack_from(
-        data, 0
-    )
-    if vers != 5 or minor not in (0, 1):
-        raise DceRpcError(f"not a DCE/RPC v5 PDU (version {vers}.{minor})")
-    if drep[0] & 0xF0 != 0x10:
-        raise DceRpcError("big-endian PDUs are not supported by the bench")
-    if frag_length < HEADER_LEN:
-        raise DceRpcError(f"frag_length {frag_length} is shorter than the header")
-    return Header(ptype, flags, frag_length, auth_length, call_id)
+def _header(data: bytes | bytearray | memoryview) -> PduHeader:
+    """The common header (``dcerpc.pdu``'s checks), refusing big-endian PDUs."""
+    header = parse_header(data)
+    if not header.little_endian:
+        raise FramingError("big-endian PDUs are not supported by the bench")
+    return header
 
 
 def _common(ptype: int, flags: int, frag_length: int, call_id: int, auth_length: int = 0) -> bytes:
@@ -112,7 +88,7 @@ def build_bind(
     max_xmit: int = 0xFFF8,
     max_recv: int = 0xFFF8,
     assoc_group: int = 0,
-    ptype: int = BIND,
+    ptype: int = PType.BIND,
 ) -> bytes:
     """BIND (or ALTER_CONTEXT with ``ptype``) with one presentation context."""
     body = _BIND_FIXED.pack(max_xmit, max_recv, assoc_group, 1, 0, 0)
@@ -132,11 +108,12 @@ def build_request(
 ) -> bytes:
     """One REQUEST fragment carrying ``stub``."""
     length = REQUEST_HEADER_LEN + len(stub)
-    if length > MAX_FRAG:
+    if length > MAX_FRAG_LENGTH:
         raise ValueError(f"request fragment of {length} bytes exceeds 65535")
     hint = len(stub) if alloc_hint is None else alloc_hint
     return b"".join(
-        (_common(REQUEST, flags, length, call_id), _REQ_FIXED.pack(hint, context_id, opnum), stub)
+        (_common(PType.REQUEST, flags, length, call_id), _REQ_FIXED.pack(hint, context_id, opnum),
+         stub)
     )
 
 
@@ -184,23 +161,23 @@ class BindAck:
 
 
 def parse_bind_ack(data: bytes | memoryview) -> BindAck:
-    h = parse_header(data)
-    if h.ptype not in (BIND_ACK, ALTER_CONTEXT_RESP):
-        raise DceRpcError(f"expected BIND_ACK, got PTYPE {h.ptype}")
+    h = _header(data)
+    if h.ptype not in (PType.BIND_ACK, PType.ALTER_CONTEXT_RESP):
+        raise FramingError(f"expected BIND_ACK, got PTYPE {h.ptype}")
     if len(data) < HEADER_LEN + 10:
-        raise DceRpcError("BIND_ACK truncated")
+        raise FramingError("BIND_ACK truncated")
     max_xmit, max_recv, assoc = struct.unpack_from("<HHI", data, HEADER_LEN)
     (sec_len,) = struct.unpack_from("<H", data, HEADER_LEN + 8)
     pos = HEADER_LEN + 10 + sec_len
     pos = (pos + 3) & ~3
     if len(data) < pos + 4:
-        raise DceRpcError("BIND_ACK truncated after the secondary address")
+        raise FramingError("BIND_ACK truncated after the secondary address")
     n = data[pos]
     pos += 4
     results = []
     for _ in range(n):
         if len(data) < pos + 24:
-            raise DceRpcError("BIND_ACK result list truncated")
+            raise FramingError("BIND_ACK result list truncated")
         result, reason = struct.unpack_from("<HH", data, pos)
         results.append((result, reason))
         pos += 24
@@ -209,18 +186,18 @@ def parse_bind_ack(data: bytes | memoryview) -> BindAck:
 
 @dataclass(frozen=True, slots=True)
 class Response:
-    header: Header
+    header: PduHeader
     alloc_hint: int
     context_id: int
     stub: memoryview
 
 
 def parse_response(data: bytes | memoryview) -> Response:
-    h = parse_header(data)
-    if h.ptype != RESPONSE:
-        raise DceRpcError(f"expected RESPONSE, got PTYPE {h.ptype}")
+    h = _header(data)
+    if h.ptype != PType.RESPONSE:
+        raise FramingError(f"expected RESPONSE, got PTYPE {h.ptype}")
     if h.frag_length != len(data) or len(data) < RESPONSE_HEADER_LEN:
-        raise DceRpcError("RESPONSE length does not match its frag_length")
+        raise FramingError("RESPONSE length does not match its frag_length")
     hint, ctx, _cancel, _res = _RESP_FIXED.unpack_from(data, HEADER_LEN)
     end = len(data) - (h.auth_length + 8 if h.auth_length else 0)
     return Response(h, hint, ctx, memoryview(data)[RESPONSE_HEADER_LEN:end])
@@ -228,9 +205,9 @@ def parse_response(data: bytes | memoryview) -> Response:
 
 def parse_fault(data: bytes | memoryview) -> int:
     """The status of a FAULT PDU."""
-    h = parse_header(data)
-    if h.ptype != FAULT or len(data) < 32:
-        raise DceRpcError("not a FAULT PDU")
+    h = _header(data)
+    if h.ptype != PType.FAULT or len(data) < 32:
+        raise FramingError("not a FAULT PDU")
     return int(_FAULT_FIXED.unpack_from(data, HEADER_LEN)[4])
 
 
@@ -247,22 +224,22 @@ class Bind:
 
 
 def parse_bind(data: bytes | memoryview) -> Bind:
-    h = parse_header(data)
-    if h.ptype not in (BIND, ALTER_CONTEXT):
-        raise DceRpcError(f"expected BIND, got PTYPE {h.ptype}")
+    h = _header(data)
+    if h.ptype not in (PType.BIND, PType.ALTER_CONTEXT):
+        raise FramingError(f"expected BIND, got PTYPE {h.ptype}")
     if len(data) < HEADER_LEN + _BIND_FIXED.size:
-        raise DceRpcError("BIND truncated")
+        raise FramingError("BIND truncated")
     max_xmit, max_recv, assoc, n, _r, _r2 = _BIND_FIXED.unpack_from(data, HEADER_LEN)
     pos = HEADER_LEN + _BIND_FIXED.size
     contexts = []
     for _ in range(n):
         if len(data) < pos + 24:
-            raise DceRpcError("BIND context list truncated")
+            raise FramingError("BIND context list truncated")
         ctx_id, n_ts, _ = struct.unpack_from("<HBB", data, pos)
         abstract = bytes(data[pos + 4 : pos + 24])
         pos += 24
         if len(data) < pos + 20 * n_ts:
-            raise DceRpcError("BIND transfer syntaxes truncated")
+            raise FramingError("BIND transfer syntaxes truncated")
         transfers = tuple(bytes(data[pos + 20 * i : pos + 20 * i + 20]) for i in range(n_ts))
         pos += 20 * n_ts
         contexts.append((ctx_id, abstract, transfers))
@@ -277,7 +254,7 @@ def build_bind_ack(
     results: list[tuple[int, int, bytes]],  # (result, reason, transfer syntax)
     *,
     secondary_address: bytes = b"",
-    ptype: int = BIND_ACK,
+    ptype: int = PType.BIND_ACK,
 ) -> bytes:
     sec = secondary_address + b"\x00" if secondary_address else b""
     body = struct.pack("<HHIH", max_xmit, max_recv, assoc_group, len(sec)) + sec
@@ -290,7 +267,7 @@ def build_bind_ack(
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    header: Header
+    header: PduHeader
     alloc_hint: int
     context_id: int
     opnum: int
@@ -298,16 +275,16 @@ class Request:
 
 
 def parse_request(data: bytes | memoryview) -> Request:
-    h = parse_header(data)
-    if h.ptype != REQUEST:
-        raise DceRpcError(f"expected REQUEST, got PTYPE {h.ptype}")
+    h = _header(data)
+    if h.ptype != PType.REQUEST:
+        raise FramingError(f"expected REQUEST, got PTYPE {h.ptype}")
     if h.frag_length != len(data) or len(data) < REQUEST_HEADER_LEN:
-        raise DceRpcError("REQUEST length does not match its frag_length")
+        raise FramingError("REQUEST length does not match its frag_length")
     hint, ctx, opnum = _REQ_FIXED.unpack_from(data, HEADER_LEN)
-    start = REQUEST_HEADER_LEN + (16 if h.flags & PFC_OBJECT_UUID else 0)
+    start = REQUEST_HEADER_LEN + (16 if h.pfc_flags & PFC_OBJECT_UUID else 0)
     end = len(data) - (h.auth_length + 8 if h.auth_length else 0)
     if end < start:
-        raise DceRpcError("REQUEST auth verifier overlaps its header")
+        raise FramingError("REQUEST auth verifier overlaps its header")
     return Request(h, hint, ctx, opnum, memoryview(data)[start:end])
 
 
@@ -320,15 +297,17 @@ def build_response(
     alloc_hint: int | None = None,
 ) -> bytes:
     length = RESPONSE_HEADER_LEN + len(stub)
-    if length > MAX_FRAG:
+    if length > MAX_FRAG_LENGTH:
         raise ValueError(f"response fragment of {length} bytes exceeds 65535")
     hint = len(stub) if alloc_hint is None else alloc_hint
     return b"".join(
-        (_common(RESPONSE, flags, length, call_id), _RESP_FIXED.pack(hint, context_id, 0, 0), stub)
+        (_common(PType.RESPONSE, flags, length, call_id),
+         _RESP_FIXED.pack(hint, context_id, 0, 0), stub)
     )
 
 
 def build_fault(call_id: int, status: int, *, context_id: int = 0) -> bytes:
-    return _common(FAULT, PFC_FIRST_FRAG | PFC_LAST_FRAG | 0x20, 32, call_id) + _FAULT_FIXED.pack(
+    flags = PFC_FIRST_FRAG | PFC_LAST_FRAG | PFC_DID_NOT_EXECUTE
+    return _common(PType.FAULT, flags, 32, call_id) + _FAULT_FIXED.pack(
         0, context_id, 0, 0, status, 0
     )

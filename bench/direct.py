@@ -15,8 +15,7 @@ from collections import deque
 from typing import Any
 
 from bench.client import WRITE_HIGH_WATER, RpchClosed, RpchError, RpchProtocolError, RpchTimeout
-from dcerpc.pdu import PduFramer
-from rpcproxy.errors import ProtocolError
+from dcerpc.pdu import FramingError, PduFramer
 
 READ_SIZE = 256 << 10
 
@@ -88,7 +87,7 @@ class DirectClient:
                     waiter = self._waiter
                     if waiter is not None and not waiter.done():
                         waiter.set_result(None)
-        except ProtocolError as exc:
+        except FramingError as exc:
             self._fail(RpchProtocolError(f"backend stream: {exc.reason}"))
         except (ConnectionError, OSError) as exc:
             if not self._closing:

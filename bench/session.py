@@ -23,6 +23,7 @@ from typing import Protocol
 from bench import dcerpc
 from bench import protocol as bp
 from bench.protocol import IntegrityError
+from dcerpc.pdu import PFC_FIRST_FRAG, PFC_LAST_FRAG, PType, parse_header
 
 BIND_CALL_ID = 1
 
@@ -114,12 +115,12 @@ class BenchSession:
         first = True
         while True:
             data = await self.t.recv_pdu(self.timeout)
-            h = dcerpc.parse_header(data)
+            h = parse_header(data)
             if h.call_id != call.call_id:
                 raise IntegrityError(
                     f"PDU for call_id {h.call_id} while waiting for {call.call_id} "
                     "(lost or reordered)")
-            if h.ptype == dcerpc.FAULT:
+            if h.ptype == PType.FAULT:
                 status = dcerpc.parse_fault(data)
                 self._outstanding.popleft()
                 if status in (bp.FAULT_BAD_CRC, bp.FAULT_BAD_SEQ, bp.FAULT_BAD_STUB):
@@ -127,11 +128,11 @@ class BenchSession:
                         f"call {call.seq}: backend reports a damaged request (0x{status:08x})")
                 raise RpcFault(call.call_id, status)
             resp = dcerpc.parse_response(data)
-            if bool(h.flags & dcerpc.PFC_FIRST_FRAG) != first:
+            if bool(h.pfc_flags & PFC_FIRST_FRAG) != first:
                 raise IntegrityError(f"call {call.seq}: fragment FIRST flag out of place")
             first = False
             pieces.append(resp.stub)
-            if h.flags & dcerpc.PFC_LAST_FRAG:
+            if h.pfc_flags & PFC_LAST_FRAG:
                 break
             if sum(len(p) for p in pieces) > call.want + bp.STUB_HEADER_LEN:
                 raise IntegrityError(f"call {call.seq}: response longer than requested")

@@ -13,10 +13,14 @@ The proxy only ever needs the header: RPC PDUs are forwarded byte for byte, so
 (decoded in the byte order announced by ``drep[0]``) and hands out each
 fragment as ``bytes`` together with its parsed header. Bodies are never
 decoded here. Anything that cannot be a PDU (wrong version, a length shorter
-than the header, a buffer that grows past one maximal fragment) raises
-``ProtocolError`` with a reason; the caller closes the channel.
+than the header, an ``auth_length`` that does not fit) raises ``FramingError``
+with a reason; the caller closes the channel. The framer never holds more than
+one partial fragment, so its buffer stays below ``MAX_FRAG_LENGTH`` bytes
+(``frag_length`` is a u16): no separate bound is needed.
 
-No I/O happens here: callers feed bytes and get PDUs back.
+No I/O happens here: callers feed bytes and get PDUs back. Nothing here imports
+the rest of the project; every package that speaks DCE/RPC (the proxy, the
+bench, the tests) uses this one header codec and this one ``FramingError``.
 """
 
 from __future__ import annotations
@@ -25,13 +29,26 @@ import enum
 import struct
 from typing import NamedTuple
 
-from rpcproxy.errors import ProtocolError
-
 HEADER_LEN = 16
 RPC_VERSION = 5
 RPC_VERSION_MINORS = (0, 1)  # C706 says 0; [MS-RPCE] and Wireshark accept 1
 MAX_FRAG_LENGTH = 0xFFFF  # frag_length is a u16 (C706 12.6.3.1)
-DREP_LITTLE_ENDIAN = 0x10  # drep[0] high nibble 1 = little-endian integers
+
+
+class FramingError(Exception):
+    """Bytes that cannot be a DCE/RPC PDU: the stream has lost its framing.
+
+    ``reason`` says what was wrong, for one log line. ``rpcproxy.errors.ProtocolError``
+    derives from this class, so ``except FramingError`` catches every "the peer's bytes
+    break a wire rule" error of every layer.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 class PType(enum.IntEnum):
@@ -76,8 +93,11 @@ SERVER_PTYPES = frozenset(
     }
 )
 
+# pfc_flags bits (C706 12.6.3.1).
 PFC_FIRST_FRAG = 0x01
 PFC_LAST_FRAG = 0x02
+PFC_DID_NOT_EXECUTE = 0x20
+PFC_OBJECT_UUID = 0x80
 
 
 class PduHeader(NamedTuple):
@@ -100,18 +120,18 @@ _HEAD_BE = struct.Struct(">BBBBB3xHHI")
 def parse_header(data: bytes | bytearray | memoryview, offset: int = 0) -> PduHeader:
     """Parse and sanity-check a common header at ``data[offset:offset+16]``."""
     if len(data) - offset < HEADER_LEN:
-        raise ProtocolError(f"truncated PDU header: {len(data) - offset} of {HEADER_LEN} bytes")
+        raise FramingError(f"truncated PDU header: {len(data) - offset} of {HEADER_LEN} bytes")
     vers, minor, ptype, flags, drep0, frag_length, auth_length, call_id = (
         _HEAD_LE.unpack_from(data, offset))
     little = bool(drep0 & 0xF0)
     if not little:
         _, _, _, _, _, frag_length, auth_length, call_id = _HEAD_BE.unpack_from(data, offset)
     if vers != RPC_VERSION or minor not in RPC_VERSION_MINORS:
-        raise ProtocolError(f"not a DCE/RPC v5 PDU (version {vers}.{minor})")
+        raise FramingError(f"not a DCE/RPC v5 PDU (version {vers}.{minor})")
     if frag_length < HEADER_LEN:
-        raise ProtocolError(f"frag_length {frag_length} is shorter than the header")
+        raise FramingError(f"frag_length {frag_length} is shorter than the header")
     if auth_length > frag_length - HEADER_LEN:
-        raise ProtocolError(f"auth_length {auth_length} does not fit in frag_length {frag_length}")
+        raise FramingError(f"auth_length {auth_length} does not fit in frag_length {frag_length}")
     return PduHeader(ptype, flags, little, frag_length, auth_length, call_id)
 
 
@@ -147,7 +167,7 @@ class PduFramer:
     """Cuts a byte stream into whole PDUs by frag_length.
 
     ``feed()`` returns every PDU completed by the new bytes; a partial PDU
-    stays buffered. After a ``ProtocolError`` the framer is unusable (the
+    stays buffered. After a ``FramingError`` the framer is unusable (the
     stream has lost its framing and the channel must close).
     """
 
@@ -164,7 +184,7 @@ class PduFramer:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Pdu]:
         if self._broken:
-            raise ProtocolError("stream framing already lost")
+            raise FramingError("stream framing already lost")
         buf = self._buf
         if buf:
             # Finish the PDU a previous read left partial; then continue on one bytes object.
@@ -185,7 +205,7 @@ class PduFramer:
                 # A read that is exactly one PDU (the common case) is passed on uncopied.
                 out.append(Pdu(header, chunk if flen == end else chunk[pos : pos + flen]))
                 pos += flen
-        except ProtocolError:
+        except FramingError:
             self._broken = True
             raise
         if pos < end:

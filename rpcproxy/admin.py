@@ -1,8 +1,8 @@
 """Admin subcommands: ``cert``, ``provision samba|user|dns`` and ``check``.
 
-Importing this module appends them to ``rpcproxy.cli.EXTRA_SUBCOMMANDS``; ``rpcproxy.cli``
-imports it before building its parser. The heavy lifting lives in ``rpcproxy.certs``,
-``rpcproxy.provision`` and ``rpcproxy.check``; this module only parses and prints.
+``rpcproxy.cli`` calls ``add_subcommands`` while it builds its parser. The heavy lifting
+lives in ``rpcproxy.certs``, ``rpcproxy.provision`` and ``rpcproxy.check``; this module only
+parses and prints.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import argparse
 import os
 import shutil
 import sys
+from collections.abc import Callable
+from typing import Any
 
-from rpcproxy import cli
+from rpcproxy import certs, check, provision
+from rpcproxy.config import add_config_arguments
 
 # --- cert ------------------------------------------------------------------------------------
 
@@ -37,8 +40,6 @@ def _cert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cert_run(args: argparse.Namespace) -> int:
-    from rpcproxy import certs
-
     if args.days < 1:
         print("rpcproxy cert: --days must be at least 1", file=sys.stderr)
         return 2
@@ -77,14 +78,10 @@ def _cert_run(args: argparse.Namespace) -> int:
 
 
 def _provision_arguments(p: argparse.ArgumentParser) -> None:
-    from rpcproxy import provision
-
     provision.add_arguments(p)
 
 
 def _provision_run(args: argparse.Namespace) -> int:
-    from rpcproxy import provision
-
     return provision.run(args)
 
 
@@ -92,29 +89,30 @@ def _provision_run(args: argparse.Namespace) -> int:
 
 
 def _check_arguments(p: argparse.ArgumentParser) -> None:
-    from rpcproxy import check
-
     p.description = ("Check the configuration, certificate, backend, winbind (NTLM) and "
                      "(with --user) a real login; exit status 0 only when all pass.")
-    cli.add_config_arguments(p)
+    add_config_arguments(p)
     check.add_arguments(p)
 
 
 def _check_run(args: argparse.Namespace) -> int:
-    from rpcproxy import check
-
     return check.run(args)
 
 
-def _register() -> None:
-    names = {name for name, _, _ in cli.EXTRA_SUBCOMMANDS}
-    for spec in (
-        ("cert", _cert_arguments, _cert_run),
-        ("provision", _provision_arguments, _provision_run),
-        ("check", _check_arguments, _check_run),
-    ):
-        if spec[0] not in names:
-            cli.EXTRA_SUBCOMMANDS.append(spec)
+SUBCOMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None],
+                         Callable[[argparse.Namespace], int]], ...] = (
+    ("cert", "create a self-signed TLS certificate for a host and its autodiscover name",
+     _cert_arguments, _cert_run),
+    ("provision", "print or apply the Samba, user and DNS set-up the proxy needs",
+     _provision_arguments, _provision_run),
+    ("check", "check configuration, certificate, backend, winbind, a test login and Autodiscover",
+     _check_arguments, _check_run),
+)
 
 
-_register()
+def add_subcommands(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add ``cert``, ``provision`` and ``check`` to ``rpcproxy``'s subcommand parser."""
+    for name, help_text, add_arguments, run in SUBCOMMANDS:
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(func=run)

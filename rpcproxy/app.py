@@ -45,16 +45,19 @@ import os
 import signal
 import socket
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import uvloop
 
 from rpcproxy import sdnotify
 from rpcproxy.certs import CertificateError
-from rpcproxy.config import Config
+from rpcproxy.config import Config, config_from_args, load
 from rpcproxy.errors import ConfigError
-
-if TYPE_CHECKING:
-    from rpcproxy.http.handoff import WorkerSet
-    from rpcproxy.prometheus import MetricsListener
+from rpcproxy.http.handoff import WorkerSet
+from rpcproxy.prometheus import MetricsListener
+from rpcproxy.server import ProxyServer
+from rpcproxy.targets import parse_endpoint
+from rpcproxy.workers import send_heartbeat, supervise
 
 log = logging.getLogger("rpcproxy")
 
@@ -100,8 +103,6 @@ class ProxyProcess:
         listen_sockets: list[socket.socket] | None = None,
         metrics_listen: str | None = None,
     ) -> None:
-        from rpcproxy.server import ProxyServer
-
         self.config = config
         self.config_path = config_path
         self.arg_overrides = arg_overrides
@@ -128,8 +129,6 @@ class ProxyProcess:
     # ---- start / stop -------------------------------------------------------------------
 
     async def start(self) -> None:
-        from rpcproxy.certs import CertificateError
-
         config = self.config
         try:
             self.bound = await self.server.start()
@@ -149,9 +148,6 @@ class ProxyProcess:
             await self._start_metrics(self.metrics_listen)
 
     async def _start_metrics(self, address: str) -> None:
-        from rpcproxy.prometheus import MetricsListener
-        from rpcproxy.targets import parse_endpoint
-
         ep = parse_endpoint(address, "metrics_listen", listen=True)
         try:
             listener = MetricsListener(self.server, self.healthy)
@@ -221,8 +217,6 @@ class ProxyProcess:
 
     async def _heartbeat(self) -> None:
         """Tell the supervisor this worker's loop runs (rpcproxy.workers.WorkerWatch)."""
-        from rpcproxy.workers import send_heartbeat
-
         assert self.heartbeat is not None
         while True:
             send_heartbeat(self.heartbeat)
@@ -239,11 +233,7 @@ class ProxyProcess:
         if self._loader is not None:
             return self._loader()
         if self.arg_overrides is not None:
-            from rpcproxy.cli import config_from_args
-
             return config_from_args(self.arg_overrides)
-        from rpcproxy.config import load
-
         return load(self.config_path)
 
     def reload(self) -> bool:
@@ -326,8 +316,6 @@ def serve(config: Config, *, config_path: str | None = None,
 
 
 def _run_loop(config: Config, main: Coroutine[Any, Any, object]) -> None:
-    import uvloop
-
     uvloop.run(main)
 
 
@@ -336,8 +324,6 @@ def _run_loop(config: Config, main: Coroutine[Any, Any, object]) -> None:
 
 def _bind_listeners(config: Config) -> list[socket.socket]:
     """Bind every listening socket in the supervisor, before forking (workers share them)."""
-    from rpcproxy.targets import parse_endpoint
-
     socks: list[socket.socket] = []
     try:
         for address, tls in config.listen_addresses():
@@ -375,8 +361,6 @@ def _worker_metrics_address(address: str | None, index: int) -> str | None:
     """Worker i serves metrics on the configured port + i (port 0: any free port each)."""
     if not address:
         return None
-    from rpcproxy.targets import parse_endpoint
-
     ep = parse_endpoint(address, "metrics_listen", listen=True)
     port = ep.port + index if ep.port else 0
     host = f"[{ep.host}]" if ":" in ep.host else ep.host
@@ -394,8 +378,6 @@ def _serve_workers(config: Config, *, config_path: str | None,
     to every worker, and each reloads as described in the module docstring. Workers do
     not talk to systemd (NotifyAccess=main).
     """
-    from rpcproxy.workers import supervise
-
     notifier = sdnotify.Notifier()
     try:
         socks = _bind_listeners(config)

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rpcproxy.config import Config
+from rpcproxy.config import Config, config_from_args
 from rpcproxy.errors import ConfigError
 from rpcproxy.targets import Endpoint
 
@@ -468,8 +468,6 @@ def _config_path(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rpcproxy.cli import config_from_args
-
     def emit(result: Result) -> None:
         print(result.line(), flush=True)
 

@@ -2,7 +2,9 @@
 
 ``rpcproxy serve`` runs with no file at all. A TOML file (``--config``) may
 set any key of ``Config`` at top level; flags override the file. Every value
-is checked here, so a mistake is reported before anything listens.
+is checked here, so a mistake is reported before anything listens. The flag
+half lives here too (``add_config_arguments``, ``config_from_args``): the
+command line, ``rpcproxy check`` and a reload all build a ``Config`` one way.
 
 Example file::
 
@@ -16,6 +18,7 @@ Example file::
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import shlex
 import socket
@@ -26,6 +29,7 @@ from typing import Any
 
 from dcerpc.pdu import MAX_FRAG_LENGTH
 from ntlm.winbind import DEFAULT_HELPER
+from rpcproxy.autodiscover.settings import parse_table
 from rpcproxy.errors import ConfigError
 from rpcproxy.ratelimit import Exemptions
 from rpcproxy.rpch.connection import OUT_RTS_HEADROOM, VcSettings, min_out_content_length
@@ -181,8 +185,6 @@ class Config:
             raise ConfigError(str(exc)) from None
         if self.refusal_log_interval <= 0 or self.handshake_timeout <= 0:
             raise ConfigError("refusal_log_interval and handshake_timeout must be positive")
-        from rpcproxy.autodiscover.settings import parse_table
-
         parse_table(self.autodiscover)
 
 
@@ -231,3 +233,49 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
         setattr(config, name, value)
     config.validate()
     return config
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags ``serve`` and ``check`` share (each overrides the TOML key of its name)."""
+    p.add_argument("--config", metavar="PATH", help="TOML configuration file")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:8080)")
+    p.add_argument("--backend", metavar="HOST:PORT",
+                   help="the Samba mapiproxy ncacn_ip_tcp endpoint (default 127.0.0.1:1024)")
+    p.add_argument("--target", metavar="NAME:PORT[=HOST:PORT]", action="append",
+                   help="allow-list entry (repeatable; replaces the default "
+                        "<server names>:6001,6002,6004 -> backend)")
+    p.add_argument("--server-name", metavar="NAME", action="append", dest="server_names",
+                   help="server name clients put in the URL (repeatable; for the default rules)")
+    p.add_argument("--ntlm-helper", metavar="COMMAND",
+                   help="the winbind NTLM helper that judges logins (default: "
+                        "'ntlm_auth --helper-protocol=squid-2.5-ntlmssp')")
+    p.add_argument("--tls-cert", metavar="PEM")
+    p.add_argument("--tls-key", metavar="PEM")
+    p.add_argument("--http-listen", metavar="HOST:PORT",
+                   help="extra plain-HTTP listener when TLS is on")
+    p.add_argument("--basic-over-http", action="store_true", default=None,
+                   help="allow Basic authentication without TLS (testing only)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["text", "json"])
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults <- ``args.config`` <- the flags ``args`` carries (ConfigError if invalid)."""
+    overrides: dict[str, Any] = {
+        "listen": args.listen,
+        "backend": args.backend,
+        "targets": args.target,
+        "server_names": args.server_names,
+        "ntlm_helper": args.ntlm_helper,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "http_listen": args.http_listen,
+        "basic_over_http": args.basic_over_http,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
+    for extra in ("workers", "metrics_listen"):  # flags only ``serve`` has
+        if hasattr(args, extra):
+            overrides[extra] = getattr(args, extra)
+    return load(args.config, overrides)

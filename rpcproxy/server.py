@@ -36,7 +36,7 @@ from collections.abc import Callable, Hashable
 
 from aiohttp import web
 
-from dcerpc.pdu import HEADER_LEN, parse_header
+from dcerpc.pdu import HEADER_LEN, FramingError, parse_header
 from ntlm.errors import Unreachable
 from ntlm.http_auth import Authenticated, Challenge, Denied, HttpAuthenticator, Unavailable
 from ntlm.verifier import Identity
@@ -50,6 +50,7 @@ from rpcproxy.errors import (
     ProtocolError,
     RpcProxyError,
     TargetRefused,
+    protocol_error,
 )
 from rpcproxy.http import handoff
 from rpcproxy.http.aiohttp_glue import (
@@ -80,7 +81,7 @@ from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_
 
 log = logging.getLogger("rpcproxy")
 
-IN_MIN_CONTENT_LENGTH = 0x20000  # 128 KiB .. 2 GiB, rpch-notes 3.5
+IN_MIN_CONTENT_LENGTH = 0x20000  # 128 KiB .. 2 GiB, [MS-RPCH] 2.1.2.1.1
 IN_MAX_CONTENT_LENGTH = 0x80000000
 OUT_NEW_CONTENT_LENGTH = 76  # CONN/A1
 OUT_SUCCESSOR_CONTENT_LENGTH = 120  # OUT_R2/A3 (96) + OUT_R2/C1 (24)
@@ -384,7 +385,7 @@ class ProxyServer:
             resp.headers.add(name, value)
         length = request.content_length or 0
         if length > ECHO_MAX_BODY or isinstance(outcome, Denied) and length:
-            # A channel-sized body cannot be drained: answer and close (rpch-notes 3.6).
+            # A channel-sized body cannot be drained: answer and close (protocol notes 3).
             resp.force_close()
         elif length:
             await request.content.read(length)
@@ -407,7 +408,10 @@ class ProxyServer:
         try:
             async with asyncio.timeout(timeout):
                 head = await request.content.readexactly(HEADER_LEN)
-                header = parse_header(head)
+                try:
+                    header = parse_header(head)
+                except FramingError as exc:
+                    raise protocol_error(exc) from None
                 if header.frag_length > MAX_OPENING_PDU:
                     raise ProtocolError(
                         f"first PDU of a channel is {header.frag_length} bytes long")

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A v2 channel URL is ``/rpc/rpcproxy.dll?<server>:<port>`` ([MS-RPCH]
-2.1.2.1.1, rpch-notes 3.1). Microsoft's RPC proxy only forwards to entries
+2.2.2; docs/protocol-notes.md section 1). Microsoft's RPC proxy only forwards to entries
 of its ``ValidPorts`` registry value (``host:port[-port];...``, trailing
 ``*`` wildcard on the host, matched case-insensitively on the exact string
 the client sent, no DNS). We keep that spirit and add the one thing a

@@ -22,13 +22,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol, assert_never
 
-from dcerpc.pdu import PduFramer
+from dcerpc.pdu import FramingError, PduFramer
 from ntlm.verifier import Identity
 from rpcproxy.errors import (
     RPC_S_SERVER_UNAVAILABLE,
     BackendUnavailable,
     ProtocolError,
     RpcProxyError,
+    protocol_error,
 )
 from rpcproxy.http.wire import raw_error_response, success_head
 from rpcproxy.metrics import ServerMetrics
@@ -151,10 +152,10 @@ class ChannelProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self.feed(data)
-        except ProtocolError as exc:  # framing of the OUT body
+        except FramingError as exc:  # framing of the OUT body
             rt = self.runtime
             if rt is not None:
-                rt.execute(rt.vc.channel_failed(self, exc, rt.now()))
+                rt.execute(rt.vc.channel_failed(self, protocol_error(exc), rt.now()))
 
     def eof_received(self) -> bool | None:
         return False  # close our side too

@@ -17,7 +17,7 @@ RPC_OUT_DATA = "RPC_OUT_DATA"
 RPC_CONNECT = "RPC_CONNECT"  # RPC over HTTP v1: not supported
 PATHS = ("/rpc/rpcproxy.dll", "/rpcwithcert/rpcproxy.dll")
 
-ECHO_MAX_BODY = 16  # [MS-RPCH] 2.1.2.1.6: an echo request carries at most this much
+ECHO_MAX_BODY = 16  # [MS-RPCH] 2.1.2.1.5: an echo request carries at most this much
 
 
 def error_status(error: RpcProxyError) -> str:

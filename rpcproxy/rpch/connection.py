@@ -32,7 +32,7 @@ Phases (``Phase``), mapped to the spec:
 
 Inside ``OPENED`` two independent sub-machines run channel recycling, both as
 the R2 variants because the successor always lands on this same VC object
-(rpch-notes 7):
+(protocol notes 6, in docs/protocol-notes.md):
 
 * IN (3.2.3.5.5): a new IN request starting with IN_R2/A1 -> successor
   recorded and *plugged* (its PDUs buffered), IN_R2/A4 sent on OUT; IN_R2/A5
@@ -57,7 +57,7 @@ the R2 variants because the successor always lands on this same VC object
   largest fragment plus reserve plus room for our RTS), so only a VcSettings
   built by hand can get there.
 
-Flow control (3.2.1.1.4, 3.2.1.5.1, rpch-notes 5): only RPC PDUs count.
+Flow control (3.2.1.1.4, 3.2.1.5.1, protocol notes 4): only RPC PDUs count.
 IN direction: the proxy is the receiver with window ``receive_window``
 (announced in CONN/C2); PDUs are consumed as soon as they are handed to the
 backend, and once more than half a window has arrived since the last ack a
@@ -74,7 +74,7 @@ The data paths have fast paths for the common read (one read = one whole RPC
 PDU, nothing held or due) that give exactly the general paths' result; the
 tests compare the two on random event sequences.
 
-Keep-alive (3.2.4.2, rpch-notes 6): after CONN/C2 a Ping goes on OUT whenever
+Keep-alive (3.2.4.2, protocol notes 5): after CONN/C2 a Ping goes on OUT whenever
 nothing was written for ``ping_interval``.
 """
 
@@ -91,6 +91,7 @@ from dcerpc.pdu import (
     HEADER_LEN,
     MAX_FRAG_LENGTH,
     SERVER_PTYPES,
+    FramingError,
     Pdu,
     PduFramer,
     PType,
@@ -102,6 +103,7 @@ from rpcproxy.errors import (
     BackendUnavailable,
     ProtocolError,
     RpcProxyError,
+    protocol_error,
 )
 from rpcproxy.rpch import rts
 
@@ -372,6 +374,8 @@ class VirtualConnection:
             fn(*args)  # type: ignore[operator]
         except RpcProxyError as exc:
             self._teardown(exc.reason, exc)
+        except FramingError as exc:  # a framer's: the stream lost its DCE/RPC framing
+            self._teardown(exc.reason, protocol_error(exc))
         return self._flush()
 
     def _run_opening(self, channel: Channel, fn: object, *args: object) -> list[Action]:

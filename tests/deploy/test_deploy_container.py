@@ -16,7 +16,8 @@ from types import ModuleType
 import pytest
 
 from rpcproxy import certs
-from rpcproxy.cli import _load_plugins, build_parser, config_from_args
+from rpcproxy.cli import build_parser
+from rpcproxy.config import config_from_args
 from tests.support.deploy_support import (
     REPO,
     ServeProcess,
@@ -37,7 +38,6 @@ def ep() -> ModuleType:
 
 def _parse(argv: list[str]):  # type: ignore[no-untyped-def]
     """The serve command line as rpcproxy itself reads it, and the config it yields."""
-    _load_plugins()
     args = build_parser().parse_args(argv[1:])
     assert args.command == "serve"
     return args, config_from_args(args)

@@ -22,7 +22,8 @@ from types import ModuleType
 import pytest
 
 from rpcproxy import certs, check, logs, provision, workers
-from rpcproxy.cli import _load_plugins, build_parser, config_from_args, main
+from rpcproxy.cli import build_parser, main
+from rpcproxy.config import config_from_args
 from rpcproxy.http.handoff import WorkerSet
 from tests.support.deploy_support import (
     ENTRYPOINT,
@@ -159,7 +160,6 @@ def test_pings_stop_while_a_worker_cannot_be_killed(monkeypatch: pytest.MonkeyPa
 
 
 def _parse(argv: list[str]) -> object:
-    _load_plugins()
     args = build_parser().parse_args(argv[1:])
     return config_from_args(args)
 
@@ -215,7 +215,6 @@ def test_check_in_the_container_uses_the_service_settings(ep: ModuleType, tmp_pa
     argv = ep.check_command(env, ["--user", "EX\\jdoe"])
     assert argv[:2] == ["rpcproxy", "check"]
     assert "--metrics-listen" not in argv and "--workers" not in argv
-    _load_plugins()
     args = build_parser().parse_args(argv[1:])
     cfg = config_from_args(args)
     assert cfg.listen == "0.0.0.0:8443" and cfg.backend == "samba:1024"
@@ -251,7 +250,6 @@ def test_certificate_permission_error_names_user_and_fix(tmp_path: Path,
 
 
 def _check_args(*argv: str) -> argparse.Namespace:
-    _load_plugins()
     return build_parser().parse_args(["check", *argv])
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rpcproxy import config as config_mod
-from rpcproxy.cli import _load_plugins, build_parser
+from rpcproxy.cli import build_parser
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 UNIT = SYSTEMD_DIR / "rpcproxy.service"
@@ -117,7 +117,6 @@ def test_unit_settings() -> None:
 def test_execstart_is_a_valid_rpcproxy_command_line() -> None:
     argv = shlex.split(_settings(UNIT.read_text())["ExecStart"][0])
     assert argv[0] == "/opt/rpcproxy/bin/rpcproxy"
-    _load_plugins()
     args = build_parser().parse_args(argv[1:])
     assert args.command == "serve"
     assert args.config == "/etc/rpcproxy/rpcproxy.toml"

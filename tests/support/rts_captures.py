@@ -2,8 +2,8 @@
 
 Two sources:
 
-* the worked hex dumps in the project's RPC-over-HTTP notes (rpch-notes.md, sections
-  4.3, 5.2, 5.3, 7.1, 7.2 and 3.3), which follow [MS-RPCH] 2.2.4;
+* worked examples written by hand from the [MS-RPCH] 2.2.4 PDU and 2.2.3.5 command
+  layouts (the ``NOTES_*`` names; docs/protocol-notes.md section 7 lists them);
 * what Samba's ncacn_http client sends, reconstructed from reading
   ``source4/librpc/rpc/dcerpc_roh_channel_out.c`` (CONN/A1: flags NONE, 4 commands,
   Version 1, VC cookie, OUT cookie, ReceiveWindowSize 0x40000, frag_length 76),
@@ -26,7 +26,7 @@ def h(text: str) -> bytes:
 
 # --- cookies (GUID wire form) -----------------------------------------------------------------
 
-# rpch-notes 4.3: VC 6f2b1e40-8d4a-4c1b-9a3e-2f1d0c5b7a91, OUT a1b2c3d4-0001-4a5b-8c6d-7e8f90a1b2c3,
+# examples: VC 6f2b1e40-8d4a-4c1b-9a3e-2f1d0c5b7a91, OUT a1b2c3d4-0001-4a5b-8c6d-7e8f90a1b2c3,
 # IN 5e6f7081-9aab-4bcd-8def-0123456789ab, association group 0badc0de-1234-4567-89ab-cdef01234567
 NOTES_VC = h("40 1e 2b 6f 4a 8d 1b 4c 9a 3e 2f 1d 0c 5b 7a 91")
 NOTES_OUT = h("d4 c3 b2 a1 01 00 5b 4a 8c 6d 7e 8f 90 a1 b2 c3")
@@ -41,7 +41,7 @@ SAMBA_OUT = h("3c 2d 1e 0f 5a 4b 78 69 87 96 a5 b4 c3 d2 e1 f0")
 SAMBA_IN = h("00 ee ff c0 11 11 22 22 33 33 44 44 55 55 66 66")
 SAMBA_AG = h("ce fa ed fe 02 01 04 03 05 06 07 08 09 0a 0b 0c")
 
-# --- rpch-notes dumps --------------------------------------------------------------------------
+# --- worked examples (docs/protocol-notes.md section 7) --------------------------------------
 
 # 4.3 CONN/A1, Windows-like client, ReceiveWindowSize 0x10000
 NOTES_CONN_A1 = h(

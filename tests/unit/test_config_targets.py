@@ -8,7 +8,7 @@ import pytest
 
 from rpcproxy import cli
 from rpcproxy import config as config_mod
-from rpcproxy.errors import ConfigError, TargetRefused
+from rpcproxy.errors import ConfigError, RpcProxyError, TargetRefused
 from rpcproxy.targets import (
     AllowList,
     Endpoint,
@@ -131,7 +131,7 @@ def test_cli_flags_reach_config() -> None:
         "--ntlm-helper", "/usr/bin/ntlm_auth --helper-protocol=squid-2.5-ntlmssp -d 0",
         "--basic-over-http",
     ])
-    cfg = cli.config_from_args(args)
+    cfg = config_mod.config_from_args(args)
     allow = cfg.allow_list()
     assert allow.resolve(Target("mail", 6001)) == Endpoint("127.0.0.1", 1300)
     assert allow.resolve(Target("mail", 6004)) == Endpoint("127.0.0.1", 1400)
@@ -184,3 +184,19 @@ def test_bench_refuses_an_out_content_length_the_proxy_would_refuse(
     assert "at least 70655" in capsys.readouterr().err
     args = bench_cli.build_parser().parse_args(["--out-content-length", "0x20000"])
     assert args.out_content_length == 0x20000
+
+
+def test_config_error_is_no_rpc_error() -> None:
+    """A configuration mistake never reaches a client: it has a reason, no RPC error code."""
+    err = ConfigError("listen 'x' is not HOST:PORT")
+    assert not isinstance(err, RpcProxyError) and not hasattr(err, "rpc_error")
+    assert err.reason == str(err) == "listen 'x' is not HOST:PORT"
+
+
+def test_flags_to_config_live_in_config_and_check_shares_them() -> None:
+    """``serve`` and ``check`` read the same flags through ``config.add_config_arguments``."""
+    for command in ("serve", "check"):
+        args = cli.build_parser().parse_args([command, "--listen", "127.0.0.1:0",
+                                              "--server-name", "mail"])
+        cfg = config_mod.config_from_args(args)
+        assert cfg.listen == "127.0.0.1:0" and cfg.server_names == ["mail"]

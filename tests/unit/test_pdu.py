@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench import dcerpc as bench_dcerpc
 from dcerpc.pdu import (
     CLIENT_PTYPES,
     HEADER_LEN,
     SERVER_PTYPES,
+    FramingError,
     Pdu,
     PduFramer,
     PduHeader,
@@ -19,7 +22,7 @@ from dcerpc.pdu import (
     parse_header,
     single_pdu_ptype,
 )
-from rpcproxy.errors import ProtocolError, RpcProxyError
+from rpcproxy.errors import RPC_S_PROTOCOL_ERROR, ProtocolError, RpcProxyError, protocol_error
 
 
 def header(
@@ -82,14 +85,14 @@ def test_version_5_1_accepted() -> None:
 
 @pytest.mark.parametrize(("vers", "minor"), [(4, 0), (5, 2), (6, 0), (0, 0), (5, 0xFF), (0x14, 5)])
 def test_bad_version(vers: int, minor: int) -> None:
-    with pytest.raises(ProtocolError, match="version"):
+    with pytest.raises(FramingError, match="version"):
         parse_header(header(vers=vers, minor=minor))
 
 
 @pytest.mark.parametrize("frag_length", [0, 1, 15])
 @pytest.mark.parametrize("little", [True, False])
 def test_frag_length_shorter_than_header(frag_length: int, little: bool) -> None:
-    with pytest.raises(ProtocolError, match="shorter"):
+    with pytest.raises(FramingError, match="shorter"):
         parse_header(header(frag_length=frag_length, little=little))
 
 
@@ -104,9 +107,9 @@ def test_max_frag_length() -> None:
 
 @pytest.mark.parametrize("little", [True, False])
 def test_auth_length_too_big(little: bool) -> None:
-    with pytest.raises(ProtocolError, match="auth_length"):
+    with pytest.raises(FramingError, match="auth_length"):
         parse_header(header(frag_length=40, auth_length=25, little=little))
-    with pytest.raises(ProtocolError, match="auth_length"):
+    with pytest.raises(FramingError, match="auth_length"):
         parse_header(header(frag_length=16, auth_length=1, little=little))
 
 
@@ -116,7 +119,7 @@ def test_auth_length_fills_body_ok() -> None:
 
 @pytest.mark.parametrize("n", range(HEADER_LEN))
 def test_truncated_header(n: int) -> None:
-    with pytest.raises(ProtocolError, match="truncated"):
+    with pytest.raises(FramingError, match="truncated"):
         parse_header(header()[:n])
 
 
@@ -124,13 +127,29 @@ def test_offset_and_buffer_types() -> None:
     data = b"\xff" * 5 + header(frag_length=99, call_id=3)
     for buf in (data, bytearray(data), memoryview(data)):
         assert parse_header(buf, 5) == PduHeader(0, 3, True, 99, 0, 3)
-    with pytest.raises(ProtocolError, match="truncated"):
+    with pytest.raises(FramingError, match="truncated"):
         parse_header(data, 6)
 
 
-def test_protocol_error_is_rpcproxy_error() -> None:
-    with pytest.raises(RpcProxyError):
+def test_framing_error_is_the_codecs_own_and_protocol_error_derives_from_it() -> None:
+    # The codec imports nothing of the proxy: its errors are FramingError, not RpcProxyError.
+    with pytest.raises(FramingError) as info:
         parse_header(b"")
+    assert not isinstance(info.value, RpcProxyError)
+    assert info.value.reason == str(info.value) == "truncated PDU header: 0 of 16 bytes"
+    # The proxy's ProtocolError is both: one `except FramingError` catches every layer's.
+    err = ProtocolError("bad RTS")
+    assert isinstance(err, FramingError) and isinstance(err, RpcProxyError)
+    assert err.reason == str(err) == "bad RTS" and err.rpc_error == RPC_S_PROTOCOL_ERROR
+
+
+def test_protocol_error_of_a_framing_error_keeps_the_reason_and_gets_the_rpc_code() -> None:
+    bare = FramingError("frag_length 3 is shorter than the header")
+    converted = protocol_error(bare)
+    assert type(converted) is ProtocolError
+    assert converted.reason == bare.reason and converted.rpc_error == RPC_S_PROTOCOL_ERROR
+    already = ProtocolError("x")
+    assert protocol_error(already) is already
 
 
 def test_ptype_sets() -> None:
@@ -229,19 +248,19 @@ def test_partial_stays_buffered() -> None:
 
 def test_broken_framer_stays_broken() -> None:
     f = PduFramer()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(FramingError):
         f.feed(header(vers=4))
-    with pytest.raises(ProtocolError, match="already lost"):
+    with pytest.raises(FramingError, match="already lost"):
         f.feed(STREAM[0])
-    with pytest.raises(ProtocolError):
+    with pytest.raises(FramingError):
         f.feed(b"")
 
 
 def test_bad_pdu_after_good_ones_raises() -> None:
     f = PduFramer()
-    with pytest.raises(ProtocolError, match="shorter"):
+    with pytest.raises(FramingError, match="shorter"):
         f.feed(STREAM[0] + header(frag_length=3))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(FramingError):
         f.feed(STREAM[1])
 
 
@@ -249,13 +268,13 @@ def test_bad_header_split_across_chunks() -> None:
     f = PduFramer()
     bad = header(frag_length=40, auth_length=30)
     assert f.feed(STREAM[0] + bad[:10]) == [Pdu(parse_header(STREAM[0]), STREAM[0])]
-    with pytest.raises(ProtocolError, match="auth_length"):
+    with pytest.raises(FramingError, match="auth_length"):
         f.feed(bad[10:])
 
 
 def test_garbage_never_frames() -> None:
     f = PduFramer()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(FramingError):
         f.feed(b"GET / HTTP/1.1\r\n\r\n")
 
 
@@ -298,7 +317,7 @@ def test_random_bytes_only_protocol_error(chunks: list[bytes]) -> None:
         for c in chunks:
             fed += c
             out.extend(f.feed(c))
-    except ProtocolError:
+    except FramingError:
         return
     # Whatever came out is an exact prefix of the input, the rest is buffered.
     joined = b"".join(p.data for p in out)
@@ -311,7 +330,7 @@ def test_random_bytes_only_protocol_error(chunks: list[bytes]) -> None:
 def test_random_header_only_protocol_error(raw: bytes) -> None:
     try:
         h = parse_header(raw)
-    except ProtocolError:
+    except FramingError:
         return
     assert raw[0] == 5 and raw[1] in (0, 1)
     assert HEADER_LEN <= h.frag_length <= 0xFFFF
@@ -338,7 +357,7 @@ def test_single_pdu_ptype_of_exactly_one_pdu(little: bool) -> None:
 ])
 def test_single_pdu_ptype_refuses_what_parse_header_refuses(bad: bytes) -> None:
     assert single_pdu_ptype(bad) == -1
-    with pytest.raises(ProtocolError):
+    with pytest.raises(FramingError):
         parse_header(bad)
 
 
@@ -350,6 +369,39 @@ def test_single_pdu_ptype_agrees_with_the_framer(data: bytes) -> None:
     try:
         pdus = PduFramer().feed(data)
         framed = pdus[0].header.ptype if len(pdus) == 1 and len(pdus[0].data) == len(data) else -1
-    except ProtocolError:
+    except FramingError:
         framed = -1
     assert got == framed
+
+
+# --- the bench's DCE/RPC toolkit parses headers through this codec --------------------------
+
+
+def test_bench_has_no_header_codec_of_its_own() -> None:
+    names = vars(bench_dcerpc)
+    assert names["parse_header"] is parse_header
+    assert names["FramingError"] is FramingError and names["PType"] is PType
+    # no second error class, header type or PTYPE table
+    for name in ("DceRpcError", "Header", "REQUEST", "RESPONSE", "FAULT", "BIND", "BIND_ACK",
+                 "RTS", "MAX_FRAG"):
+        assert not hasattr(bench_dcerpc, name), name
+
+
+@pytest.mark.parametrize("parse", [bench_dcerpc.parse_request, bench_dcerpc.parse_response,
+                                   bench_dcerpc.parse_bind, bench_dcerpc.parse_bind_ack,
+                                   bench_dcerpc.parse_fault])
+def test_bench_parsers_apply_the_codecs_header_checks(parse: Callable[[bytes], object]) -> None:
+    with pytest.raises(FramingError, match="version"):
+        parse(header(vers=4, frag_length=24) + bytes(8))
+    with pytest.raises(FramingError, match="auth_length"):
+        parse(header(frag_length=24, auth_length=9) + bytes(8))  # the bench's own parser let it by
+    with pytest.raises(FramingError, match="big-endian"):
+        parse(header(little=False, frag_length=24) + bytes(8))
+
+
+def test_bench_builders_frame_through_the_codec() -> None:
+    built = bench_dcerpc.build_request(7, 3, b"stub-bytes")
+    (frame,) = PduFramer().feed(built)
+    assert frame.header == PduHeader(PType.REQUEST, 0x03, True, len(built), 0, 7)
+    fault = bench_dcerpc.build_fault(9, bench_dcerpc.NCA_S_UNK_IF)
+    assert parse_header(fault).pfc_flags == 0x23 and bench_dcerpc.parse_fault(fault) == 0x1C010003

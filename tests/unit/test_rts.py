@@ -1,6 +1,6 @@
 """Unit tests for rpcproxy.rpch.rts: commands, RTS PDU codec, identify(), builders.
 
-Byte-exact oracles: the hex dumps of rpch-notes.md and a reconstruction of Samba's client
+Byte-exact oracles: hand-written worked examples and a reconstruction of Samba's client
 (tests/support/rts_captures.py), and PDUs built by impacket's own client code.
 """
 
@@ -171,7 +171,7 @@ def test_u32_ranges(ctype: int, low: int, high: int) -> None:
 
 
 def test_client_keepalive_lenient() -> None:
-    # Spec: 0 or 60000..0xFFFFFFFF, 0 meaning 300000; receivers are lenient (rpch-notes 6).
+    # Spec: 0 or 60000..0xFFFFFFFF, 0 meaning 300000; receivers are lenient (protocol notes 5).
     for value in (0, 1, 59_999, 60_000, 0xFFFFFFFF):
         assert decode_rts(one(CommandType.CLIENT_KEEPALIVE, struct.pack("<I", value))).commands \
             == (ClientKeepalive(value),)
@@ -415,7 +415,7 @@ def test_identify_unknown(pdu: RtsPdu) -> None:
         identify(decode_rts(pdu.encode()))
 
 
-# --- builders against the rpch-notes dumps --------------------------------------------------------
+# --- builders against the worked examples ---------------------------------------------------------
 
 
 def test_notes_conn_a1() -> None:
