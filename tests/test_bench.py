@@ -457,11 +457,11 @@ def test_client_window_reaches_holders_and_is_bounded() -> None:
 
     from bench.cli import build_parser
     from bench.holder import HolderSpec
-    from bench.scenarios import Bench, ProxyTarget, _holder_specs
+    from bench.scenarios.base import Bench, ProxyTarget, holder_specs
 
     bench = Bench(ProxyTarget("127.0.0.1", 1, TARGET, auth=BasicAuth("u", "p")), None, 1.0,
                   print, client_window=0x10000)
-    spec, = _holder_specs(bench, "proxy", 3)
+    spec, = holder_specs(bench, "proxy", 3)
     assert spec.receive_window == 0x10000
     assert HolderSpec(**json.loads(json.dumps(asdict(spec)))) == spec
     assert HolderSpec("proxy", "h", 1, 1).receive_window == 0x40000
@@ -643,7 +643,7 @@ def test_cli_fails_loudly_on_corruption(tmp_path: Path) -> None:
 
 def test_bottleneck_notes_judge_the_busiest_process() -> None:
     """Several load-generator (or proxy) processes are CPU-bound only when one of them is."""
-    from bench.scenarios import bottleneck, limits_of
+    from bench.measure import bottleneck, limits_of
 
     spread = {"wall_s": 1.0, "loadgen_cpu": 1.3, "loadgen_processes": 3,
               "loadgen_busiest": 0.5, "proxy_cpu": 0.9, "proxy_processes": 3,

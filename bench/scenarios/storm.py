@@ -25,7 +25,8 @@ from typing import Any
 
 from bench import dcerpc
 from bench.client import NtlmAuth
-from bench.scenarios import Bench, ProxyTarget, _bench_syntax, ratio
+from bench.measure import ratio
+from bench.scenarios.base import Bench, ProxyTarget, bench_syntax
 from ntlm import HelperPool, WinbindVerifier, verify_password
 
 
@@ -69,7 +70,7 @@ async def run_storm(bench: Bench) -> dict[str, Any]:
         try:
             t = await bench.open("proxy", proxy=target)
             try:
-                await t.send_pdu(dcerpc.build_bind(1, _bench_syntax()))
+                await t.send_pdu(dcerpc.build_bind(1, bench_syntax()))
                 dcerpc.parse_bind_ack(await t.recv_pdu(bench.timeout))
             except BaseException:
                 await t.close()
