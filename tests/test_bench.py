@@ -27,8 +27,9 @@ from bench import dcerpc
 from bench import protocol as bp
 from bench.auth import BenchAuthenticator
 from bench.backend import BenchBackend
-from bench.client import BasicAuth, HttpStatusError, NtlmAuth, RpchClient, RpchTimeout
+from bench.client import BasicAuth, NtlmAuth, RpchClient
 from bench.direct import DirectClient
+from bench.http_head import HttpStatusError, RpchTimeout
 from bench.protocol import IntegrityError
 from bench.session import BenchSession
 from rpcproxy import config as config_mod
