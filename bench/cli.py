@@ -542,7 +542,7 @@ async def amain(args: argparse.Namespace) -> int:
             try:
                 async with asyncio.timeout(scenario_limit(name, args,
                                                           relay=bench.relay is not None)):
-                    result = await SCENARIOS[name](bench)
+                    result = dict(await SCENARIOS[name](bench))
             except (IntegrityError, RpchError, RpcFault, TimeoutError, OSError,
                     RuntimeError) as exc:
                 kind = type(exc).__name__

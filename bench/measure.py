@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 from bench.procs import cpu_seconds, thread_cpu_seconds
 
@@ -172,11 +172,21 @@ def ratio(proxy: float | None, direct: float | None) -> float | None:
     return round(proxy / direct, 3)
 
 
-def relay_figures(proxy: float | None, direct: float | None,
-                  relay: float | None) -> dict[str, float | None]:
-    """The keys a scenario adds for the C relay: its figure, relay / direct, proxy / relay."""
-    return {"relay": relay, "relay_ratio": ratio(relay, direct),
-            "proxy_vs_relay": ratio(proxy, relay)}
+class RelayFigures(TypedDict, total=False):
+    """The keys a scenario adds for the C relay (its figure in the scenario's unit)."""
+
+    relay: float | None
+    relay_ratio: float | None  # relay / direct
+    proxy_vs_relay: float | None  # proxy / relay
+
+
+def add_relay_figures(out: RelayFigures, proxy: float | None, direct: float | None,
+                      relay: float | None) -> None:
+    """Add the C relay's keys to a scenario's result: its figure, relay / direct, proxy /
+    relay."""
+    out["relay"] = relay
+    out["relay_ratio"] = ratio(relay, direct)
+    out["proxy_vs_relay"] = ratio(proxy, relay)
 
 
 def lat_summary(values: list[float]) -> dict[str, float]:

@@ -32,6 +32,8 @@ from bench.direct import DirectClient
 from bench.http_head import HttpStatusError, RpchTimeout
 from bench.protocol import IntegrityError
 from bench.session import BenchSession
+from ntlm.http_auth import Authenticated, Denied
+from ntlm.verifier import Identity
 from rpcproxy import config as config_mod
 from rpcproxy.server import ProxyServer
 from tests.samba_dc import SambaDC
@@ -672,6 +674,78 @@ def test_bottleneck_notes_judge_the_busiest_process() -> None:
     assert limits_of(dict(relay, relay_cpu=0.2, relay_procs=[0.2], relay_threads=[0.2]),
                      cores=2) == []  # 1.6 cores used in all: under 90% of 2
     assert any(x.startswith("the machine") for x in limits_of(relay, cores=2))
+
+
+def test_one_cpu_meter_sums_parts_and_keeps_processes_apart() -> None:
+    """bench.measure.CpuMeter: the parts' sums (what bottleneck reads) and every process
+    apart (what limits_of reads) from the same slices; a part without processes is None."""
+    from bench.measure import CpuMeter
+
+    meter = CpuMeter({"loadgen": [os.getpid()], "proxy": []}, shown=("loadgen", "proxy"))
+    for _ in range(2):  # alternating slices add up
+        meter.start()
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.05:
+            pass
+        meter.pause()
+    summed, apart = meter.result(), meter.per_process()
+    assert summed["wall_s"] == apart["wall_s"] and (summed["wall_s"] or 0) >= 0.1
+    assert summed["proxy_cpu"] is None and apart["proxy_cpu"] is None
+    assert apart["proxy_procs"] == [] and summed["loadgen_processes"] == 1
+    assert apart["loadgen_procs"] == [summed["loadgen_cpu"]] == [summed["loadgen_busiest"]]
+    assert {"irq_cpu", "other_cpu"} <= summed.keys() & apart.keys()
+
+
+async def test_one_head_reader_for_bench_and_tests() -> None:
+    """bench.http_head reads every response head (rpch_raw and rawhttp use it): repeated
+    headers kept, names lower-cased; a closed or broken head is an RpchError."""
+    from bench.http_head import RpchClosed, RpchProtocolError, parse_head, read_head
+    from tests.rpch_raw import Head
+
+    raw = b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: NTLM\r\nwww-authenticate: Basic\r\n\r\n"
+    head = parse_head(raw, "t")
+    assert (head.version, head.status, head.reason) == ("HTTP/1.1", 401, "Unauthorized")
+    assert head.get_all("WWW-Authenticate") == ["NTLM", "Basic"]
+    assert Head.of(head).headers == {"www-authenticate": "Basic"}
+    with pytest.raises(RpchProtocolError):
+        parse_head(b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "t")
+    for data, error in ((b"", RpchClosed), (b"HTTP/1.1 2", RpchProtocolError)):
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        with pytest.raises(error):
+            await read_head(reader, "t")
+
+
+async def test_backend_echo_mode_and_authenticator_table_mode() -> None:
+    """The tests' EchoBackend and TableAuthenticator are bench's stub and authenticator."""
+    from tests.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
+
+    backend = BenchBackend(echo=True)
+    port = await backend.start()
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        call = request_pdu(7, b"abcdefgh")
+        bind = bytearray(request_pdu(8, b""))
+        bind[2] = dcerpc.BIND  # not a real BIND: echo mode only swaps the PDU type
+        w.write(call + bind)
+        answer = await asyncio.wait_for(r.readexactly(len(call) + len(bind)), 5)
+        assert answer[:len(call)] == call[:2] + bytes([dcerpc.RESPONSE]) + call[3:]
+        assert answer[len(call) + 2] == dcerpc.BIND_ACK and backend.accepted == 1
+        assert backend.received == call + bind
+        w.close()
+    finally:
+        await backend.stop()
+    assert isinstance(EchoBackend().stub, BenchBackend)
+    auth = TableAuthenticator()
+    assert isinstance(auth, BenchAuthenticator)
+    ok = await auth.authenticate(object(), basic("alice", "pw-alice"), tls=False)
+    assert isinstance(ok, Authenticated) and ok.identity == Identity("alice", "TEST")
+    for name in ("Alice", "TEST\\alice"):  # the table's names exactly, nothing normalised
+        denied = await auth.authenticate(object(), basic(name, "pw-alice"), tls=False)
+        assert isinstance(denied, Denied), name
+    auth.forget(object())
+    assert auth.forgotten == 1
 
 
 @pytest.mark.samba

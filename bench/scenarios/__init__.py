@@ -23,7 +23,7 @@ and in ``bench.measure`` (the CPU meter, percentiles, ratios, bottleneck notes).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from bench.scenarios.aggregate import run_aggregate
@@ -37,7 +37,8 @@ from bench.scenarios.throughput import run_throughput
 
 __all__ = ["DEFAULT_SCENARIOS", "SCENARIOS", "Bench", "ProxyTarget"]
 
-SCENARIOS: dict[str, Callable[[Bench], Awaitable[dict[str, Any]]]] = {
+# Each result is a TypedDict of its module (ThroughputResult, ...) starting with base.Figures.
+SCENARIOS: dict[str, Callable[[Bench], Awaitable[Mapping[str, Any]]]] = {
     "throughput": run_throughput,
     "aggregate": run_aggregate,
     "latency": run_latency,

@@ -16,8 +16,30 @@ from typing import Any
 from bench.holder import Holder
 from bench.measure import CpuMeter, limits_of, ratio
 from bench.procs import ChildProcess, process_tree
-from bench.scenarios.base import BIG, PDU, Bench, ProxyTarget, holder_specs, rounds_of
+from bench.scenarios.base import BIG, PDU, Bench, Figures, ProxyTarget, holder_specs, rounds_of
 from rpcproxy.workers import owner_of
+
+
+class AggregateResult(Figures, total=False):
+    """The fixed keys; next to them the keys named by a count: ``proxy_<N>w`` and
+    ``ratio_<N>w`` per proxy worker count, ``ratio_<hi>w_<lo>w``, ``relay_<N>t`` per relay
+    thread count (``run_aggregate`` returns both in one dict)."""
+
+    workers_compared: list[int]
+    workers_ratio: float | None  # the most workers over the fewest
+    relay_threads_compared: list[int]
+    relay_threads_ratio: float | None
+    relay_skipped: str
+    vcs: int
+    load_processes: int
+    depth: int
+    pdu_bytes: int
+    placement: str
+    rounds: int
+    slice_s: float
+    paths: dict[str, dict[str, Any]]  # path -> mb_s, ratio_vs_direct, limited_by, costs
+    cpu: dict[str, dict[str, Any]]  # path -> CpuMeter.per_process()
+    bottleneck: str
 
 
 @dataclass
@@ -210,24 +232,25 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
                        + (f"; limited by {'; '.join(lim)}" if lim else ""))
     proxies = [p for p in paths if p.target is not None]
     head = proxies[-1]  # the most workers
-    out: dict[str, Any] = {
+    out: AggregateResult = {
         "metric": f"total MB/s, {n} VCs, 64 KiB PDUs both ways" + (
             f" (proxy: {head.workers} workers)" if head.workers else ""),
         "proxy": mb.get(head.name), "direct": direct, "ratio": ratio(mb.get(head.name), direct),
         "unit": "MB/s",
     }
+    by_count: dict[str, float | None] = {}  # keys named by a worker or thread count
     by_workers = {p.workers: mb.get(p.name) for p in proxies if p.workers}
     for w, v in sorted(by_workers.items()):
-        out[f"proxy_{w}w"] = v
-        out[f"ratio_{w}w"] = ratio(v, direct)
+        by_count[f"proxy_{w}w"] = v
+        by_count[f"ratio_{w}w"] = ratio(v, direct)
     if len(by_workers) >= 2:
         lo, hi = min(by_workers), max(by_workers)
         out["workers_compared"] = [lo, hi]
         out["workers_ratio"] = ratio(by_workers[hi], by_workers[lo])
-        out[f"ratio_{hi}w_{lo}w"] = out["workers_ratio"]
+        by_count[f"ratio_{hi}w_{lo}w"] = out["workers_ratio"]
     by_threads = {p.threads: mb.get(p.name) for p in paths if p.relay is not None and p.threads}
     for t, v in sorted(by_threads.items()):
-        out[f"relay_{t}t"] = v
+        by_count[f"relay_{t}t"] = v
     if len(by_threads) >= 2:
         lo, hi = min(by_threads), max(by_threads)
         out["relay_threads_compared"] = [lo, hi]
@@ -240,7 +263,7 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
         "rounds": rounds, "slice_s": round(per, 3), "paths": details, "cpu": cpu,
         "bottleneck": " | ".join(notes) if notes else "no process CPU-bound",
     })
-    return out
+    return {**out, **by_count}
 
 
 async def _relay_paths(bench: Bench, n: int, paths: list[_AggPath]) -> str | None:

@@ -15,7 +15,7 @@ import resource
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from bench import dcerpc, protocol
 from bench.client import BasicAuth, NtlmAuth, RpchClient
@@ -31,6 +31,17 @@ SMALL = 16
 HOLDER_MAX_VCS = 2500  # idle connections per holder process
 
 Progress = Callable[[str], None]
+
+
+class Figures(TypedDict):
+    """What every scenario's result starts with: its figure through the proxy and directly
+    (None without a direct path), ``ratio`` always proxy / direct, and the unit of both."""
+
+    metric: str
+    proxy: float | None
+    direct: float | None
+    ratio: float | None
+    unit: str
 
 
 

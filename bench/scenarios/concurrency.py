@@ -12,11 +12,29 @@ import time
 from typing import Any
 
 from bench.holder import Holder
-from bench.measure import CpuFigures, bottleneck, lat_summary, ratio, relay_figures
+from bench.measure import (
+    CpuFigures,
+    RelayFigures,
+    add_relay_figures,
+    bottleneck,
+    lat_summary,
+    ratio,
+)
 from bench.procs import ProcSample, process_tree
-from bench.scenarios.base import Bench, close_all, holder_specs, phase_time
+from bench.scenarios.base import Bench, Figures, close_all, holder_specs, phase_time
 from bench.scenarios.latency import closed_loop
 from bench.session import BenchSession
+
+
+class ConcurrencyResult(Figures, RelayFigures, total=False):
+    rss_mib: float | None  # the proxy's, with every VC open
+    fds: int | None
+    rss_per_vc_kib: float | None  # what one idle VC (2 channels + 1 backend socket) adds
+    relay_rss_per_conn_kib: float | None  # the relay's, per connection (client + backend)
+    rss_curve: list[dict[str, float]]  # the proxy's RSS and fds as the VCs opened
+    details: dict[str, Any]  # connections, active, streams, per path: latency, RSS, ramp
+    cpu: dict[str, CpuFigures]
+    bottleneck: str
 
 
 def _fd_limit(pid: int) -> int | None:
@@ -30,7 +48,7 @@ def _fd_limit(pid: int) -> int | None:
         return None
     return None
 
-async def run_concurrency(bench: Bench) -> dict[str, Any]:
+async def run_concurrency(bench: Bench) -> ConcurrencyResult:
     """``connections`` idle VCs, then ``active`` ones measured while ``streams`` stream.
 
     The idle connections live in holder processes (bench.holder), at most
@@ -170,7 +188,7 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
             await asyncio.gather(*(h.stop() for h in holders), return_exceptions=True)
     p99 = {path: round(result[path]["active_latency"]["p99_us"] / 1000, 3)
            for path in paths}
-    out: dict[str, Any] = {
+    out: ConcurrencyResult = {
         "metric": f"p99 round trip (ms) of {bench.active} active VCs among {n} idle "
                   f"while {streams} stream" + (f" at {bench.stream_rate / 1e6:g} MB/s each"
                                                if bench.stream_rate else ""),
@@ -178,11 +196,9 @@ async def run_concurrency(bench: Bench) -> dict[str, Any]:
         "ratio": ratio(p99["proxy"], p99.get("direct")), "unit": "ms",
     }
     if "relay" in p99:
-        out.update(relay_figures(p99["proxy"], p99.get("direct"), p99["relay"]))
+        add_relay_figures(out, p99["proxy"], p99.get("direct"), p99["relay"])
     out.update({
         "rss_mib": result["proxy"].get("rss_mib"), "fds": result["proxy"].get("fds"),
-        # What one idle VC (2 channels + 1 backend socket) adds to the proxy's RSS; the
-        # relay's figure is per connection (1 client + 1 backend socket).
         "rss_per_vc_kib": result["proxy"].get("rss_per_vc_kib"),
         "relay_rss_per_conn_kib": (result["relay"].get("rss_per_vc_kib")
                                    if "relay" in result else None),

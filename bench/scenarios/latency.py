@@ -6,9 +6,24 @@ import asyncio
 import time
 from typing import Any
 
-from bench.measure import CpuFigures, bottleneck, lat_summary, ratio, relay_figures
-from bench.scenarios.base import SMALL, Bench, close_all, rounds_of
+from bench.measure import (
+    CpuFigures,
+    RelayFigures,
+    add_relay_figures,
+    bottleneck,
+    lat_summary,
+    ratio,
+)
+from bench.scenarios.base import SMALL, Bench, Figures, close_all, rounds_of
 from bench.session import BenchSession
+
+
+class LatencyResult(Figures, RelayFigures, total=False):
+    added_us: float  # proxy p50 - direct p50 at 1 client
+    relay_added_us: float
+    levels: dict[str, dict[str, Any]]  # clients -> path -> lat_summary, and the differences
+    cpu_at_max_clients: dict[str, CpuFigures]
+    bottleneck: str
 
 
 async def closed_loop(s: BenchSession, deadline: float, out: list[float]) -> None:
@@ -16,7 +31,7 @@ async def closed_loop(s: BenchSession, deadline: float, out: list[float]) -> Non
         out.append(await s.call(SMALL, SMALL))
 
 
-async def run_latency(bench: Bench) -> dict[str, Any]:
+async def run_latency(bench: Bench) -> LatencyResult:
     """Round trip of small calls, closed loop, at 1 client and at ``clients`` clients.
 
     At each level every path's sessions are open at once and measured in alternating slices
@@ -69,7 +84,7 @@ async def run_latency(bench: Bench) -> dict[str, Any]:
             row["proxy_vs_relay"] = {k: ratio(p[k], c[k]) for k in keys}
     one = table["1"]
     direct_p50 = one.get("direct", {}).get("p50_us")
-    out: dict[str, Any] = {
+    out: LatencyResult = {
         "metric": "median round trip of a small call, 1 client",
         "proxy": one["proxy"]["p50_us"], "direct": direct_p50,
         "ratio": ratio(one["proxy"]["p50_us"], direct_p50), "unit": "us",
@@ -77,7 +92,7 @@ async def run_latency(bench: Bench) -> dict[str, Any]:
     if direct_p50 is not None:
         out["added_us"] = round(one["proxy"]["p50_us"] - direct_p50, 1)
     if "relay" in one:
-        out.update(relay_figures(one["proxy"]["p50_us"], direct_p50, one["relay"]["p50_us"]))
+        add_relay_figures(out, one["proxy"]["p50_us"], direct_p50, one["relay"]["p50_us"])
         if direct_p50 is not None:
             out["relay_added_us"] = round(one["relay"]["p50_us"] - direct_p50, 1)
     out.update({"levels": table, "cpu_at_max_clients": cpu, "bottleneck": bottleneck(cpu)})

@@ -7,11 +7,19 @@ import time
 from typing import Any
 
 from bench import dcerpc
-from bench.measure import bottleneck, percentile, ratio, relay_figures
-from bench.scenarios.base import Bench, bench_syntax, rounds_of
+from bench.measure import CpuFigures, RelayFigures, add_relay_figures, bottleneck, percentile, ratio
+from bench.scenarios.base import Bench, Figures, bench_syntax, rounds_of
 
 
-async def run_setup(bench: Bench) -> dict[str, Any]:
+class SetupResult(Figures, RelayFigures, total=False):
+    details: dict[str, dict[str, float]]  # path -> per_s, count, p50_ms, p99_ms
+    workers: int
+    cpu: dict[str, CpuFigures]
+    bottleneck: str
+    samba: dict[str, Any]  # with real NTLM: the same Samba's logins/s alone (added by the CLI)
+
+
+async def run_setup(bench: Bench) -> SetupResult:
     """Open, BIND, close, ``setup_workers`` at a time: connections per second.
 
     Proxy, direct (and relay) alternate in slices (``rounds_of``)."""
@@ -43,7 +51,7 @@ async def run_setup(bench: Bench) -> dict[str, Any]:
                                    for _ in range(bench.setup_workers)))
             walls[path] += time.perf_counter() - t0
             meters[path].pause()
-    out: dict[str, Any] = {}
+    out: dict[str, dict[str, float]] = {}
     for path in bench.paths:
         lat = sorted(lats[path])
         out[path] = {"per_s": round(len(lat) / walls[path], 1), "count": len(lat),
@@ -54,12 +62,12 @@ async def run_setup(bench: Bench) -> dict[str, Any]:
                        f"{bench.setup_workers} in parallel)")
     cpu = {path: m.result() for path, m in meters.items()}
     proxy, direct = out["proxy"]["per_s"], out.get("direct", {}).get("per_s")
-    result: dict[str, Any] = {
+    result: SetupResult = {
         "metric": "connections opened + bound + closed per second",
         "proxy": proxy, "direct": direct, "ratio": ratio(proxy, direct), "unit": "conn/s",
     }
     if "relay" in out:
-        result.update(relay_figures(proxy, direct, out["relay"]["per_s"]))
+        add_relay_figures(result, proxy, direct, out["relay"]["per_s"])
     result.update({"details": out, "workers": bench.setup_workers, "cpu": cpu,
                    "bottleneck": bottleneck(cpu)})
     return result

@@ -10,8 +10,21 @@ from typing import Any
 from bench.client import RpchClient
 from bench.measure import CpuFigures, bottleneck, ratio
 from bench.procs import ChildProcess
-from bench.scenarios.base import BIG, Bench, ProxyTarget, close_all, phase_time
+from bench.scenarios.base import BIG, Bench, Figures, ProxyTarget, close_all, phase_time
 from bench.session import BenchSession
+
+
+class SoakResult(Figures):
+    details: dict[str, Any]  # path -> calls, mb_s, calls_per_s (proxy: recycles)
+    samples: list[dict[str, float]]  # the proxy's RSS and fds over time
+    rss_start_mib: float | None
+    rss_end_mib: float | None
+    rss_max_mib: float | None
+    fds_start: float | None
+    fds_end: float | None
+    cpu: dict[str, CpuFigures]
+    bottleneck: str
+
 
 SOAK_SIZES = (16, 512, 4096, 30_000, BIG, 3 * BIG + 1000)  # last one spans fragments
 
@@ -26,7 +39,7 @@ async def _soak_worker(s: BenchSession, rng: random.Random, deadline: float,
         totals[1] += want + length
 
 
-async def run_soak(bench: Bench) -> dict[str, Any]:
+async def run_soak(bench: Bench) -> SoakResult:
     """``soak_connections`` VCs doing mixed calls for the duration; RSS and fds sampled.
 
     In self-contained mode the soak gets its own proxy with a 1 MiB OUT Content-Length and
@@ -96,15 +109,13 @@ async def run_soak(bench: Bench) -> dict[str, Any]:
                 out["proxy_exit_code"] = own.proc.returncode
     rss = [x["rss_mib"] for x in samples]
     fds = [x["fds"] for x in samples]
-    summary = {
-        "rss_start_mib": rss[0] if rss else None, "rss_end_mib": rss[-1] if rss else None,
-        "rss_max_mib": max(rss) if rss else None,
-        "fds_start": fds[0] if fds else None, "fds_end": fds[-1] if fds else None,
-    }
     return {
         "metric": f"payload MB/s of {bench.soak_connections} VCs doing mixed calls",
         "proxy": out["proxy"]["mb_s"], "direct": out.get("direct", {}).get("mb_s"),
         "ratio": ratio(out["proxy"]["mb_s"], out.get("direct", {}).get("mb_s")),
-        "unit": "MB/s", "details": out, "samples": samples, **summary, "cpu": cpu,
-        "bottleneck": bottleneck(cpu),
+        "unit": "MB/s", "details": out, "samples": samples,
+        "rss_start_mib": rss[0] if rss else None, "rss_end_mib": rss[-1] if rss else None,
+        "rss_max_mib": max(rss) if rss else None,
+        "fds_start": fds[0] if fds else None, "fds_end": fds[-1] if fds else None,
+        "cpu": cpu, "bottleneck": bottleneck(cpu),
     }

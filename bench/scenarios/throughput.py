@@ -6,9 +6,19 @@ import time
 from typing import Any
 
 from bench.client import RpchClient
-from bench.measure import bottleneck, ratio, relay_figures
-from bench.scenarios.base import BIG, PDU, SMALL, Bench, rounds_of
+from bench.measure import CpuFigures, RelayFigures, add_relay_figures, bottleneck, ratio
+from bench.scenarios.base import BIG, PDU, SMALL, Bench, Figures, rounds_of
 from bench.session import BenchSession
+
+
+class ThroughputResult(Figures, RelayFigures, total=False):
+    phases: dict[str, Any]  # "both" / "down" / "up" -> path -> MB/s, ratios; "recycles"
+    depth: int
+    pdu_bytes: int
+    rounds: int
+    cpu: dict[str, CpuFigures]
+    bottleneck: str
+
 
 THROUGHPUT_PHASES = (
     ("both", BIG, BIG),  # (name, request payload, response payload)
@@ -17,7 +27,7 @@ THROUGHPUT_PHASES = (
 )
 
 
-async def run_throughput(bench: Bench) -> dict[str, Any]:
+async def run_throughput(bench: Bench) -> ThroughputResult:
     """One VC, 64 KiB PDUs, calls pipelined ``depth`` deep: MB/s of payload.
 
     The proxy, direct (and relay) runs alternate in short slices (``rounds_of``) on one VC per
@@ -67,13 +77,13 @@ async def run_throughput(bench: Bench) -> dict[str, Any]:
                                                     if has_relay else ""))
     cpu = {path: m.result() for path, m in meters.items()}
     both = details["both"]
-    out: dict[str, Any] = {
+    out: ThroughputResult = {
         "metric": "payload MB/s, one VC, 64 KiB PDUs both ways",
         "proxy": both.get("proxy"), "direct": both.get("direct"), "ratio": both["ratio"],
         "unit": "MB/s",
     }
     if has_relay:
-        out.update(relay_figures(both.get("proxy"), both.get("direct"), both.get("relay")))
+        add_relay_figures(out, both.get("proxy"), both.get("direct"), both.get("relay"))
     out.update({"phases": details, "depth": bench.depth, "pdu_bytes": PDU, "rounds": rounds,
                 "cpu": cpu, "bottleneck": bottleneck(cpu)})
     return out
