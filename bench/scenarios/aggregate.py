@@ -44,7 +44,7 @@ class AggregateResult(Figures, total=False):
 
 @dataclass
 class _AggPath:
-    """One way to the backend in the aggregate scenario."""
+    """One way to the backend in the aggregate scenario, and what was measured on it."""
 
     name: str  # "proxy-1w", "proxy-2w", "direct", "relay-1t", "relay-2t"; "proxy" (--url)
     workers: int | None  # proxy worker processes; None: direct, relay, or not known (--url)
@@ -54,6 +54,14 @@ class _AggPath:
     holders: list[Holder] = field(default_factory=list)
     relay: tuple[str, int] | None = None  # the C relay's address (a relay path)
     threads: int | None = None  # the C relay's threads (nbthread)
+    nbytes: float = 0.0  # payload both ways over the measured slices
+    seconds: float = 0.0  # the slowest holder's wall time, summed over the slices
+    calls: int = 0
+    split: list[int] | None = None  # VCs per proxy worker (several workers only)
+
+    @property
+    def mb_s(self) -> float | None:
+        return round(self.nbytes / self.seconds / 1e6, 1) if self.seconds else None
 
 
 async def run_aggregate(bench: Bench) -> dict[str, Any]:
@@ -84,98 +92,27 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
     backend stub, proxy processes, a relay thread, the machine."""
     n = max(1, bench.aggregate_vcs)
     nprocs = max(1, min(bench.aggregate_procs, n))
-    per_holder = -(-n // nprocs)
     rounds = min(3, rounds_of(bench))
     paths: list[_AggPath] = []
-    totals: dict[str, list[float]] = {}
-    meters: dict[str, CpuMeter] = {}
-    split: dict[str, list[int]] = {}
     relay_skipped: str | None = None
     try:
-        if bench.spawn_proxy is not None and bench.proxy_proc is not None:
-            for w in sorted(set(bench.aggregate_workers)):
-                if w == bench.proxy_workers:
-                    paths.append(_AggPath(f"proxy-{w}w", w, bench.proxy, bench.proxy_proc))
-                    continue
-                child = await bench.spawn_proxy(None, workers=w)
-                target = ProxyTarget(child.host, child.port, bench.proxy.target,
-                                     bench.proxy.path, bench.proxy.auth, bench.proxy.ssl,
-                                     bench.proxy.server_hostname, bench.proxy.insecure)
-                paths.append(_AggPath(f"proxy-{w}w", w, target, child, own=True))
-                await asyncio.sleep(0.3 if w > 1 else 0)  # workers fork after LISTENING
-        else:
-            paths.append(_AggPath("proxy", None, bench.proxy, bench.proxy_proc))
+        await _proxy_paths(bench, paths)
         if bench.direct is not None:
             paths.append(_AggPath("direct", None, None))
             if bench.relay is not None:
                 relay_skipped = await _relay_paths(bench, n, paths)
-        for path in paths:
-            kind = "direct" if path.target is None else "proxy"
-            specs = holder_specs(bench, kind, n, per_holder=per_holder, proxy=path.target,
-                                  address=path.relay)
-            if path.workers and path.workers > 1 and bench.aggregate_placement == "balanced":
-                j = 0
-                for spec in specs:  # VC j goes to worker j mod workers
-                    spec.owners = [(j + i) % path.workers for i in range(spec.count)]
-                    spec.owner_count = path.workers
-                    j += spec.count
-            path.holders = [Holder(spec) for spec in specs]
-            for h in path.holders:
-                await h.start()
-        await asyncio.gather(*(h.wait_ready(bench.timeout + n / 20)
-                               for path in paths for h in path.holders))
-        for path in paths:
-            kind = ("proxy" if path.target is not None else
-                    "relay" if path.relay is not None else "direct")
-            for h in path.holders:
-                bench.tls_seen.setdefault(kind, set()).update(h.tls_seen)
+        await _start_holders(bench, paths, n, per_holder=-(-n // nprocs))
         has_relay = any(p.relay is not None for p in paths)
+        meters = {path.name: _meter(bench, path, has_relay) for path in paths}
         for path in paths:
-            groups: dict[str, list[int]] = {
-                "loadgen": [os.getpid(), *(h.pid for h in path.holders if h.pid is not None)],
-                "proxy": process_tree(path.proc.pid) if path.proc is not None and
-                path.target is not None else [],
-                "backend": [bench.backend_proc.pid] if bench.backend_proc is not None else [],
-            }
-            threads: dict[str, int] = {}
-            if has_relay:  # every path says what the relay used: nothing unless it is one
-                groups["relay"] = []
-                if path.relay is not None and path.proc is not None:
-                    groups["relay"] = [path.proc.pid]
-                    threads["relay"] = path.proc.pid
-            meters[path.name] = CpuMeter(groups, threads=threads)
-            totals[path.name] = [0.0, 0.0, 0.0]  # bytes, seconds, calls
             if path.workers and path.workers > 1:
                 cookies = [cookie for h in path.holders
                            for cookie in await h.cookies(bench.timeout)]
-                counts = [0] * path.workers
+                path.split = [0] * path.workers
                 for cookie in cookies:
-                    counts[owner_of(cookie, path.workers)] += 1
-                split[path.name] = counts
+                    path.split[owner_of(cookie, path.workers)] += 1
         per = max(0.1, bench.duration / (rounds * len(paths)))
-
-        async def slice_(path: _AggPath, seconds: float) -> tuple[int, float, int]:
-            res = await asyncio.gather(*(h.stream_stats(seconds, bench.timeout, length=BIG,
-                                                        depth=bench.depth)
-                                         for h in path.holders))
-            return (sum(r.down + r.up for r in res), max(r.seconds for r in res),
-                    sum(r.calls for r in res))
-
-        for path in paths:  # warm-up: TCP windows, the proxies' buffers, code paths
-            await slice_(path, min(0.3, per))
-        for r in range(rounds):
-            k = r % len(paths)
-            for path in paths[k:] + paths[:k]:
-                meters[path.name].start()
-                nbytes, secs, calls = await slice_(path, per)
-                meters[path.name].pause()
-                acc = totals[path.name]
-                acc[0] += nbytes
-                acc[1] += secs
-                acc[2] += calls
-            bench.progress(f"aggregate round {r + 1}/{rounds}: " + ", ".join(
-                f"{p.name} {totals[p.name][0] / totals[p.name][1] / 1e6:.0f}" for p in paths)
-                + f" MB/s ({n} VCs both ways)")
+        await _measure(bench, paths, meters, n, rounds, per)
         # Every VC must still work after streaming: one small call each.
         await asyncio.gather(*(h.check(bench.timeout) for p in paths for h in p.holders))
     finally:
@@ -191,70 +128,20 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
         kinds = sorted({"relay" if p.relay is not None else "proxy" for p in paths
                         if p.name in exits})
         raise RuntimeError(f"aggregate: {' and '.join(kinds)} exited with {exits}")
-    mb = {name: round(t[0] / t[1] / 1e6, 1) for name, t in totals.items() if t[1]}
-    direct = mb.get("direct")
     cpu = {name: m.per_process() for name, m in meters.items()}
+    direct = next((p.mb_s for p in paths if p.name == "direct"), None)
     details: dict[str, Any] = {}
     notes = []
     for path in paths:
-        lim = limits_of(cpu[path.name])
-        c = cpu[path.name]
-        gb = totals[path.name][0] / 1e9
-        is_relay = path.relay is not None
-        cost_groups = ("loadgen", "proxy", "backend", "irq") + (("relay",) if is_relay else ())
-        details[path.name] = {
-            "mb_s": mb.get(path.name), "workers": path.workers,
-            "ratio_vs_direct": (ratio(mb.get(path.name), direct) if path.target or is_relay
-                                else None),
-            "calls": int(totals[path.name][2]), "limited_by": lim or None,
-            # CPU seconds each part spent per GB of payload: what a byte costs where
-            "cpu_s_per_gb": {g: round((c.get(f"{g}_cpu") or 0.0) * c["wall_s"] / gb, 2)
-                             for g in cost_groups} if gb else None,
-        }
-        if path.target is not None and c.get("proxy_cpu"):
-            # Payload the proxy forwards per core-second of its own CPU: the figure it could
-            # reach per worker with a core to itself, at this cost per byte.
-            details[path.name]["mb_s_per_proxy_core"] = round(
-                (mb.get(path.name) or 0.0) / c["proxy_cpu"], 1)
-        if is_relay:
-            details[path.name]["threads"] = path.threads
-            if c.get("relay_cpu"):  # the same for the C relay
-                details[path.name]["mb_s_per_relay_core"] = round(
-                    (mb.get(path.name) or 0.0) / c["relay_cpu"], 1)
-        if path.name in split:
-            details[path.name]["vcs_per_worker"] = split[path.name]
+        details[path.name], lim = _path_details(path, cpu[path.name], direct)
         if lim:
             notes.append(f"{path.name} limited by " + "; ".join(lim))
-        bench.progress(f"aggregate {path.name:>8}: {mb.get(path.name)} MB/s"
+        bench.progress(f"aggregate {path.name:>8}: {path.mb_s} MB/s"
                        + (f" ({details[path.name]['ratio_vs_direct']}x direct)"
-                          if (path.target or is_relay) and direct else "")
-                       + (f", VCs per worker {split[path.name]}" if path.name in split else "")
+                          if (path.target or path.relay) and direct else "")
+                       + (f", VCs per worker {path.split}" if path.split else "")
                        + (f"; limited by {'; '.join(lim)}" if lim else ""))
-    proxies = [p for p in paths if p.target is not None]
-    head = proxies[-1]  # the most workers
-    out: AggregateResult = {
-        "metric": f"total MB/s, {n} VCs, 64 KiB PDUs both ways" + (
-            f" (proxy: {head.workers} workers)" if head.workers else ""),
-        "proxy": mb.get(head.name), "direct": direct, "ratio": ratio(mb.get(head.name), direct),
-        "unit": "MB/s",
-    }
-    by_count: dict[str, float | None] = {}  # keys named by a worker or thread count
-    by_workers = {p.workers: mb.get(p.name) for p in proxies if p.workers}
-    for w, v in sorted(by_workers.items()):
-        by_count[f"proxy_{w}w"] = v
-        by_count[f"ratio_{w}w"] = ratio(v, direct)
-    if len(by_workers) >= 2:
-        lo, hi = min(by_workers), max(by_workers)
-        out["workers_compared"] = [lo, hi]
-        out["workers_ratio"] = ratio(by_workers[hi], by_workers[lo])
-        by_count[f"ratio_{hi}w_{lo}w"] = out["workers_ratio"]
-    by_threads = {p.threads: mb.get(p.name) for p in paths if p.relay is not None and p.threads}
-    for t, v in sorted(by_threads.items()):
-        by_count[f"relay_{t}t"] = v
-    if len(by_threads) >= 2:
-        lo, hi = min(by_threads), max(by_threads)
-        out["relay_threads_compared"] = [lo, hi]
-        out["relay_threads_ratio"] = ratio(by_threads[hi], by_threads[lo])
+    out, by_count = _figures(paths, n, direct)
     if relay_skipped:
         out["relay_skipped"] = relay_skipped
     out.update({
@@ -264,6 +151,155 @@ async def run_aggregate(bench: Bench) -> dict[str, Any]:
         "bottleneck": " | ".join(notes) if notes else "no process CPU-bound",
     })
     return {**out, **by_count}
+
+
+async def _proxy_paths(bench: Bench, paths: list[_AggPath]) -> None:
+    """Append the proxy paths: self-contained, one per ``aggregate_workers`` count (the
+    bench's own proxy for its count, another started on the same backend for each other);
+    against a deployment (--url) the one proxy, of unknown worker count."""
+    if bench.spawn_proxy is None or bench.proxy_proc is None:
+        paths.append(_AggPath("proxy", None, bench.proxy, bench.proxy_proc))
+        return
+    for w in sorted(set(bench.aggregate_workers)):
+        if w == bench.proxy_workers:
+            paths.append(_AggPath(f"proxy-{w}w", w, bench.proxy, bench.proxy_proc))
+            continue
+        child = await bench.spawn_proxy(None, workers=w)
+        target = ProxyTarget(child.host, child.port, bench.proxy.target,
+                             bench.proxy.path, bench.proxy.auth, bench.proxy.ssl,
+                             bench.proxy.server_hostname, bench.proxy.insecure)
+        paths.append(_AggPath(f"proxy-{w}w", w, target, child, own=True))
+        await asyncio.sleep(0.3 if w > 1 else 0)  # workers fork after LISTENING
+
+
+async def _start_holders(bench: Bench, paths: list[_AggPath], n: int, *,
+                         per_holder: int) -> None:
+    """``n`` VCs per path in holder processes, placed on the workers as
+    ``aggregate_placement`` says; returns once every VC is open."""
+    for path in paths:
+        kind = "direct" if path.target is None else "proxy"
+        specs = holder_specs(bench, kind, n, per_holder=per_holder, proxy=path.target,
+                             address=path.relay)
+        if path.workers and path.workers > 1 and bench.aggregate_placement == "balanced":
+            j = 0
+            for spec in specs:  # VC j goes to worker j mod workers
+                spec.owners = [(j + i) % path.workers for i in range(spec.count)]
+                spec.owner_count = path.workers
+                j += spec.count
+        path.holders = [Holder(spec) for spec in specs]
+        for h in path.holders:
+            await h.start()
+    await asyncio.gather(*(h.wait_ready(bench.timeout + n / 20)
+                           for path in paths for h in path.holders))
+    for path in paths:
+        kind = ("proxy" if path.target is not None else
+                "relay" if path.relay is not None else "direct")
+        for h in path.holders:
+            bench.tls_seen.setdefault(kind, set()).update(h.tls_seen)
+
+
+def _meter(bench: Bench, path: _AggPath, has_relay: bool) -> CpuMeter:
+    """The processes of one path, each kept apart (the relay's threads too)."""
+    groups: dict[str, list[int]] = {
+        "loadgen": [os.getpid(), *(h.pid for h in path.holders if h.pid is not None)],
+        "proxy": process_tree(path.proc.pid) if path.proc is not None and
+        path.target is not None else [],
+        "backend": [bench.backend_proc.pid] if bench.backend_proc is not None else [],
+    }
+    threads: dict[str, int] = {}
+    if has_relay:  # every path says what the relay used: nothing unless it is one
+        groups["relay"] = []
+        if path.relay is not None and path.proc is not None:
+            groups["relay"] = [path.proc.pid]
+            threads["relay"] = path.proc.pid
+    return CpuMeter(groups, threads=threads)
+
+
+async def _measure(bench: Bench, paths: list[_AggPath], meters: dict[str, CpuMeter],
+                   n: int, rounds: int, per: float) -> None:
+    """A warm-up slice per path, then ``rounds`` rounds of one slice per path (in turns)."""
+
+    async def slice_(path: _AggPath, seconds: float) -> tuple[int, float, int]:
+        res = await asyncio.gather(*(h.stream_stats(seconds, bench.timeout, length=BIG,
+                                                    depth=bench.depth)
+                                     for h in path.holders))
+        return (sum(r.down + r.up for r in res), max(r.seconds for r in res),
+                sum(r.calls for r in res))
+
+    for path in paths:  # warm-up: TCP windows, the proxies' buffers, code paths
+        await slice_(path, min(0.3, per))
+    for r in range(rounds):
+        k = r % len(paths)
+        for path in paths[k:] + paths[:k]:
+            meters[path.name].start()
+            nbytes, secs, calls = await slice_(path, per)
+            meters[path.name].pause()
+            path.nbytes += nbytes
+            path.seconds += secs
+            path.calls += calls
+        bench.progress(f"aggregate round {r + 1}/{rounds}: " + ", ".join(
+            f"{p.name} {p.nbytes / p.seconds / 1e6:.0f}" for p in paths)
+            + f" MB/s ({n} VCs both ways)")
+
+
+def _path_details(path: _AggPath, c: dict[str, Any],
+                  direct: float | None) -> tuple[dict[str, Any], list[str]]:
+    """One path's entry of ``paths`` and what bounded it (``limits_of``)."""
+    lim = limits_of(c)
+    gb = path.nbytes / 1e9
+    is_relay = path.relay is not None
+    cost_groups = ("loadgen", "proxy", "backend", "irq") + (("relay",) if is_relay else ())
+    d: dict[str, Any] = {
+        "mb_s": path.mb_s, "workers": path.workers,
+        "ratio_vs_direct": ratio(path.mb_s, direct) if path.target or is_relay else None,
+        "calls": path.calls, "limited_by": lim or None,
+        # CPU seconds each part spent per GB of payload: what a byte costs where
+        "cpu_s_per_gb": {g: round((c.get(f"{g}_cpu") or 0.0) * c["wall_s"] / gb, 2)
+                         for g in cost_groups} if gb else None,
+    }
+    if path.target is not None and c.get("proxy_cpu"):
+        # Payload the proxy forwards per core-second of its own CPU: the figure it could
+        # reach per worker with a core to itself, at this cost per byte.
+        d["mb_s_per_proxy_core"] = round((path.mb_s or 0.0) / c["proxy_cpu"], 1)
+    if is_relay:
+        d["threads"] = path.threads
+        if c.get("relay_cpu"):  # the same for the C relay
+            d["mb_s_per_relay_core"] = round((path.mb_s or 0.0) / c["relay_cpu"], 1)
+    if path.split is not None:
+        d["vcs_per_worker"] = path.split
+    return d, lim
+
+
+def _figures(paths: list[_AggPath], n: int,
+             direct: float | None) -> tuple[AggregateResult, dict[str, float | None]]:
+    """The head figures (the proxy with the most workers vs direct), the worker and thread
+    comparisons, and the keys named by a worker or thread count."""
+    proxies = [p for p in paths if p.target is not None]
+    head = proxies[-1]  # the most workers
+    out: AggregateResult = {
+        "metric": f"total MB/s, {n} VCs, 64 KiB PDUs both ways" + (
+            f" (proxy: {head.workers} workers)" if head.workers else ""),
+        "proxy": head.mb_s, "direct": direct, "ratio": ratio(head.mb_s, direct),
+        "unit": "MB/s",
+    }
+    by_count: dict[str, float | None] = {}
+    by_workers = {p.workers: p.mb_s for p in proxies if p.workers}
+    for w, v in sorted(by_workers.items()):
+        by_count[f"proxy_{w}w"] = v
+        by_count[f"ratio_{w}w"] = ratio(v, direct)
+    if len(by_workers) >= 2:
+        lo, hi = min(by_workers), max(by_workers)
+        out["workers_compared"] = [lo, hi]
+        out["workers_ratio"] = ratio(by_workers[hi], by_workers[lo])
+        by_count[f"ratio_{hi}w_{lo}w"] = out["workers_ratio"]
+    by_threads = {p.threads: p.mb_s for p in paths if p.relay is not None and p.threads}
+    for t, v in sorted(by_threads.items()):
+        by_count[f"relay_{t}t"] = v
+    if len(by_threads) >= 2:
+        lo, hi = min(by_threads), max(by_threads)
+        out["relay_threads_compared"] = [lo, hi]
+        out["relay_threads_ratio"] = ratio(by_threads[hi], by_threads[lo])
+    return out, by_count
 
 
 async def _relay_paths(bench: Bench, n: int, paths: list[_AggPath]) -> str | None:

@@ -48,6 +48,28 @@ def _fd_limit(pid: int) -> int | None:
         return None
     return None
 
+async def _proxy_fd_room(bench: Bench, pid: int, n: int, streams: int) -> dict[str, Any]:
+    """Whether each proxy process may open the descriptors this needs (RuntimeError if not);
+    its limit and process count."""
+    workers = max(1, bench.proxy_workers)
+    tree = process_tree(pid)
+    for _ in range(50):  # workers fork after LISTENING: wait up to 5 s for them
+        if workers == 1 or len(tree) > workers:
+            break
+        await asyncio.sleep(0.1)
+        tree = process_tree(pid)
+    limit = _fd_limit(tree[-1])
+    # VCs are spread over workers by cookie hash: allow 20% imbalance.
+    need = int(3 * (n + bench.active + streams) / workers * (1.2 if workers > 1 else 1)) + 64
+    if limit is not None and limit < need:
+        raise RuntimeError(
+            f"each proxy process may open {limit} file descriptors but {n} idle + "
+            f"{bench.active + streams} busy VCs over {workers} worker(s) need about {need} "
+            "each (2 channels + 1 backend socket per VC): raise the hard RLIMIT_NOFILE or "
+            "use more workers (--proxy-workers)")
+    return {"proxy_fd_limit": limit, "proxy_processes": len(tree)}
+
+
 async def run_concurrency(bench: Bench) -> ConcurrencyResult:
     """``connections`` idle VCs, then ``active`` ones measured while ``streams`` stream.
 
@@ -72,120 +94,9 @@ async def run_concurrency(bench: Bench) -> ConcurrencyResult:
     cpu: dict[str, CpuFigures] = {}
     rss_curve: list[dict[str, float]] = []
     if bench.proxy_proc is not None:
-        pid = bench.proxy_proc.pid
-        workers = max(1, bench.proxy_workers)
-        tree = process_tree(pid)
-        for _ in range(50):  # workers fork after LISTENING: wait up to 5 s for them
-            if workers == 1 or len(tree) > workers:
-                break
-            await asyncio.sleep(0.1)
-            tree = process_tree(pid)
-        limit = _fd_limit(tree[-1])
-        # VCs are spread over workers by cookie hash: allow 20% imbalance.
-        need = int(3 * (n + bench.active + streams) / workers * (1.2 if workers > 1 else 1)) + 64
-        result["proxy_fd_limit"] = limit
-        result["proxy_processes"] = len(tree)
-        if limit is not None and limit < need:
-            raise RuntimeError(
-                f"each proxy process may open {limit} file descriptors but {n} idle + "
-                f"{bench.active + streams} busy VCs over {workers} worker(s) need about {need} "
-                "each (2 channels + 1 backend socket per VC): raise the hard RLIMIT_NOFILE or "
-                "use more workers (--proxy-workers)")
+        result.update(await _proxy_fd_room(bench, bench.proxy_proc.pid, n, streams))
     for path in paths:
-        measured = path if path in ("proxy", "relay") else None  # whose RSS and fds to sample
-        base = bench.proc_sample(measured) if measured else None
-        holders = [Holder(spec) for spec in holder_specs(bench, path, n)]
-        busy: list[BenchSession] = []
-        try:
-            t_ramp = time.perf_counter()
-            next_mark = max(1, n // 10)
-
-            def progress_hook(path: str = path, holders: list[Holder] = holders) -> None:
-                nonlocal next_mark
-                opened = sum(h.opened for h in holders)
-                if opened < next_mark:
-                    return
-                next_mark = (opened // max(1, n // 10) + 1) * max(1, n // 10)
-                smp = bench.proc_sample("proxy") if path == "proxy" else None
-                if smp is not None:
-                    rss_curve.append({"vcs": opened, "rss_mib": round(smp.rss / 2**20, 1),
-                                      "fds": smp.fds})
-                bench.progress(f"concurrency {path:>6}: {opened}/{n} idle connections")
-
-            for h in holders:
-                await h.start()
-            ramp_timeout = bench.timeout + n / 20
-            await asyncio.gather(*(h.wait_ready(ramp_timeout, progress_hook) for h in holders))
-            for h in holders:
-                bench.tls_seen.setdefault(path, set()).update(h.tls_seen)
-            ramp_s = time.perf_counter() - t_ramp
-            if path == "proxy":
-                smp = bench.proc_sample("proxy")
-                if smp is not None:
-                    rss_curve.append({"vcs": n, "rss_mib": round(smp.rss / 2**20, 1),
-                                      "fds": smp.fds})
-            at_n = bench.proc_sample(measured) if measured else None
-            # The streaming VCs live in holder processes too, so that the process measuring
-            # the active VCs' round trips is not also busy with 100 streams.
-            stream_holders = [Holder(spec) for spec in holder_specs(
-                bench, path, streams, per_holder=max(1, (streams + 1) // 2))]
-            holders.extend(stream_holders)
-            for h in stream_holders:
-                await h.start()
-            await asyncio.gather(*(h.wait_ready(bench.timeout + streams / 20)
-                                   for h in stream_holders))
-            busy = await bench.sessions(path, bench.active, concurrency=100)
-            actives = busy
-            lats: list[list[float]] = [[] for _ in actives]
-            moved: list[int] = []
-            meter = bench.cpu_meter(started=True)
-            deadline = time.perf_counter() + per
-            peak: ProcSample | None = None
-
-            async def sampler(deadline: float = deadline,
-                              measured: str | None = measured) -> None:
-                nonlocal peak
-                while time.perf_counter() < deadline:
-                    await asyncio.sleep(min(0.25, per / 4))
-                    smp = bench.proc_sample(measured) if measured else None
-                    if smp is not None and (peak is None or smp.rss > peak.rss):
-                        peak = smp
-
-            async def streamer(h: Holder, moved: list[int] = moved) -> None:
-                moved.append(await h.stream(per, bench.timeout, bench.stream_rate))
-
-            await asyncio.gather(
-                *(closed_loop(s, deadline, lat) for s, lat in zip(actives, lats, strict=True)),
-                *(streamer(h) for h in stream_holders),
-                sampler(),
-            )
-            cpu[path] = meter.stop()
-            # Every idle (and streaming) VC must still work: one small call each.
-            await asyncio.gather(*(h.check(bench.timeout + n / 200) for h in holders))
-            summary = lat_summary([x for lat in lats for x in lat])
-            entry: dict[str, Any] = {
-                "active_latency": summary,
-                "stream_mb_s": round(sum(moved) / per / 1e6, 1),
-                "ramp_s": round(ramp_s, 2),
-                "ramp_per_s": round(n / ramp_s, 1) if ramp_s else None,
-                "holders": len(holders),
-            }
-            if base is not None and at_n is not None:
-                entry["rss_mib"] = round(at_n.rss / 2**20, 1)
-                entry["rss_peak_mib"] = round(max(at_n.rss, peak.rss if peak else 0) / 2**20, 1)
-                entry["rss_base_mib"] = round(base.rss / 2**20, 1)
-                entry["rss_per_vc_kib"] = round((at_n.rss - base.rss) / n / 1024, 1)
-                entry["fds"] = at_n.fds
-            result[path] = entry
-            bench.progress(
-                f"concurrency {path:>6}: {n} idle + {streams} streaming "
-                f"({entry['stream_mb_s']} MB/s): active p50 {summary['p50_us']:.0f} us, "
-                f"p99 {summary['p99_us']:.0f} us" + (
-                    f"; {path} RSS {entry['rss_mib']} MiB, {entry['fds']} fds"
-                    if "rss_mib" in entry else ""))
-        finally:
-            await close_all(busy)
-            await asyncio.gather(*(h.stop() for h in holders), return_exceptions=True)
+        result[path], cpu[path] = await _one_path(bench, path, n, streams, per, rss_curve)
     p99 = {path: round(result[path]["active_latency"]["p99_us"] / 1000, 3)
            for path in paths}
     out: ConcurrencyResult = {
@@ -205,3 +116,102 @@ async def run_concurrency(bench: Bench) -> ConcurrencyResult:
         "rss_curve": rss_curve, "details": result, "cpu": cpu, "bottleneck": bottleneck(cpu),
     })
     return out
+
+
+async def _one_path(bench: Bench, path: str, n: int, streams: int, per: float,
+                    rss_curve: list[dict[str, float]]) -> tuple[dict[str, Any], CpuFigures]:
+    """One path of the scenario: ``n`` idle VCs in holders, ``streams`` streaming in two more
+    holders, ``bench.active`` measured here; its entry of ``details`` and its CPU."""
+    measured = path if path in ("proxy", "relay") else None  # whose RSS and fds to sample
+    base = bench.proc_sample(measured) if measured else None
+    holders = [Holder(spec) for spec in holder_specs(bench, path, n)]
+    busy: list[BenchSession] = []
+    try:
+        t_ramp = time.perf_counter()
+        next_mark = max(1, n // 10)
+
+        def progress_hook() -> None:
+            nonlocal next_mark
+            opened = sum(h.opened for h in holders)
+            if opened < next_mark:
+                return
+            next_mark = (opened // max(1, n // 10) + 1) * max(1, n // 10)
+            smp = bench.proc_sample("proxy") if path == "proxy" else None
+            if smp is not None:
+                rss_curve.append({"vcs": opened, "rss_mib": round(smp.rss / 2**20, 1),
+                                  "fds": smp.fds})
+            bench.progress(f"concurrency {path:>6}: {opened}/{n} idle connections")
+
+        for h in holders:
+            await h.start()
+        ramp_timeout = bench.timeout + n / 20
+        await asyncio.gather(*(h.wait_ready(ramp_timeout, progress_hook) for h in holders))
+        for h in holders:
+            bench.tls_seen.setdefault(path, set()).update(h.tls_seen)
+        ramp_s = time.perf_counter() - t_ramp
+        if path == "proxy":
+            smp = bench.proc_sample("proxy")
+            if smp is not None:
+                rss_curve.append({"vcs": n, "rss_mib": round(smp.rss / 2**20, 1),
+                                  "fds": smp.fds})
+        at_n = bench.proc_sample(measured) if measured else None
+        # The streaming VCs live in holder processes too, so that the process measuring
+        # the active VCs' round trips is not also busy with 100 streams.
+        stream_holders = [Holder(spec) for spec in holder_specs(
+            bench, path, streams, per_holder=max(1, (streams + 1) // 2))]
+        holders.extend(stream_holders)
+        for h in stream_holders:
+            await h.start()
+        await asyncio.gather(*(h.wait_ready(bench.timeout + streams / 20)
+                               for h in stream_holders))
+        busy = await bench.sessions(path, bench.active, concurrency=100)
+        actives = busy
+        lats: list[list[float]] = [[] for _ in actives]
+        moved: list[int] = []
+        meter = bench.cpu_meter(started=True)
+        deadline = time.perf_counter() + per
+        peak: ProcSample | None = None
+
+        async def sampler() -> None:
+            nonlocal peak
+            while time.perf_counter() < deadline:
+                await asyncio.sleep(min(0.25, per / 4))
+                smp = bench.proc_sample(measured) if measured else None
+                if smp is not None and (peak is None or smp.rss > peak.rss):
+                    peak = smp
+
+        async def streamer(h: Holder) -> None:
+            moved.append(await h.stream(per, bench.timeout, bench.stream_rate))
+
+        await asyncio.gather(
+            *(closed_loop(s, deadline, lat) for s, lat in zip(actives, lats, strict=True)),
+            *(streamer(h) for h in stream_holders),
+            sampler(),
+        )
+        cpu = meter.stop()
+        # Every idle (and streaming) VC must still work: one small call each.
+        await asyncio.gather(*(h.check(bench.timeout + n / 200) for h in holders))
+        summary = lat_summary([x for lat in lats for x in lat])
+        entry: dict[str, Any] = {
+            "active_latency": summary,
+            "stream_mb_s": round(sum(moved) / per / 1e6, 1),
+            "ramp_s": round(ramp_s, 2),
+            "ramp_per_s": round(n / ramp_s, 1) if ramp_s else None,
+            "holders": len(holders),
+        }
+        if base is not None and at_n is not None:
+            entry["rss_mib"] = round(at_n.rss / 2**20, 1)
+            entry["rss_peak_mib"] = round(max(at_n.rss, peak.rss if peak else 0) / 2**20, 1)
+            entry["rss_base_mib"] = round(base.rss / 2**20, 1)
+            entry["rss_per_vc_kib"] = round((at_n.rss - base.rss) / n / 1024, 1)
+            entry["fds"] = at_n.fds
+        bench.progress(
+            f"concurrency {path:>6}: {n} idle + {streams} streaming "
+            f"({entry['stream_mb_s']} MB/s): active p50 {summary['p50_us']:.0f} us, "
+            f"p99 {summary['p99_us']:.0f} us" + (
+                f"; {path} RSS {entry['rss_mib']} MiB, {entry['fds']} fds"
+                if "rss_mib" in entry else ""))
+        return entry, cpu
+    finally:
+        await close_all(busy)
+        await asyncio.gather(*(h.stop() for h in holders), return_exceptions=True)

@@ -39,6 +39,17 @@ async def _soak_worker(s: BenchSession, rng: random.Random, deadline: float,
         totals[1] += want + length
 
 
+async def _sample_proxy(bench: Bench, measured: bool, t0: float, deadline: float,
+                        interval: float, samples: list[dict[str, float]]) -> None:
+    """Until ``deadline``, every ``interval``: the proxy's RSS and fds (when ``measured``)."""
+    while time.perf_counter() < deadline:
+        smp = bench.proc_sample("proxy") if measured else None
+        if smp is not None:
+            samples.append({"t": round(time.perf_counter() - t0, 2),
+                            "rss_mib": round(smp.rss / 2**20, 2), "fds": smp.fds})
+        await asyncio.sleep(interval)
+
+
 async def run_soak(bench: Bench) -> SoakResult:
     """``soak_connections`` VCs doing mixed calls for the duration; RSS and fds sampled.
 
@@ -68,22 +79,12 @@ async def run_soak(bench: Bench) -> SoakResult:
             meter = bench.cpu_meter(started=True)
             t0 = time.perf_counter()
             deadline = t0 + per
-            interval = max(0.1, per / 40)
-
-            async def sampler(path: str = path, t0: float = t0, deadline: float = deadline,
-                              interval: float = interval) -> None:
-                while time.perf_counter() < deadline:
-                    smp = bench.proc_sample("proxy") if path == "proxy" else None
-                    if smp is not None:
-                        samples.append({"t": round(time.perf_counter() - t0, 2),
-                                        "rss_mib": round(smp.rss / 2**20, 2), "fds": smp.fds})
-                    await asyncio.sleep(interval)
-
             try:
                 await asyncio.gather(
                     *(_soak_worker(s, random.Random(bench.seed * 1000 + i), deadline, totals)
                       for i, s in enumerate(sessions)),
-                    sampler())
+                    _sample_proxy(bench, path == "proxy", t0, deadline, max(0.1, per / 40),
+                                  samples))
                 wall = time.perf_counter() - t0
                 cpu[path] = meter.stop()
                 recycles = {"out": 0, "in": 0}
