@@ -4,7 +4,8 @@ It has the interface ``rpcproxy.server.ProxyServer`` expects of ``ntlm.http_auth
 HttpAuthenticator`` (``authenticate(conn, authorization, *, tls)`` and ``forget(conn)``):
 
 * ``Basic`` with any user name and any password is accepted (or only ``password`` when given,
-  so tests can exercise the ``401`` path);
+  so tests can exercise the ``401`` path); with ``users`` only the names and passwords of
+  that table, exactly as written (the HTTP-level tests' table, tests/fakes.py);
 * with ``ntlm_users`` it also runs real NTLM handshakes, verified locally by pyspnego's NTLM
   acceptor against that user table (no Samba): ``NTLM <NEGOTIATE>`` gets a ``401`` with the
   CHALLENGE, ``NTLM <AUTHENTICATE>`` on the same connection is accepted or denied, and the
@@ -23,8 +24,6 @@ from typing import Any
 
 from ntlm.http_auth import Authenticated, AuthOutcome, Challenge, Denied
 from ntlm.verifier import Identity
-
-REALM = 'Basic realm="rpcproxy-bench"'
 
 
 def normalise_user(user: str) -> str:
@@ -51,11 +50,15 @@ class BenchAuthenticator:
     """Accepts HTTP Basic (any or one password) and optionally local NTLM; bench/tests only."""
 
     def __init__(self, *, password: str | None = None, domain: str = "BENCH",
-                 ntlm_users: dict[tuple[str, str], str] | None = None) -> None:
+                 ntlm_users: dict[tuple[str, str], str] | None = None,
+                 users: dict[str, str] | None = None, realm: str = "rpcproxy-bench") -> None:
         self.password = password
+        self.users = users
         self.domain = domain
+        self.realm = f'Basic realm="{realm}"'
         self.accepted = 0
         self.denied = 0
+        self.forgotten = 0  # forget() calls: the server dropping a connection's state
         self.ntlm = bool(ntlm_users)
         self._states: dict[int, _State] = {}
         if ntlm_users:
@@ -69,9 +72,10 @@ class BenchAuthenticator:
             self.user_file = None
 
     def offers(self, *, tls: bool) -> list[str]:
-        return ["NTLM", REALM] if self.ntlm else [REALM]
+        return ["NTLM", self.realm] if self.ntlm else [self.realm]
 
     def forget(self, conn: object) -> None:
+        self.forgotten += 1
         self._states.pop(id(conn), None)
 
     def pending_count(self) -> int:
@@ -120,6 +124,12 @@ class BenchAuthenticator:
         except (binascii.Error, UnicodeDecodeError):
             self.denied += 1
             return Denied("malformed Basic credentials", self.offers(tls=tls))
+        if self.users is not None:  # a table: its names exactly, nothing normalised
+            if not sep or self.users.get(user) != password:
+                self.denied += 1
+                return Denied("bad password", self.offers(tls=tls))
+            self.accepted += 1
+            return Authenticated(Identity(user, self.domain))
         if not sep or not normalise_user(user) or (
             self.password is not None and password != self.password
         ):

@@ -10,6 +10,11 @@
   context or opnum, a bad stub, a CRC mismatch or a sequence gap (bench.protocol).
 * Anything that is not a client PDU closes the connection.
 
+``echo=True`` (the HTTP-level tests' backend, tests/fakes.py) answers nothing of that: each
+REQUEST comes back as a RESPONSE, each BIND / ALTER_CONTEXT as a BIND_ACK / ALTER_CONTEXT_RESP,
+byte for byte but for the PDU type; other PDUs are ignored; every byte received is kept in
+``received``.
+
 Back-pressure: when a connection's transport buffers more than its high-water mark, reading
 from it pauses until the buffer drains, so a slow reader cannot make the stub buffer without
 bound.
@@ -38,6 +43,9 @@ SERVER_MAX_FRAG = 0xFFF8  # largest fragment we send or accept (8-aligned, < 655
 HIGH_WATER = 4 << 20
 LOW_WATER = 1 << 20
 MAX_CALL_STUB = 32 << 20  # bound on one reassembled request
+# echo mode: the answer's PDU type for each PDU type answered
+_ECHO: dict[int, int] = {PType.REQUEST: PType.RESPONSE, PType.BIND: PType.BIND_ACK,
+                         PType.ALTER_CONTEXT: PType.ALTER_CONTEXT_RESP}
 
 
 class _Conn(asyncio.Protocol):
@@ -57,11 +65,11 @@ class _Conn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         transport = self.transport
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
-        self.server.connections.add(self)
+        self.server.live.add(self)
         self.server.accepted += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        self.server.live.discard(self)
 
     def pause_writing(self) -> None:
         if self.transport is not None:
@@ -73,7 +81,13 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
+            if self.server.echo:
+                self.server.received += data
             pdus = self.framer.feed(data)
+            if self.server.echo:
+                for pdu in pdus:
+                    self._echo(pdu.data)
+                return
             for pdu in pdus:
                 self._pdu(pdu.data)
         except FramingError as exc:
@@ -87,6 +101,11 @@ class _Conn(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+    def _echo(self, data: bytes) -> None:
+        reply = _ECHO.get(data[2])
+        if reply is not None:
+            self._write(bytes([*data[:2], reply]) + data[3:])
 
     def _pdu(self, data: bytes) -> None:
         ptype = data[2]
@@ -203,13 +222,16 @@ class BenchBackend:
     """The stub server; ``await start()`` returns the bound port."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
-                 corrupt_response: int | None = None, stall_after: int | None = None) -> None:
+                 corrupt_response: int | None = None, stall_after: int | None = None,
+                 echo: bool = False) -> None:
         self.host = host
         self.port = port
         self.corrupt_response = corrupt_response
         self.stall_after = stall_after
+        self.echo = echo
+        self.received = bytearray()  # echo mode: every byte received
         self.server: asyncio.AbstractServer | None = None
-        self.connections: set[_Conn] = set()
+        self.live: set[_Conn] = set()
         self.accepted = 0
         self.calls = 0
         self.faults = 0
@@ -225,12 +247,20 @@ class BenchBackend:
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port
 
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def kill_connections(self) -> None:
+        """Reset every open connection (the backend "goes away" under the proxy)."""
+        for conn in list(self.live):
+            if conn.transport is not None:
+                conn.transport.abort()
+
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+        self.kill_connections()
         if self.server is not None:
             try:
                 async with asyncio.timeout(2.0):

@@ -51,15 +51,10 @@ from bench.procs import ChildProcess
 from bench.protocol import IntegrityError
 from bench.proxyproc import LOCAL_NTLM_PASSWORD, LOCAL_NTLM_USER
 from bench.relay import RelayProcess, find_haproxy, relay_maxconn
-from bench.scenarios import SCENARIOS as BASE_SCENARIOS
-from bench.scenarios import Bench, ProxyTarget
+from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, Bench, ProxyTarget
+from bench.scenarios.storm import samba_logins_per_s
 from bench.session import RpcFault
-from bench.storm import run_storm, samba_logins_per_s
 from rpcproxy.rpch.rts import MAX_RECEIVE_WINDOW, MIN_RECEIVE_WINDOW
-
-DEFAULT_SCENARIOS = ("throughput", "aggregate", "latency", "concurrency", "setup", "soak")
-# storm needs real NTLM (--ntlm-helper): run on request, not by default.
-SCENARIOS = {**BASE_SCENARIOS, "storm": run_storm}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -547,7 +542,7 @@ async def amain(args: argparse.Namespace) -> int:
             try:
                 async with asyncio.timeout(scenario_limit(name, args,
                                                           relay=bench.relay is not None)):
-                    result = await SCENARIOS[name](bench)
+                    result = dict(await SCENARIOS[name](bench))
             except (IntegrityError, RpchError, RpcFault, TimeoutError, OSError,
                     RuntimeError) as exc:
                 kind = type(exc).__name__

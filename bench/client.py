@@ -66,15 +66,23 @@ All sockets are plain asyncio streams; nothing here blocks for longer than ``tim
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
-import re
 import ssl as ssl_mod
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from bench.client_auth import Auth, BasicAuth, NtlmAuth, ntlm_authorization
+from bench.http_head import (
+    HttpStatusError,
+    RpchClosed,
+    RpchError,
+    RpchProtocolError,
+    RpchTimeout,
+    read_head,
+    status_error,
+)
 from dcerpc.pdu import FramingError, PduFramer, PType
 from rpcproxy.rpch import rts
 
@@ -86,174 +94,42 @@ READ_SIZE = 256 << 10
 MAX_HEAD = 16 << 10
 WRITE_HIGH_WATER = 1 << 20
 
-
-class RpchError(Exception):
-    """Any failure of an RPC over HTTP connection."""
-
-
-class RpchProtocolError(RpchError):
-    pass
-
-
-class RpchClosed(RpchError):
-    pass
-
-
-class RpchTimeout(RpchError, TimeoutError):
-    pass
-
-
-class HttpStatusError(RpchError):
-    """The proxy answered a channel request with something other than success."""
-
-    def __init__(self, where: str, status: int, reason: str, body: bytes = b"") -> None:
-        self.where = where
-        self.status = status
-        self.reason = reason
-        self.body = body
-        m = re.match(r"\s*RPC Error:\s*([0-9A-Fa-f]+)", reason)
-        self.rpc_error: int | None = int(m.group(1), 16) if m else None
-        code = f" (RPC error 0x{self.rpc_error:X})" if self.rpc_error is not None else ""
-        # rpcproxy puts its reason in the body ("RPC Error: 6BB: alice already holds ...").
-        said = body[:300].decode("utf-8", "replace").strip().split("\n", 1)[0].strip()
-        detail = f" [{said}]" if said.isprintable() and said and self.rpc_error is not None else ""
-        super().__init__(f"{where}: HTTP {status} {reason}{code}{detail}")
-
-
-@dataclass(frozen=True)
-class BasicAuth:
-    user: str
-    password: str
-    domain: str = ""
-
-    def header(self) -> str:
-        name = f"{self.domain}\\{self.user}" if self.domain else self.user
-        return "Basic " + base64.b64encode(f"{name}:{self.password}".encode()).decode()
-
-
-@dataclass(frozen=True)
-class NtlmAuth:
-    user: str
-    password: str
-    domain: str = ""
-
-
-Auth = BasicAuth | NtlmAuth | None
-
-
-@dataclass
-class HttpHead:
-    version: str
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-
-    def get(self, name: str) -> str | None:
-        name = name.lower()
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
-
-    def get_all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [v for k, v in self.headers if k == name]
-
-    @property
-    def content_length(self) -> int | None:
-        value = self.get("content-length")
-        if value is None:
-            return None
-        try:
-            return int(value.strip())
-        except ValueError:
-            raise RpchProtocolError(f"bad Content-Length {value!r}") from None
-
-
-async def read_head(reader: asyncio.StreamReader, where: str) -> HttpHead:
-    """Read and parse one HTTP response head (status line + headers)."""
-    try:
-        raw = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            raise RpchClosed(f"{where}: connection closed before an HTTP response") from None
-        raise RpchProtocolError(f"{where}: truncated HTTP response head") from None
-    except asyncio.LimitOverrunError:
-        raise RpchProtocolError(f"{where}: HTTP response head too long") from None
-    lines = raw.decode("latin-1").split("\r\n")
-    m = re.match(r"(HTTP/\d\.\d) (\d{3})(?: (.*))?$", lines[0])
-    if not m:
-        raise RpchProtocolError(f"{where}: bad HTTP status line {lines[0]!r}")
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise RpchProtocolError(f"{where}: bad HTTP header line {line!r}")
-        headers.append((name.strip().lower(), value.strip()))
-    return HttpHead(m.group(1), int(m.group(2)), m.group(3) or "", headers)
-
-
-async def _read_body(reader: asyncio.StreamReader, head: HttpHead) -> bytes:
-    length = head.content_length
-    if not length:
-        return b""
-    if length > 1 << 20:
-        raise RpchProtocolError(f"error response body of {length} bytes")
-    try:
-        return await reader.readexactly(length)
-    except asyncio.IncompleteReadError as exc:
-        return exc.partial
-
-
-async def _status_error(where: str, reader: asyncio.StreamReader, head: HttpHead,
-                        timeout: float) -> HttpStatusError:
-    body = b""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(min(timeout, 2.0)):
-            body = await _read_body(reader, head)
-    return HttpStatusError(where, head.status, head.reason, body)
+# The errors (bench.http_head) and the credentials (bench.client_auth) are part of this API.
+__all__ = ["DEFAULT_IN_CONTENT_LENGTH", "OUT_NEW_CONTENT_LENGTH", "Auth", "BasicAuth",
+           "HttpStatusError", "NtlmAuth", "RpchClient", "RpchClosed", "RpchError",
+           "RpchProtocolError", "RpchTimeout"]
 
 
 def _cookie() -> bytes:
     return os.urandom(16)
 
 
+@dataclass(slots=True, eq=False)
 class _OutChannel:
-    __slots__ = ("reader", "writer", "cookie", "window", "body_left", "bytes_received",
-                 "queued", "consumed", "framer", "label")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 cookie: bytes, window: int, label: str) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.cookie = cookie
-        self.window = window
-        self.body_left = 0  # of the response's Content-Length
-        self.bytes_received = 0  # RPC bytes (flow-control BytesReceived)
-        self.queued = 0  # RPC bytes received but not yet consumed by recv_pdu
-        self.consumed = 0  # consumed since the last ack we sent
-        self.framer = PduFramer()
-        self.label = label
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    cookie: bytes
+    window: int
+    label: str
+    body_left: int = 0  # of the response's Content-Length
+    bytes_received: int = 0  # RPC bytes (flow-control BytesReceived)
+    queued: int = 0  # RPC bytes received but not yet consumed by recv_pdu
+    consumed: int = 0  # consumed since the last ack we sent
+    framer: PduFramer = field(default_factory=PduFramer)
 
 
+@dataclass(slots=True, eq=False)
 class _InChannel:
-    __slots__ = ("reader", "writer", "cookie", "body_left", "peer_window", "bytes_sent",
-                 "available", "watcher", "label", "retired")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 cookie: bytes, content_length: int, label: str) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.cookie = cookie
-        self.body_left = content_length
-        self.peer_window = 0
-        self.bytes_sent = 0
-        self.available = 0
-        self.watcher: asyncio.Task[None] | None = None
-        self.label = label
-        self.retired = False
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    cookie: bytes
+    body_left: int  # of the request's Content-Length
+    label: str
+    peer_window: int = 0
+    bytes_sent: int = 0
+    available: int = 0
+    watcher: asyncio.Task[None] | None = None
+    retired: bool = False
 
 
 class RpchClient:
@@ -412,7 +288,7 @@ class RpchClient:
         inc.watcher = self._spawn(self._watch_in(inc))
         head = await read_head(out_r, "OUT channel")
         if head.status != 200:
-            raise await _status_error("OUT channel", out_r, head, self.timeout)
+            raise await status_error("OUT channel", out_r, head, self.timeout)
         length = head.content_length
         if length is None:
             raise RpchProtocolError("OUT channel response has no Content-Length")
@@ -479,50 +355,24 @@ class RpchClient:
         try:
             reader, writer = await asyncio.open_connection(self.host, self.port, **kwargs)
         except OSError as exc:
-            raise RpchClosed(f"{where}: cannot connect to {self.host}:{self.port}: {exc}") from None
+            raise RpchClosed(f"{where}: cannot connect to {self.host}:{self.port}: {exc}") from exc
         try:
             authorization: str | None = None
             if isinstance(self.auth, BasicAuth):
                 authorization = self.auth.header()
             elif isinstance(self.auth, NtlmAuth):
-                authorization = await self._ntlm(reader, writer, method, where)
+                authorization = await ntlm_authorization(
+                    reader, writer, self.auth, hostname=self.server_hostname or self.host,
+                    where=where, head=lambda value: self._request_head(method, 0, value))
             writer.write(self._request_head(method, content_length, authorization))
             if self.expect_continue:
                 head = await read_head(reader, where)
                 if head.status != 100:
-                    raise await _status_error(where, reader, head, self.timeout)
+                    raise await status_error(where, reader, head, self.timeout)
         except BaseException:
             writer.transport.abort()
             raise
         return reader, writer
-
-    async def _ntlm(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    method: str, where: str) -> str:
-        import spnego
-
-        assert isinstance(self.auth, NtlmAuth)
-        user = f"{self.auth.domain}\\{self.auth.user}" if self.auth.domain else self.auth.user
-        ctx = spnego.client(user, self.auth.password, hostname=self.server_hostname or self.host,
-                            service="HTTP", protocol="ntlm")
-        negotiate = ctx.step()
-        assert negotiate is not None
-        writer.write(self._request_head(method, 0, "NTLM " + base64.b64encode(negotiate).decode()))
-        head = await read_head(reader, where)
-        body = await _read_body(reader, head)
-        if head.status != 401:
-            raise HttpStatusError(f"{where} (NTLM negotiate)", head.status, head.reason, body)
-        challenge: bytes | None = None
-        for value in head.get_all("www-authenticate"):
-            scheme, _, param = value.partition(" ")
-            if scheme.lower() == "ntlm" and param.strip():
-                challenge = base64.b64decode(param.strip())
-        if challenge is None:
-            raise HttpStatusError(f"{where} (no NTLM challenge)", head.status, head.reason, body)
-        if (head.get("connection") or "").lower() == "close":
-            raise RpchProtocolError(f"{where}: proxy closed the connection during NTLM")
-        authenticate = ctx.step(challenge)
-        assert authenticate is not None
-        return "NTLM " + base64.b64encode(authenticate).decode()
 
     # ---- task helpers -------------------------------------------------------------------
 
@@ -591,7 +441,7 @@ class RpchClient:
         if head is None:
             self._fail(RpchClosed(f"{ch.label}: IN channel connection closed by the proxy"))
         else:
-            self._fail(await _status_error(f"IN channel {ch.label}", ch.reader, head,
+            self._fail(await status_error(f"IN channel {ch.label}", ch.reader, head,
                                            self.timeout))
 
     async def send_pdu(self, data: bytes, timeout: float | None = None) -> None:
@@ -887,7 +737,7 @@ class RpchClient:
         except TimeoutError:
             raise RpchTimeout("successor OUT channel sent no response header in time") from None
         if head.status != 200:
-            raise await _status_error(f"OUT successor {succ.label}", succ.reader, head,
+            raise await status_error(f"OUT successor {succ.label}", succ.reader, head,
                                       self.timeout)
         length = head.content_length
         if length is None:
@@ -917,6 +767,30 @@ class RpchClient:
                     await w.wait_closed()
         for w in writers:
             w.transport.abort()
+
+    async def detach_out(self) -> asyncio.StreamReader:
+        """Stop the client's own work (the OUT reader, the IN watcher, pings) and hand over
+        the OUT channel's stream: for a test that watches how the proxy ends it. Afterwards
+        only ``close`` or ``abort`` are of use."""
+        self._check()
+        self._closing = True
+        if self._ping_handle is not None:
+            self._ping_handle.cancel()
+            self._ping_handle = None
+        tasks = [task for task in self._tasks if not task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert self._out is not None
+        if self._out.framer.buffered:
+            raise RpchProtocolError(f"{self._out.label}: part of a PDU read when detached")
+        return self._out.reader
+
+    def abort(self) -> None:
+        """Drop both channels at once (a TCP reset, nothing awaited): the proxy then tears
+        the VC down. For clean-up where nothing can be awaited."""
+        self._closing = True
+        self._abort_all()
 
     async def __aenter__(self) -> RpchClient:
         return self

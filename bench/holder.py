@@ -20,7 +20,7 @@ Line protocol (``python -m bench.holder SPEC_JSON``):
   ``CLOSE`` or end of input -> every session closed -> ``CLOSED`` and exit.
 
 With ``owners`` in the spec, the VC cookies are chosen so that a multi-worker proxy's cookie
-hash (``rpcproxy.workers.owner_of``) gives VC i to worker ``owners[i]``.
+hash (``rpcproxy.http.handoff.owner_of``) gives VC i to worker ``owners[i]``.
 
 Every response a holder receives is checked like the load generator's own
 (``BenchSession``): a lost, reordered or damaged byte makes the command answer ``ERROR``.
@@ -60,7 +60,7 @@ class HolderSpec:
     concurrency: int = 100
     receive_window: int = 0x40000  # OUT-channel window announced in CONN/A1 (proxy path)
     # Place VC i on proxy worker owners[i] of owner_count (a cookie chosen so that
-    # rpcproxy.workers.owner_of maps it there); empty: random cookies.
+    # rpcproxy.http.handoff.owner_of maps it there); empty: random cookies.
     owners: list[int] = field(default_factory=list)
     owner_count: int = 0
 

@@ -27,10 +27,14 @@ from bench import dcerpc
 from bench import protocol as bp
 from bench.auth import BenchAuthenticator
 from bench.backend import BenchBackend
-from bench.client import BasicAuth, HttpStatusError, NtlmAuth, RpchClient, RpchTimeout
+from bench.client import BasicAuth, NtlmAuth, RpchClient
 from bench.direct import DirectClient
+from bench.http_head import HttpStatusError, RpchTimeout
 from bench.protocol import IntegrityError
 from bench.session import BenchSession
+from dcerpc.pdu import PType
+from ntlm.http_auth import Authenticated, Denied
+from ntlm.verifier import Identity
 from rpcproxy import config as config_mod
 from rpcproxy.server import ProxyServer
 from tests.support.samba_dc import SambaDC
@@ -318,7 +322,7 @@ def test_cli_short_run_writes_json_with_ratios(tmp_path: Path) -> None:
     The concurrency scenario holds 120 VCs of the one bench user: more than a real
     deployment's default max_connections_per_user (100), which the bench's proxy lifts.
     With HAProxy installed (always in CI) the C relay runs as a third path."""
-    from bench.cli import DEFAULT_SCENARIOS
+    from bench.scenarios import DEFAULT_SCENARIOS
 
     relay = _haproxy_installed()
 
@@ -457,11 +461,11 @@ def test_client_window_reaches_holders_and_is_bounded() -> None:
 
     from bench.cli import build_parser
     from bench.holder import HolderSpec
-    from bench.scenarios import Bench, ProxyTarget, _holder_specs
+    from bench.scenarios.base import Bench, ProxyTarget, holder_specs
 
     bench = Bench(ProxyTarget("127.0.0.1", 1, TARGET, auth=BasicAuth("u", "p")), None, 1.0,
                   print, client_window=0x10000)
-    spec, = _holder_specs(bench, "proxy", 3)
+    spec, = holder_specs(bench, "proxy", 3)
     assert spec.receive_window == 0x10000
     assert HolderSpec(**json.loads(json.dumps(asdict(spec)))) == spec
     assert HolderSpec("proxy", "h", 1, 1).receive_window == 0x40000
@@ -643,7 +647,7 @@ def test_cli_fails_loudly_on_corruption(tmp_path: Path) -> None:
 
 def test_bottleneck_notes_judge_the_busiest_process() -> None:
     """Several load-generator (or proxy) processes are CPU-bound only when one of them is."""
-    from bench.scenarios import bottleneck, limits_of
+    from bench.measure import bottleneck, limits_of
 
     spread: dict[str, float | None] = {
         "wall_s": 1.0, "loadgen_cpu": 1.3, "loadgen_processes": 3,
@@ -672,6 +676,78 @@ def test_bottleneck_notes_judge_the_busiest_process() -> None:
     assert limits_of(dict(relay, relay_cpu=0.2, relay_procs=[0.2], relay_threads=[0.2]),
                      cores=2) == []  # 1.6 cores used in all: under 90% of 2
     assert any(x.startswith("the machine") for x in limits_of(relay, cores=2))
+
+
+def test_one_cpu_meter_sums_parts_and_keeps_processes_apart() -> None:
+    """bench.measure.CpuMeter: the parts' sums (what bottleneck reads) and every process
+    apart (what limits_of reads) from the same slices; a part without processes is None."""
+    from bench.measure import CpuMeter
+
+    meter = CpuMeter({"loadgen": [os.getpid()], "proxy": []}, shown=("loadgen", "proxy"))
+    for _ in range(2):  # alternating slices add up
+        meter.start()
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.05:
+            pass
+        meter.pause()
+    summed, apart = meter.result(), meter.per_process()
+    assert summed["wall_s"] == apart["wall_s"] and (summed["wall_s"] or 0) >= 0.1
+    assert summed["proxy_cpu"] is None and apart["proxy_cpu"] is None
+    assert apart["proxy_procs"] == [] and summed["loadgen_processes"] == 1
+    assert apart["loadgen_procs"] == [summed["loadgen_cpu"]] == [summed["loadgen_busiest"]]
+    assert {"irq_cpu", "other_cpu"} <= summed.keys() & apart.keys()
+
+
+async def test_one_head_reader_for_bench_and_tests() -> None:
+    """bench.http_head reads every response head (rpch_raw and rawhttp use it): repeated
+    headers kept, names lower-cased; a closed or broken head is an RpchError."""
+    from bench.http_head import RpchClosed, RpchProtocolError, parse_head, read_head
+    from tests.support.rpch_raw import Head
+
+    raw = b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: NTLM\r\nwww-authenticate: Basic\r\n\r\n"
+    head = parse_head(raw, "t")
+    assert (head.version, head.status, head.reason) == ("HTTP/1.1", 401, "Unauthorized")
+    assert head.get_all("WWW-Authenticate") == ["NTLM", "Basic"]
+    assert Head.of(head).headers == {"www-authenticate": "Basic"}
+    with pytest.raises(RpchProtocolError):
+        parse_head(b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "t")
+    for data, error in ((b"", RpchClosed), (b"HTTP/1.1 2", RpchProtocolError)):
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        with pytest.raises(error):
+            await read_head(reader, "t")
+
+
+async def test_backend_echo_mode_and_authenticator_table_mode() -> None:
+    """The tests' EchoBackend and TableAuthenticator are bench's stub and authenticator."""
+    from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
+
+    backend = BenchBackend(echo=True)
+    port = await backend.start()
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        call = request_pdu(7, b"abcdefgh")
+        bind = bytearray(request_pdu(8, b""))
+        bind[2] = PType.BIND  # not a real BIND: echo mode only swaps the PDU type
+        w.write(call + bind)
+        answer = await asyncio.wait_for(r.readexactly(len(call) + len(bind)), 5)
+        assert answer[:len(call)] == call[:2] + bytes([PType.RESPONSE]) + call[3:]
+        assert answer[len(call) + 2] == PType.BIND_ACK and backend.accepted == 1
+        assert backend.received == call + bind
+        w.close()
+    finally:
+        await backend.stop()
+    assert isinstance(EchoBackend().stub, BenchBackend)
+    auth = TableAuthenticator()
+    assert isinstance(auth, BenchAuthenticator)
+    ok = await auth.authenticate(object(), basic("alice", "pw-alice"), tls=False)
+    assert isinstance(ok, Authenticated) and ok.identity == Identity("alice", "TEST")
+    for name in ("Alice", "TEST\\alice"):  # the table's names exactly, nothing normalised
+        denied = await auth.authenticate(object(), basic(name, "pw-alice"), tls=False)
+        assert isinstance(denied, Denied), name
+    auth.forget(object())
+    assert auth.forgotten == 1
 
 
 @pytest.mark.samba

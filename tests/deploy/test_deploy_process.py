@@ -126,10 +126,11 @@ def test_sigterm_closes_live_vc_and_exits(samba_dc: SambaDC, tmp_path: Path,
         vc = await open_vc("127.0.0.1", port, "mail.example.com:6001", _auth(samba_dc))
         try:
             assert (await vc.bind_mgmt())[2] == BIND_ACK_PTYPE
+            out = await vc.out_stream()
             p.signal(signal.SIGTERM)
             # The proxy ends the OUT response: the client sees end of stream.
             async with asyncio.timeout(20):
-                return await vc.out_reader.read()
+                return await out.read()
         finally:
             vc.close()
 

@@ -2,8 +2,8 @@
 
 * ``ServeProcess``  the real ``rpcproxy serve`` as a child process, its log lines collected.
 * ``NotifySocket``  a fake systemd NOTIFY_SOCKET (path or abstract) collecting datagrams.
-* ``open_vc``       a minimal RPC-over-HTTP v2 client (Basic auth, plain HTTP) that opens a
-                    virtual connection and exchanges raw DCE/RPC PDUs through it.
+* ``open_vc``       a virtual connection of bench's ``RpchClient`` (the Authorization header
+                    given), with a mgmt BIND; ``refused_channel`` a bare OUT request's answer.
 
 Every wait is bounded; every server binds to loopback; processes are signalled by pid.
 """
@@ -19,7 +19,6 @@ import re
 import signal
 import socket
 import ssl
-import struct
 import subprocess
 import sys
 import threading
@@ -32,13 +31,12 @@ from pathlib import Path
 from types import ModuleType
 
 from bench import dcerpc
+from bench.client import OUT_NEW_CONTENT_LENGTH, RpchClient
+from bench.http_head import RpchClosed, read_body, read_head
 from rpcproxy.rpch import rts
 
 REPO = Path(__file__).resolve().parents[2]
-RTS_PTYPE = 20
 BIND_ACK_PTYPE = 12
-IN_CONTENT_LENGTH = 0x40000000
-OUT_CONTENT_LENGTH = 76
 # The mgmt interface (C706 appendix Q), which every DCE/RPC server answers a BIND for.
 MGMT_SYNTAX = dcerpc.syntax(uuid.UUID("afa8bd80-7d8a-11c9-bef4-08002b102989"), 1)
 ENTRYPOINT = REPO / "deploy" / "container" / "entrypoint.py"
@@ -221,136 +219,67 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     raise KeyError(f"{name}{{{labels}}}")
 
 
-# --- a minimal RPC over HTTP v2 client -------------------------------------------------------
-
-
-class ChannelRefused(Exception):
-    def __init__(self, status: str, body: str) -> None:
-        super().__init__(f"{status} {body}")
-        self.status = status
-        self.body = body
+# --- RPC over HTTP v2: bench's client, and a bare OUT channel for refusals --------------------
 
 
 @dataclass
 class RpchVc:
-    out_reader: asyncio.StreamReader
-    out_writer: asyncio.StreamWriter
-    in_reader: asyncio.StreamReader
-    in_writer: asyncio.StreamWriter
+    """A virtual connection of bench's ``RpchClient``, as the deploy tests use it."""
+
+    client: RpchClient
     call_id: int = 1
-
-    async def send(self, pdu: bytes) -> None:
-        self.in_writer.write(pdu)
-        await self.in_writer.drain()
-
-    async def read_pdu(self, timeout: float = 10.0) -> bytes:
-        return await read_pdu(self.out_reader, timeout)
-
-    async def read_rpc_pdu(self, timeout: float = 10.0) -> bytes:
-        """The next non-RTS PDU on OUT (pings and acks skipped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            pdu = await self.read_pdu(max(0.1, deadline - time.monotonic()))
-            if pdu[2] != RTS_PTYPE:
-                return pdu
 
     async def bind_mgmt(self, timeout: float = 10.0) -> bytes:
         """BIND to the mgmt interface without auth; returns the answer (BIND_ACK expected)."""
         call_id = self.call_id
         self.call_id += 1
-        await self.send(dcerpc.build_bind(call_id, MGMT_SYNTAX, max_xmit=5840, max_recv=5840))
-        return await self.read_rpc_pdu(timeout)
+        await self.client.send_pdu(dcerpc.build_bind(call_id, MGMT_SYNTAX, max_xmit=5840,
+                                                     max_recv=5840), timeout)
+        return await self.client.recv_pdu(timeout)
+
+    async def out_stream(self) -> asyncio.StreamReader:
+        """The raw OUT stream, the client no longer reading it (to see how the proxy ends it)."""
+        return await self.client.detach_out()
 
     def close(self) -> None:
-        for w in (self.in_writer, self.out_writer):
-            w.close()
-
-
-async def read_pdu(reader: asyncio.StreamReader, timeout: float = 10.0) -> bytes:
-    async with asyncio.timeout(timeout):
-        head = await reader.readexactly(16)
-        (frag_len,) = struct.unpack_from("<H", head, 8)
-        return head + await reader.readexactly(frag_len - 16)
+        self.client.abort()
 
 
 def basic_auth(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-async def _open_channel(host: str, port: int, method: str, target: str, auth: str,
-                        length: int, body: bytes, source: str | None,
-                        tls: ssl.SSLContext | None = None, server_hostname: str | None = None
-                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    local = (source, 0) if source else None
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(
-        host, port, local_addr=local, ssl=tls,
-        server_hostname=None if tls is None else server_hostname or host), 10)
-    head = (f"{method} /rpc/rpcproxy.dll?{target} HTTP/1.1\r\n"
-            f"Host: {host}\r\nAccept: application/rpc\r\nUser-Agent: MSRPC\r\n"
-            f"Cache-Control: no-cache\r\nAuthorization: {auth}\r\n"
-            f"Content-Length: {length}\r\n\r\n")
-    writer.write(head.encode() + body)
-    await writer.drain()
-    return reader, writer
-
-
-async def _read_status(reader: asyncio.StreamReader, timeout: float) -> tuple[str, str]:
-    """Status line and, for a non-200 answer, the body."""
-    async with asyncio.timeout(timeout):
-        status = (await reader.readline()).decode().strip()
-        headers: dict[str, str] = {}
-        while True:
-            line = (await reader.readline()).decode().strip()
-            if not line:
-                break
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
-        body = ""
-        if not status.startswith("HTTP/1.1 200") and not status.startswith("HTTP/1.0 200"):
-            n = int(headers.get("content-length", "0"))
-            body = (await reader.readexactly(n)).decode(errors="replace") if n else ""
-        return status, body
-
-
-async def open_vc(host: str, port: int, target: str, auth: str, *,
-                  source: str | None = None, timeout: float = 20.0,
+async def open_vc(host: str, port: int, target: str, auth: str, *, timeout: float = 20.0,
                   tls: ssl.SSLContext | None = None, server_hostname: str | None = None
                   ) -> RpchVc:
-    """OUT channel (CONN/A1), then IN channel (CONN/B1); waits for CONN/A3 and CONN/C2."""
-    vc_cookie, out_cookie, in_cookie, assoc = (uuid.uuid4().bytes for _ in range(4))
-    out_r, out_w = await _open_channel(host, port, "RPC_OUT_DATA", target, auth,
-                                       OUT_CONTENT_LENGTH,
-                                       rts.conn_a1(vc_cookie, out_cookie, 0x10000), source,
-                                       tls, server_hostname)
+    """A VC opened by ``RpchClient`` with ``auth`` as the Authorization header of both
+    channels; a certificate the client does not trust raises ``ssl.SSLCertVerificationError``."""
     try:
-        in_r, in_w = await _open_channel(host, port, "RPC_IN_DATA", target, auth,
-                                         IN_CONTENT_LENGTH,
-                                         rts.conn_b1(vc_cookie, in_cookie, assoc), source,
-                                         tls, server_hostname)
-    except BaseException:
-        out_w.close()
+        client = await RpchClient.connect(
+            host, port, target=target, ssl=tls, server_hostname=server_hostname,
+            timeout=timeout, receive_window=0x10000, extra_headers={"Authorization": auth})
+    except RpchClosed as exc:
+        if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+            raise exc.__cause__ from None
         raise
-    vc = RpchVc(out_r, out_w, in_r, in_w)
-    try:
-        status, body = await _read_status(out_r, timeout)
-        if " 200" not in status:
-            raise ChannelRefused(status, body)
-        a3 = await read_pdu(out_r, timeout)
-        c2 = await read_pdu(out_r, timeout)
-        assert a3[2] == RTS_PTYPE and c2[2] == RTS_PTYPE, (a3, c2)
-    except BaseException:
-        vc.close()
-        raise
-    return vc
+    return RpchVc(client)
 
 
 async def refused_channel(host: str, port: int, target: str, auth: str,
                           timeout: float = 20.0) -> tuple[str, str]:
-    """Send an OUT channel request and return the status line + body of a refusal."""
-    reader, writer = await _open_channel(
-        host, port, "RPC_OUT_DATA", target, auth, OUT_CONTENT_LENGTH,
-        rts.conn_a1(uuid.uuid4().bytes, uuid.uuid4().bytes, 0x10000), None)
+    """Send only an OUT channel request; the status line and body of its answer."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
     try:
-        return await _read_status(reader, timeout)
+        head = (f"RPC_OUT_DATA /rpc/rpcproxy.dll?{target} HTTP/1.1\r\n"
+                f"Host: {host}\r\nAccept: application/rpc\r\nUser-Agent: MSRPC\r\n"
+                f"Cache-Control: no-cache\r\nAuthorization: {auth}\r\n"
+                f"Content-Length: {OUT_NEW_CONTENT_LENGTH}\r\n\r\n")
+        writer.write(head.encode() + rts.conn_a1(uuid.uuid4().bytes, uuid.uuid4().bytes,
+                                                 0x10000))
+        async with asyncio.timeout(timeout):
+            answer = await read_head(reader, "OUT channel")
+            body = b"" if answer.status == 200 else await read_body(reader, answer)
+        return (f"{answer.version} {answer.status} {answer.reason}".rstrip(),
+                body.decode(errors="replace"))
     finally:
         writer.close()

@@ -1,44 +1,27 @@
 """Stand-ins for unit and HTTP-level tests: a table authenticator and an echo backend.
 
+Both are bench's (bench.auth, bench.backend) in the mode these tests want.
+
 Never the only proof: the same paths run against real Samba in test_e2e_samba.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 
-from dcerpc.pdu import PduFramer, PType
-from ntlm.http_auth import Authenticated, AuthOutcome, Challenge, Denied
-from ntlm.verifier import Identity
+from bench.auth import BenchAuthenticator
+from bench.backend import BenchBackend
+from dcerpc.pdu import PType
 
 
-class TableAuthenticator:
-    """Basic credentials checked against a dict; same interface as HttpAuthenticator."""
+class TableAuthenticator(BenchAuthenticator):
+    """bench's permissive authenticator with a user table: Basic only, the names exactly as
+    given, domain TEST (``forgotten`` counts the server's ``forget`` calls)."""
 
     def __init__(self, users: dict[str, str] | None = None) -> None:
-        self.users = users or {"alice": "pw-alice", "bob": "pw-bob"}
-        self.forgotten = 0
-
-    async def authenticate(self, conn: object, authorization: str | None, *,
-                           tls: bool, source: str | None = None) -> AuthOutcome:
-        offers = ['Basic realm="test"']
-        if not authorization:
-            return Challenge(offers)
-        scheme, _, param = authorization.partition(" ")
-        if scheme.lower() != "basic":
-            return Denied("only Basic here", offers)
-        user, _, pw = base64.b64decode(param).decode().partition(":")
-        if self.users.get(user) != pw:
-            return Denied("bad password", offers)
-        return Authenticated(Identity(user=user, domain="TEST"))
-
-    def forget(self, conn: object) -> None:
-        self.forgotten += 1
-
-    def pending_count(self) -> int:
-        return 0
+        super().__init__(users=users or {"alice": "pw-alice", "bob": "pw-bob"}, domain="TEST",
+                         realm="test")
 
 
 def basic(user: str, password: str) -> str:
@@ -46,57 +29,38 @@ def basic(user: str, password: str) -> str:
 
 
 class EchoBackend:
-    """A DCE/RPC-shaped backend on loopback: each REQUEST comes back as a RESPONSE.
-
-    BIND gets a BIND_ACK-typed echo. Every byte received is recorded.
-    """
+    """bench's backend stub in echo mode (``BenchBackend(echo=True)``): each REQUEST comes
+    back as a RESPONSE, a BIND as a BIND_ACK-typed echo; every byte received is recorded.
+    ``await EchoBackend().start()`` returns it; ``connections`` counts accepted connections."""
 
     def __init__(self) -> None:
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
-        self.received = bytearray()
-        self.connections = 0
-        self.writers: list[asyncio.StreamWriter] = []
+        self.stub = BenchBackend(echo=True)
 
     async def start(self) -> EchoBackend:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
+        await self.stub.start()
         return self
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.stub.endpoint
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.writers.append(writer)
-        framer = PduFramer()
-        try:
-            while data := await reader.read(65536):
-                self.received += data
-                for pdu in framer.feed(data):
-                    out = bytearray(pdu.data)
-                    reply = {PType.REQUEST: PType.RESPONSE, PType.BIND: PType.BIND_ACK,
-                             PType.ALTER_CONTEXT: PType.ALTER_CONTEXT_RESP}.get(
-                        PType(out[2]), None)
-                    if reply is None:
-                        continue
-                    out[2] = reply
-                    writer.write(bytes(out))
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
+    @property
+    def port(self) -> int:
+        return self.stub.port
+
+    @property
+    def received(self) -> bytearray:
+        return self.stub.received
+
+    @property
+    def connections(self) -> int:
+        return self.stub.accepted
 
     def kill_connections(self) -> None:
-        for w in self.writers:
-            w.transport.abort()
+        self.stub.kill_connections()
 
     async def stop(self) -> None:
-        self.kill_connections()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
+        await self.stub.stop()
 
 
 def request_pdu(call_id: int, stub: bytes, opnum: int = 0) -> bytes:

@@ -1,4 +1,6 @@
-"""A tiny blocking HTTP/1.1 client for exact status checks (NTLM via pyspnego)."""
+"""A tiny blocking HTTP/1.1 client for exact status checks (NTLM via pyspnego).
+
+Response heads are parsed by the one head reader of bench and tests (bench.http_head)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import base64
 import socket
 
 import spnego
+
+from bench.http_head import parse_head
 
 
 class RawResponse:
@@ -53,13 +57,10 @@ class RawConnection:
         return out
 
     def read_response(self, *, body_limit: int = 1 << 16) -> RawResponse:
-        head = self._read_until(b"\r\n\r\n").decode("latin-1")
-        status_line, *header_lines = head.split("\r\n")
-        _, status, reason = (status_line.split(" ", 2) + [""])[:3]
-        headers = [tuple(x.strip() for x in h.split(":", 1)) for h in header_lines if ":" in h]
-        resp = RawResponse(int(status), reason, headers, b"")  # type: ignore[arg-type]
+        head = parse_head(self._read_until(b"\r\n\r\n") + b"\r\n\r\n", "test request")
+        resp = RawResponse(head.status, head.reason, head.headers, b"")
         cl = resp.header("Content-Length")
-        if cl and int(status) != 100:
+        if cl and head.status != 100:
             resp.body = self._read_exact(min(int(cl[0]), body_limit))
         return resp
 

@@ -1,7 +1,8 @@
 """Byte-level RPC over HTTP v2 client pieces for HTTP-level tests (asyncio streams).
 
 Deliberately low level: tests use it to send exactly the bytes they want,
-including wrong ones. The full client with recycling lives in bench/client.py.
+including wrong ones. The full client with recycling lives in bench/client.py; response
+heads are read by its reader (bench.http_head), here only seen with the headers as a dict.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import os
 from dataclasses import dataclass, field
 
+from bench.http_head import HttpHead, read_head
 from dcerpc.pdu import HEADER_LEN, parse_header
 from rpcproxy.rpch import rts
 
@@ -19,10 +21,16 @@ TIMEOUT = 10.0
 
 @dataclass
 class Head:
+    """An ``HttpHead`` with its headers as a dict (lower-case names; the last one wins)."""
+
     version: str
     status: int
     reason: str
     headers: dict[str, str]
+
+    @classmethod
+    def of(cls, head: HttpHead) -> Head:
+        return cls(head.version, head.status, head.reason, dict(head.headers))
 
 
 class RawChannel:
@@ -51,15 +59,7 @@ class RawChannel:
         self.writer.write(data)
 
     async def head(self) -> Head:
-        raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-        status_line, *lines = raw.decode("latin-1").split("\r\n")
-        version, status, *reason = status_line.split(" ", 2)
-        headers: dict[str, str] = {}
-        for line in lines:
-            if ":" in line:
-                k, v = line.split(":", 1)
-                headers[k.strip().lower()] = v.strip()
-        return Head(version, int(status), reason[0] if reason else "", headers)
+        return Head.of(await asyncio.wait_for(read_head(self.reader, "test channel"), TIMEOUT))
 
     async def body(self, head: Head) -> bytes:
         n = int(head.headers.get("content-length", "0"))

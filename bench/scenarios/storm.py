@@ -25,8 +25,19 @@ from typing import Any
 
 from bench import dcerpc
 from bench.client import NtlmAuth
-from bench.scenarios import Bench, ProxyTarget, _bench_syntax, ratio
+from bench.measure import ratio
+from bench.scenarios.base import Bench, Figures, ProxyTarget, bench_syntax
 from ntlm import HelperPool, WinbindVerifier, verify_password
+
+
+class StormResult(Figures):
+    vcs: int
+    opened: int
+    failures: int  # VCs that did not open: must be 0
+    failure_kinds: dict[str, int]  # the five most common, by exception and message
+    seconds: float  # from the first connect until the last VC was open
+    wrong_passwords_injected: int
+    samba: dict[str, Any]  # samba_logins_per_s: the same Samba without the proxy
 
 
 async def samba_logins_per_s(argv: list[str], user: str, password: str, *, logins: int,
@@ -47,7 +58,7 @@ async def samba_logins_per_s(argv: list[str], user: str, password: str, *, login
             "per_s": round((logins - failed) / seconds, 1), "helpers": helpers}
 
 
-async def run_storm(bench: Bench) -> dict[str, Any]:
+async def run_storm(bench: Bench) -> StormResult:
     if not bench.ntlm_helper or not isinstance(bench.proxy.auth, NtlmAuth):
         raise RuntimeError("the storm scenario needs --ntlm-helper, --user and --password "
                            "(real NTLM through winbind)")
@@ -69,7 +80,7 @@ async def run_storm(bench: Bench) -> dict[str, Any]:
         try:
             t = await bench.open("proxy", proxy=target)
             try:
-                await t.send_pdu(dcerpc.build_bind(1, _bench_syntax()))
+                await t.send_pdu(dcerpc.build_bind(1, bench_syntax()))
                 dcerpc.parse_bind_ack(await t.recv_pdu(bench.timeout))
             except BaseException:
                 await t.close()
