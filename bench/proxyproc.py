@@ -28,6 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from bench.auth import BenchAuthenticator
 from bench.limits import raise_nofile
 
 BENCH_TARGET_NAME = "bench"
@@ -61,9 +62,7 @@ def _config(args: argparse.Namespace) -> Any:
     return config_mod.load(None, overrides)
 
 
-def _authenticator(args: argparse.Namespace) -> Any:
-    from bench.auth import BenchAuthenticator
-
+def _authenticator(args: argparse.Namespace) -> BenchAuthenticator | None:
     if args.ntlm_helper:
         return None  # the real HttpAuthenticator, verified by that Samba
     users = {("BENCH", LOCAL_NTLM_USER): LOCAL_NTLM_PASSWORD} if args.local_ntlm else None

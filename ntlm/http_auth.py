@@ -36,6 +36,7 @@ import collections
 import logging
 import weakref
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import messages
 from .basic import verify_password
@@ -69,6 +70,23 @@ class Unavailable:
 
 
 AuthOutcome = Authenticated | Challenge | Denied | Unavailable
+
+
+class Authenticator(Protocol):
+    """What the proxy asks of HTTP authentication, per TCP connection ``conn``.
+
+    ``HttpAuthenticator`` below is the product's (NTLM through winbind, Basic); the bench
+    and the tests plug in table-driven ones (``bench.auth.BenchAuthenticator``).
+    """
+
+    async def authenticate(self, conn: object, authorization: str | None, *, tls: bool,
+                           source: str | None = None) -> AuthOutcome: ...
+
+    def forget(self, conn: object) -> None:
+        """The TCP connection closed, or became a channel: drop what is kept for it."""
+
+    def pending_count(self) -> int:
+        """NTLM handshakes between CHALLENGE and AUTHENTICATE now."""
 
 
 class _ConnState:

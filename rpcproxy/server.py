@@ -38,7 +38,14 @@ from aiohttp import web
 
 from dcerpc.pdu import HEADER_LEN, FramingError, parse_header
 from ntlm.errors import Unreachable
-from ntlm.http_auth import Authenticated, Challenge, Denied, HttpAuthenticator, Unavailable
+from ntlm.http_auth import (
+    Authenticated,
+    Authenticator,
+    Challenge,
+    Denied,
+    HttpAuthenticator,
+    Unavailable,
+)
 from ntlm.verifier import Identity
 from ntlm.winbind import HelperPool, WinbindVerifier
 from rpcproxy.autodiscover.service import AutodiscoverService
@@ -102,7 +109,7 @@ def helper_pool(config: Config) -> HelperPool:
 class ProxyServer:
     """Owns the configuration, the authenticator, the VC registry and the listeners."""
 
-    def __init__(self, config: Config, *, authenticator: HttpAuthenticator | None = None,
+    def __init__(self, config: Config, *, authenticator: Authenticator | None = None,
                  workers: WorkerSet | None = None,
                  listen_sockets: list[socket.socket] | None = None) -> None:
         self.config = config
@@ -111,7 +118,7 @@ class ProxyServer:
         self.settings: VcSettings = config.vc_settings()
         self.allow_list: AllowList = config.allow_list()
         self.verifier = WinbindVerifier(helper_pool(config))
-        self.authenticator = authenticator or HttpAuthenticator(
+        self.authenticator: Authenticator = authenticator or HttpAuthenticator(
             self.verifier,
             allow_basic=config.allow_basic,
             basic_requires_tls=not config.basic_over_http,
@@ -229,13 +236,13 @@ class ProxyServer:
             self.verifier.pool.per_source = config.ntlm_helpers_per_source
             self.verifier.pool.queue_timeout = config.auth_queue_timeout
         auth = self.authenticator
-        auth.allow_basic = config.allow_basic
-        auth.basic_requires_tls = not config.basic_over_http
-        auth.max_pending = config.max_pending_handshakes
-        auth.handshake_timeout = config.handshake_timeout
-        auth.challenge_timeout = config.ntlm_challenge_timeout
-        if hasattr(auth, "max_pending_per_source"):
+        if isinstance(auth, HttpAuthenticator):  # a plugged-in one keeps its own settings
+            auth.allow_basic = config.allow_basic
+            auth.basic_requires_tls = not config.basic_over_http
+            auth.max_pending = config.max_pending_handshakes
             auth.max_pending_per_source = config.max_pending_handshakes_per_source
+            auth.handshake_timeout = config.handshake_timeout
+            auth.challenge_timeout = config.ntlm_challenge_timeout
         self.guard.limit = config.max_unauthenticated_connections
         self.guard.per_source_limit = config.max_unauthenticated_per_source
         self.guard.exempt = Exemptions(config.per_source_exempt)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from ntlm.http_auth import Authenticated, Challenge, Denied, HttpAuthenticator, Unavailable
+from ntlm.http_auth import Authenticated, Authenticator, Challenge, Denied, Unavailable
 from ntlm.verifier import Identity
 from rpcproxy.autodiscover import pox
 from rpcproxy.autodiscover.directory import (
@@ -88,7 +88,7 @@ class AutodiscoverHost(Protocol):
     def config(self) -> Config: ...
 
     @property
-    def authenticator(self) -> HttpAuthenticator: ...
+    def authenticator(self) -> Authenticator: ...
 
     @property
     def metrics(self) -> ServerMetrics: ...

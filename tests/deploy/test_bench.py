@@ -66,7 +66,7 @@ async def _stack(backend: BenchBackend, *, auth: BenchAuthenticator | None = Non
         "listen": "127.0.0.1:0", "backend": f"127.0.0.1:{bport}",
         "targets": [f"{TARGET}=127.0.0.1:{bport}"], **overrides})
     authenticator = auth or BenchAuthenticator()
-    server = ProxyServer(cfg, authenticator=authenticator)  # type: ignore[arg-type]
+    server = ProxyServer(cfg, authenticator=authenticator)
     (host, port), *_ = await server.start()
     return Stack(backend, server, authenticator, host, port)
 

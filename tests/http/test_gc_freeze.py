@@ -34,7 +34,7 @@ async def proxy() -> AsyncIterator[tuple[ProxyServer, str, int]]:
         "listen": "127.0.0.1:0", "backend": f"127.0.0.1:{port}",
         "targets": [f"{TARGET}=127.0.0.1:{port}"]})
     auth = BenchAuthenticator()
-    server = ProxyServer(cfg, authenticator=auth)  # type: ignore[arg-type]
+    server = ProxyServer(cfg, authenticator=auth)
     (host, pport), *_ = await server.start()
     try:
         yield server, host, pport

@@ -17,11 +17,10 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
-from ntlm.http_auth import HttpAuthenticator
 from rpcproxy import certs
 from rpcproxy import config as config_mod
 from rpcproxy.proxyproto import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, parse
@@ -112,7 +111,7 @@ async def start(backend: EchoBackend, **overrides: Any) -> tuple[ProxyServer, in
     }
     cfg.update(overrides)
     server = ProxyServer(config_mod.load(None, cfg),
-                         authenticator=cast(HttpAuthenticator, TableAuthenticator()))
+                         authenticator=TableAuthenticator())
     bound = await server.start()
     return server, bound[0][1]
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import AsyncIterator
-from typing import cast
 
 import pytest
 
 from bench.client import BasicAuth, RpchClient
-from ntlm.http_auth import HttpAuthenticator
 from rpcproxy import config as config_mod
 from rpcproxy.server import ProxyServer
 from tests.support.fakes import EchoBackend, TableAuthenticator, request_pdu
@@ -29,7 +27,7 @@ async def small_channels() -> AsyncIterator[tuple[ProxyServer, int, EchoBackend]
         "listen": "127.0.0.1:0", "backend": backend.endpoint, "targets": ["srv:6001"],
         "out_content_length": 96 * 1024, "basic_over_http": True,
     })
-    server = ProxyServer(cfg, authenticator=cast(HttpAuthenticator, TableAuthenticator()))
+    server = ProxyServer(cfg, authenticator=TableAuthenticator())
     port = (await server.start())[0][1]
     yield server, port, backend
     await server.stop()

@@ -11,11 +11,10 @@ import os
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
-from ntlm.http_auth import HttpAuthenticator
 from rpcproxy import config as config_mod
 from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
@@ -44,7 +43,7 @@ async def make_env(**overrides: Any) -> Env:
     }
     cfg.update(overrides)
     server = ProxyServer(config_mod.load(None, cfg),
-                         authenticator=cast(HttpAuthenticator, TableAuthenticator()))
+                         authenticator=TableAuthenticator())
     bound = await server.start()
     return Env(server, bound[0][1], backend)
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
-from typing import cast
 
 import pytest
 
-from ntlm.http_auth import HttpAuthenticator
 from rpcproxy import config as config_mod
 from rpcproxy.http.vc_io import ChannelProtocol
 from rpcproxy.server import ProxyServer
@@ -44,7 +42,7 @@ async def test_listener_channels_and_backend_have_tcp_nodelay(backend: EchoBacke
     cfg = config_mod.load(None, {"listen": "127.0.0.1:0", "backend": backend.endpoint,
                                  "targets": ["srv:6001"], "basic_over_http": True})
     socks = [socket.create_server(("127.0.0.1", 0))] if prebound else None
-    server = ProxyServer(cfg, authenticator=cast(HttpAuthenticator, TableAuthenticator()),
+    server = ProxyServer(cfg, authenticator=TableAuthenticator(),
                          listen_sockets=socks)
     port = (await server.start())[0][1]
     try:

@@ -8,11 +8,10 @@ import ssl
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
-from ntlm.http_auth import HttpAuthenticator
 from rpcproxy import certs
 from rpcproxy import config as config_mod
 from rpcproxy.http.vc_io import ChannelProtocol
@@ -41,7 +40,7 @@ async def start(backend: EchoBackend, pair: certs.CreatedCertificate,
     cfg = config_mod.load(None, {"listen": "127.0.0.1:0", "backend": backend.endpoint,
                                  "targets": ["srv:6001"], "tls_cert": str(pair.cert_path),
                                  "tls_key": str(pair.key_path), **extra})
-    server = ProxyServer(cfg, authenticator=cast(HttpAuthenticator, TableAuthenticator()))
+    server = ProxyServer(cfg, authenticator=TableAuthenticator())
     bound = await server.start()
     return server, bound[0][1]
 

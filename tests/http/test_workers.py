@@ -16,12 +16,11 @@ import ssl
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from bench.client import BasicAuth, RpchClient
-from ntlm.http_auth import HttpAuthenticator
 from rpcproxy import config as config_mod
 from rpcproxy.http.handoff import Handoff, WorkerSet, owner_of
 from rpcproxy.rpch import rts
@@ -68,7 +67,7 @@ async def make_pair(backend: EchoBackend, **extra: Any) -> list[ProxyServer]:
                                      "targets": ["srv:6001"], "basic_over_http": True,
                                      **extra})
         ws = WorkerSet(i, 2, [p[0] for p in inboxes], inboxes[i][1])
-        server = ProxyServer(cfg, authenticator=cast(HttpAuthenticator, TableAuthenticator()),
+        server = ProxyServer(cfg, authenticator=TableAuthenticator(),
                              workers=ws)
         server.bound = await server.start()  # type: ignore[attr-defined]
         servers.append(server)

@@ -17,12 +17,11 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import spnego
 
-from ntlm.http_auth import HttpAuthenticator
 from rpcproxy import certs
 from rpcproxy import config as config_mod
 from rpcproxy.logs import JsonFormatter, TextFormatter
@@ -48,7 +47,7 @@ async def start(backend: EchoBackend, authenticator: Any = None, **overrides: An
     cfg.update(overrides)
     server = ProxyServer(config_mod.load(None, cfg),
                          authenticator=authenticator
-                         or cast(HttpAuthenticator, TableAuthenticator()))
+                         or TableAuthenticator())
     await server.start()
     return server
 
