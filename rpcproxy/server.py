@@ -47,7 +47,7 @@ import aiohttp.http_parser
 import aiohttp.web_protocol
 from aiohttp import web
 
-from dcerpc.pdu import HEADER_LEN, PduFramer, parse_header
+from dcerpc.pdu import HEADER_LEN, PduFramer
 from ntlm.errors import Unreachable
 from ntlm.http_auth import Authenticated, Challenge, Denied, HttpAuthenticator, Unavailable
 from ntlm.verifier import Identity
@@ -66,8 +66,8 @@ from rpcproxy.errors import (
 from rpcproxy.metrics import ServerMetrics
 from rpcproxy.proxyproto import ProxyHeader, ProxyHeaderError
 from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, source_key
-from rpcproxy.rpch import rts
-from rpcproxy.rpch.connection import (
+from rpcproxy.rpch import channels, rts
+from rpcproxy.rpch.actions import (
     Action,
     CloseBackend,
     CloseChannel,
@@ -78,9 +78,9 @@ from rpcproxy.rpch.connection import (
     SendToClient,
     StartResponse,
     VcClosed,
-    VcSettings,
-    VirtualConnection,
 )
+from rpcproxy.rpch.channels import VcSettings
+from rpcproxy.rpch.connection import VirtualConnection
 from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
 from rpcproxy.tls import TlsConnection
 from rpcproxy.workers import Handoff, HandoffError, WorkerSet
@@ -99,11 +99,6 @@ RPC_CONNECT = "RPC_CONNECT"  # RPC over HTTP v1: not supported
 PATHS = ("/rpc/rpcproxy.dll", "/rpcwithcert/rpcproxy.dll")
 
 ECHO_MAX_BODY = 16  # [MS-RPCH] 2.1.2.1.6 / rpch-notes 3.2
-IN_MIN_CONTENT_LENGTH = 0x20000  # 128 KiB .. 2 GiB, rpch-notes 3.5
-IN_MAX_CONTENT_LENGTH = 0x80000000
-OUT_NEW_CONTENT_LENGTH = 76  # CONN/A1
-OUT_SUCCESSOR_CONTENT_LENGTH = 120  # OUT_R2/A3 (96) + OUT_R2/C1 (24)
-MAX_OPENING_PDU = 256  # the largest first PDU of a channel body is 104 bytes
 FREEZE_FIRST = 512  # open VCs at the first gc.freeze() (see _tune_gc)
 FREEZE_GROWTH = 1.25  # then at each new high this much above the previous one
 
@@ -212,8 +207,7 @@ class ChannelProtocol(asyncio.Protocol):
             return
         if len(data) > self.body_left:
             rt.execute(rt.vc.channel_failed(
-                self, ProtocolError(f"{self.kind} request body runs past its Content-Length"),
-                rt.now()))
+                self, ProtocolError(f"{self.kind} request body runs past its Content-Length")))
             return
         self.body_left -= len(data)
         if self._out_body is None:
@@ -228,7 +222,7 @@ class ChannelProtocol(asyncio.Protocol):
         except ProtocolError as exc:  # framing of the OUT body
             rt = self.runtime
             if rt is not None:
-                rt.execute(rt.vc.channel_failed(self, exc, rt.now()))
+                rt.execute(rt.vc.channel_failed(self, exc))
 
     def eof_received(self) -> bool | None:
         return False  # close our side too
@@ -237,7 +231,7 @@ class ChannelProtocol(asyncio.Protocol):
         was_closed, self.closed = self.closed, True
         rt = self.runtime
         if rt is not None and not was_closed:
-            rt.execute(rt.vc.channel_closed(self, rt.now()))
+            rt.execute(rt.vc.channel_closed(self))
         if rt is not None:
             rt.channel_lost(self)
         self.runtime = None  # no cycle left for the garbage collector to find
@@ -413,7 +407,6 @@ class VcRuntime:
             self.vc.backend_failed(
                 BackendUnavailable(f"backend {ep} unreachable: {last}",
                                    rpc_error=RPC_S_SERVER_UNAVAILABLE),
-                self.now(),
             )
         )
 
@@ -448,7 +441,7 @@ class VcRuntime:
             self.throttle_backend(channel, False)
 
     def on_backend_lost(self) -> None:
-        self.execute(self.vc.backend_closed(self.now()))
+        self.execute(self.vc.backend_closed())
 
     def _arm_timer(self) -> None:
         deadline = self.vc.next_deadline()
@@ -495,7 +488,7 @@ class VcRuntime:
             vc.traffic.client_to_backend, vc.traffic.backend_to_client, action.reason,
             extra={"fields": fields},
         )
-        self.server.metrics.vc_closed(action.reason, action.error, vc.traffic.client_to_backend,
+        self.server.metrics.vc_closed(action.kind, vc.traffic.client_to_backend,
                                       vc.traffic.backend_to_client)
 
 
@@ -1046,7 +1039,7 @@ class ProxyServer:
         if self.workers is not None:
             self.workers.stop_receiving(loop)
         for rt in list(self.vcs.values()):
-            rt.execute(rt.vc.close("server shutting down", loop.time()))
+            rt.execute(rt.vc.close("server shutting down"))
         if self.runner is not None:
             await self.runner.shutdown()
             await self.runner.cleanup()
@@ -1201,8 +1194,9 @@ class ProxyServer:
                             content_type="application/rpc")
         return resp
 
-    async def _read_opening_pdu(self, request: web.Request) -> tuple[rts.RtsPdu, rts.Kind]:
-        """The channel's first RTS PDU, within ``handshake_timeout``.
+    async def _read_opening_pdu(self, request: web.Request, method: channels.Method,
+                                length: int) -> channels.Opening:
+        """The channel's first RTS PDU, within ``handshake_timeout``, judged by the core.
 
         Until it arrives the request is half-open (authenticated, but no channel
         yet): bounded like an unauthenticated connection.
@@ -1211,18 +1205,14 @@ class ProxyServer:
         try:
             async with asyncio.timeout(timeout):
                 head = await request.content.readexactly(HEADER_LEN)
-                header = parse_header(head)
-                if header.frag_length > MAX_OPENING_PDU:
-                    raise ProtocolError(
-                        f"first PDU of a channel is {header.frag_length} bytes long")
-                rest = await request.content.readexactly(header.frag_length - HEADER_LEN)
+                rest = await request.content.readexactly(
+                    channels.first_pdu_length(head) - HEADER_LEN)
         except asyncio.IncompleteReadError:
             raise ProtocolError("the channel body ended before its first RTS PDU") from None
         except TimeoutError:
             raise ProtocolError(
                 f"no RTS PDU within {timeout:g}s of the channel request") from None
-        pdu = rts.decode_rts(head + rest)
-        return pdu, rts.identify(pdu)
+        return channels.judge_opening(method, length, head + rest)
 
     def _runtime_for(self, cookie: bytes, identity: Identity, target: Target,
                      endpoint: Endpoint, peer: str) -> VcRuntime:
@@ -1253,44 +1243,29 @@ class ProxyServer:
 
     async def _channel(self, request: web.Request, identity: Identity, target: Target,
                        endpoint: Endpoint, length: int) -> web.StreamResponse:
-        """Validate the opening of an IN or OUT channel, hand its transport over, serve it."""
-        inbound = request.method == RPC_IN_DATA
-        if inbound and not IN_MIN_CONTENT_LENGTH <= length <= IN_MAX_CONTENT_LENGTH:
-            raise ProtocolError(f"RPC_IN_DATA with Content-Length {length} "
-                                "(want 128 KiB..2 GiB)")
-        if not inbound and length not in (OUT_NEW_CONTENT_LENGTH, OUT_SUCCESSOR_CONTENT_LENGTH):
-            raise ProtocolError(f"RPC_OUT_DATA with Content-Length {length} (want 76 or 120)")
-        pdu, kind = await self._read_opening_pdu(request)
-        allowed = {
-            (True, rts.Kind.CONN_B1): True,
-            (True, rts.Kind.IN_R2_A1): True,
-            (False, rts.Kind.CONN_A1): length == OUT_NEW_CONTENT_LENGTH,
-            (False, rts.Kind.OUT_R2_A3): length == OUT_SUCCESSOR_CONTENT_LENGTH,
-        }.get((inbound, kind), False)
-        if not allowed:
-            raise ProtocolError(f"{kind.value} cannot open an {request.method} channel "
-                                f"of Content-Length {length}")
-        body_left = length - len(pdu.encode())
-        vc_cookie = rts.cookies(pdu)[0]
+        """Open an IN or OUT channel (the core judges it), hand its transport over, serve it."""
+        method = channels.Method(request.method)
+        channels.check_content_length(method, length)  # refused before reading the body
+        opening = await self._read_opening_pdu(request, method, length)
         self.authenticator.forget(request.protocol)  # no more requests on this connection
-        if self.workers is not None and not self.workers.is_mine(vc_cookie):
-            await self._hand_off(request, pdu, body_left, identity, target, endpoint)
+        if self.workers is not None and not self.workers.is_mine(opening.vc_cookie):
+            await self._hand_off(request, opening.pdu, opening.body_left, identity, target,
+                                 endpoint)
         else:
-            kind_name = "IN" if inbound else "OUT"
+            kind_name = "IN" if method is channels.Method.IN else "OUT"
             peer = _peer(request)
-            channel, leftover = self._take_over(request, kind_name, body_left)
-            self._attach(channel, pdu, identity, target, endpoint, peer, leftover)
+            channel, leftover = self._take_over(request, kind_name, opening.body_left)
+            self._attach(channel, opening, identity, target, endpoint, peer, leftover)
         # aiohttp no longer has a transport for this request: this response is dropped.
         return web.Response(status=204)
 
-    def _attach(self, channel: ChannelProtocol, pdu: rts.RtsPdu, identity: Identity,
+    def _attach(self, channel: ChannelProtocol, opening: channels.Opening, identity: Identity,
                 target: Target, endpoint: Endpoint, peer: str, leftover: bytes) -> None:
         """Join a channel (taken over here or handed off by a sibling) to its VC."""
         if channel.closed:  # the client went away before the channel could join
             return
-        kind = rts.identify(pdu)
-        vc_cookie = rts.cookies(pdu)[0]
-        if kind in (rts.Kind.CONN_A1, rts.Kind.CONN_B1):
+        vc_cookie = opening.vc_cookie
+        if opening.new_vc:
             if vc_cookie not in self.vcs and (
                 self.vcs_per_user[identity] >= self.config.max_connections_per_user
             ):
@@ -1306,7 +1281,7 @@ class ProxyServer:
         else:
             found = self.vcs.get(vc_cookie)
             if found is None or found.closed:
-                error = ProtocolError(f"{kind.value} for an unknown virtual connection "
+                error = ProtocolError(f"{opening.kind.value} for an unknown virtual connection "
                                       "(R1 recycling to another proxy is not supported)")
                 self.refuse(Refusal.CHANNEL_REFUSED, source_key(peer.rpartition(":")[0]), peer,
                             f"{channel.kind} channel user={identity.principal}: {error.reason}")
@@ -1314,12 +1289,8 @@ class ProxyServer:
                 return
             rt = found
         channel.label = rt.label
-        vc = rt.vc
-        opener = {
-            rts.Kind.CONN_B1: vc.open_in, rts.Kind.IN_R2_A1: vc.open_in_successor,
-            rts.Kind.CONN_A1: vc.open_out, rts.Kind.OUT_R2_A3: vc.open_out_successor,
-        }[kind]
-        actions = opener(channel, pdu, identity=identity, target=target, now=rt.now())
+        actions = rt.vc.open_channel(channel, opening, identity=identity, target=target,
+                                     now=rt.now())
         channel.runtime = rt
         rt.execute(actions)
         early, channel._early = channel._early, b""
@@ -1424,12 +1395,14 @@ class ProxyServer:
         try:
             transport, channel = await loop.connect_accepted_socket(
                 lambda: ChannelProtocol(kind_name, None, record.body_left, "?"), sock)
-            pdu = rts.decode_rts(record.pdu)
-        except (OSError, ProtocolError) as exc:
+            opening = channels.judge_opening(  # judged again: the record came over a socket
+                channels.Method(record.method),
+                len(record.pdu) + len(record.leftover) + record.body_left, record.pdu)
+        except (OSError, ProtocolError, ValueError) as exc:
             log.warning("could not adopt a handed-off channel: %s", exc)
             sock.close()
             return
-        self._attach(channel, pdu, Identity(user=record.user, domain=record.domain),
+        self._attach(channel, opening, Identity(user=record.user, domain=record.domain),
                      Target(record.server, record.port),
                      Endpoint(record.backend_host, record.backend_port), record.peer,
                      record.leftover)

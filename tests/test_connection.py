@@ -5,6 +5,7 @@ No sockets and no clocks: time is a number passed with each event.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import struct
 from collections.abc import Callable, Hashable
@@ -19,26 +20,24 @@ from rpcproxy.errors import (
     ERROR_ACCESS_DENIED,
     RPC_S_PROTOCOL_ERROR,
     RPC_S_SERVER_UNAVAILABLE,
+    BackendUnavailable,
     RpcProxyError,
 )
 from rpcproxy.rpch import rts
-from rpcproxy.rpch.connection import (
+from rpcproxy.rpch.actions import (
     Action,
-    BackendUnavailable,
     CloseBackend,
     CloseChannel,
     ConnectBackend,
     PauseBackend,
-    Phase,
     ResumeBackend,
     SendToBackend,
     SendToClient,
     StartResponse,
     VcClosed,
-    VcSettings,
-    VirtualConnection,
-    min_out_content_length,
 )
+from rpcproxy.rpch.channels import VcSettings, min_out_content_length
+from rpcproxy.rpch.connection import Phase, VirtualConnection
 from rpcproxy.rpch.rts import ForwardDestination
 
 VC = bytes.fromhex("40 1e 2b 6f 4a 8d 1b 4c 9a 3e 2f 1d 0c 5b 7a 91")
@@ -788,7 +787,7 @@ def _after_out_recycle(vc: VirtualConnection, t: Tally) -> None:
     assert vc.phase is Phase.OPENED
     assert t.bytes[OUT] <= 4096
     # the old channel going away is normal; acks naming it are discarded
-    assert vc.channel_closed(OUT, 6.0) == []
+    assert vc.channel_closed(OUT) == []
     assert vc.in_data(IN, out_ack(0, 0x40000, OUT_CK), 6.0) == []
     # new traffic flows on the successor, acks for it are honoured
     r = rpc(PType.RESPONSE, 100)
@@ -1065,7 +1064,7 @@ def test_in_recycle() -> None:
     after = rpc(PType.REQUEST, 50, 12)
     assert vc.in_data(IN2, after, 5.0) == [SendToBackend(after)]
     assert vc.in_data(IN, rpc(PType.REQUEST, 40, 100), 5.0) == []
-    assert vc.channel_closed(IN, 6.0) == []
+    assert vc.channel_closed(IN) == []
     assert vc.phase is Phase.OPENED
 
 
@@ -1206,7 +1205,7 @@ def test_queued_in_successor_closing_ends_the_vc() -> None:
     vc = opened()
     vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=1.0)
-    assert norm(vc.channel_closed(IN3, 2.0)) == teardown(OUT, IN, IN2, IN3, error=None)
+    assert norm(vc.channel_closed(IN3)) == teardown(OUT, IN, IN2, IN3, error=None)
 
 
 def test_in_recycle_timeout() -> None:
@@ -1232,7 +1231,7 @@ def test_in_r2_a4_during_out_recycle_goes_on_old_out() -> None:
 @pytest.mark.parametrize("which", [OUT, IN])
 def test_channel_closed_of_live_channel_tears_down(which: str) -> None:
     vc = opened()
-    acts = vc.channel_closed(which, 5.0)
+    acts = vc.channel_closed(which)
     # a client closing a channel is a normal end: no error to report
     assert norm(acts) == teardown(OUT, IN, error=None)
     assert vc.closed
@@ -1241,24 +1240,24 @@ def test_channel_closed_of_live_channel_tears_down(which: str) -> None:
 def test_channel_closed_of_successor_tears_down() -> None:
     vc = opened()
     vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
-    assert norm(vc.channel_closed(IN2, 2.0)) == teardown(OUT, IN, IN2, error=None)
+    assert norm(vc.channel_closed(IN2)) == teardown(OUT, IN, IN2, error=None)
 
 
 def test_channel_closed_during_pairing() -> None:
     vc = new_vc()
     open_out(vc)
-    assert norm(vc.channel_closed(OUT, 1.0)) == teardown(OUT, error=None)
+    assert norm(vc.channel_closed(OUT)) == teardown(OUT, error=None)
 
 
 def test_channel_closed_of_unknown_channel_ignored() -> None:
     vc = opened()
-    assert vc.channel_closed("stranger", 1.0) == []
+    assert vc.channel_closed("stranger") == []
     assert vc.phase is Phase.OPENED
 
 
 def test_backend_closed_tears_down_with_error() -> None:
     vc = opened()
-    acts = vc.backend_closed(3.0)
+    acts = vc.backend_closed()
     assert norm(acts) == teardown(OUT, IN, error="BackendUnavailable")
     for a in acts:
         if isinstance(a, CloseChannel | VcClosed):
@@ -1271,7 +1270,7 @@ def test_backend_failed_tears_down_with_that_error() -> None:
     open_out(vc)
     open_in(vc)
     error = BackendUnavailable("backend 127.0.0.1:1024 unreachable: refused")
-    acts = vc.backend_failed(error, 3.0)
+    acts = vc.backend_failed(error)
     assert norm(acts) == teardown(OUT, IN, error="BackendUnavailable")
     assert all(a.error is error for a in acts if isinstance(a, CloseChannel | VcClosed))
     assert vc.close_reason == str(error)
@@ -1279,28 +1278,28 @@ def test_backend_failed_tears_down_with_that_error() -> None:
 
 def test_close_from_outside() -> None:
     vc = opened()
-    acts = vc.close("server shutdown", 9.0)
+    acts = vc.close("server shutdown")
     assert norm(acts) == teardown(OUT, IN, error=None)
     assert isinstance(acts[-1], VcClosed) and acts[-1].reason == "server shutdown"
-    assert vc.close("again", 10.0) == []
+    assert vc.close("again") == []
 
 
 def test_close_before_backend_requested() -> None:
     vc = new_vc()
-    assert norm(vc.close("bye", 0.0)) == [("vc_closed", None)]
+    assert norm(vc.close("bye")) == [("vc_closed", None)]
 
 
 def test_teardown_clears_queues() -> None:
     vc = opened(window=0x2000)
     vc.backend_data(rpc(PType.RESPONSE, 0x2000) * 3, 1.0)
     assert vc.send_queue
-    vc.close("bye", 2.0)
+    vc.close("bye")
     assert not vc.send_queue and vc.channels() == []
 
 
 def test_everything_after_closed_is_empty_or_refused() -> None:
     vc = opened()
-    vc.close("bye", 1.0)
+    vc.close("bye")
     assert norm(open_out(vc, "x")) == [("close", "x", "ProtocolError")]
     assert norm(open_in(vc, "y")) == [("close", "y", "ProtocolError")]
     results = [
@@ -1308,11 +1307,11 @@ def test_everything_after_closed_is_empty_or_refused() -> None:
         vc.out_request_data(OUT, rts.OUT_R2_C1, 2.0),
         vc.backend_data(rpc(PType.RESPONSE), 2.0),
         vc.backend_up(2.0),
-        vc.backend_closed(2.0),
-        vc.backend_failed(BackendUnavailable("x"), 2.0),
-        vc.channel_closed(OUT, 2.0),
+        vc.backend_closed(),
+        vc.backend_failed(BackendUnavailable("x")),
+        vc.channel_closed(OUT),
         vc.on_timer(1000.0),
-        vc.close("again", 2.0),
+        vc.close("again"),
     ]
     for r in results:
         assert r == [] or all(isinstance(a, CloseChannel) for a in r)
@@ -1348,8 +1347,7 @@ class Driver:
         self.a7_sent = False
         self.c1_sent = False
         self.out_switches = 0
-        self.vc = new_vc(PROP_SETTINGS)
-        self.vc.fast_paths = fast_paths
+        self.vc = new_vc(dataclasses.replace(PROP_SETTINGS, fast_paths=fast_paths))
         self.log: list[Any] = []  # every action, normalised, in order
         self.now = 0.0
         self.tally = Tally(PROP_SETTINGS.out_content_length)
@@ -1498,11 +1496,11 @@ class Driver:
         elif op == "close_channel":
             chans = vc.channels()
             if chans:
-                self.apply(vc.channel_closed(chans[size % len(chans)], self.now))
+                self.apply(vc.channel_closed(chans[size % len(chans)]))
         elif op == "backend_closed":
-            self.apply(vc.backend_closed(self.now))
+            self.apply(vc.backend_closed())
         elif op == "close":
-            self.apply(vc.close("test", self.now))
+            self.apply(vc.close("test"))
 
 
 # weighted: enough backend traffic and acks to fill OUT channels and force recycling
@@ -1552,7 +1550,7 @@ def _same_outcome(ops: list[tuple[str, int]], strict: bool) -> None:
     slow = _run_driver(ops, strict=strict, fast_paths=False)
     assert fast.log == slow.log
     assert fast.backend_sent == slow.backend_sent
-    for attr in ("phase", "traffic", "last_out_write", "backend_paused", "out_recycle"):
+    for attr in ("phase", "traffic", "last_out_write", "reading", "out_recycle"):
         assert getattr(fast.vc, attr) == getattr(slow.vc, attr), attr
     for name in ("out", "in_", "out_successor", "in_successor", "old_out"):
         f, s_ = getattr(fast.vc, name), getattr(slow.vc, name)

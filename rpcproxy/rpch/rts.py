@@ -27,7 +27,7 @@ import ipaddress
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from dcerpc.pdu import PType
 from rpcproxy.errors import ProtocolError
@@ -398,6 +398,9 @@ _RTS_HEAD = struct.Struct("<BBBB4sHHIHH")
 _DREP_LE = b"\x10\x00\x00\x00"
 
 
+_CommandT = TypeVar("_CommandT", bound=Command)
+
+
 @dataclass(frozen=True, slots=True)
 class RtsPdu:
     flags: int
@@ -416,7 +419,7 @@ class RtsPdu:
     def signature(self) -> tuple[int, tuple[CommandType, ...]]:
         return (self.flags, tuple(c.TYPE for c in self.commands))
 
-    def get(self, kind: type[Command], index: int = 0) -> Command:
+    def get(self, kind: type[_CommandT], index: int = 0) -> _CommandT:
         """The ``index``-th command of class ``kind`` (ProtocolError if absent)."""
         seen = 0
         for c in self.commands:
