@@ -36,7 +36,15 @@ from rpcproxy.rpch.actions import (
     StartResponse,
     VcClosed,
 )
-from rpcproxy.rpch.channels import VcSettings, min_out_content_length
+from rpcproxy.rpch.channels import (
+    IN_MIN_CONTENT_LENGTH,
+    OUT_NEW_CONTENT_LENGTH,
+    OUT_SUCCESSOR_CONTENT_LENGTH,
+    Method,
+    VcSettings,
+    judge_opening,
+    min_out_content_length,
+)
 from rpcproxy.rpch.connection import Phase, VirtualConnection
 from rpcproxy.rpch.rts import ForwardDestination
 
@@ -116,18 +124,35 @@ def teardown(*channels: Hashable, error: str | None = "ProtocolError",
     return acts
 
 
+# The Content-Length each first PDU comes with (the adapter's request), for judge_opening.
+_OPENING_REQUEST = {
+    rts.Kind.CONN_A1: (Method.OUT, OUT_NEW_CONTENT_LENGTH),
+    rts.Kind.OUT_R2_A3: (Method.OUT, OUT_SUCCESSOR_CONTENT_LENGTH),
+    rts.Kind.CONN_B1: (Method.IN, IN_MIN_CONTENT_LENGTH),
+    rts.Kind.IN_R2_A1: (Method.IN, IN_MIN_CONTENT_LENGTH),
+}
+
+
+def join(vc: VirtualConnection, ch: Hashable, pdu: rts.RtsPdu, *, identity: Hashable = ME,
+         target: Hashable = TARGET, now: float = 0.0) -> list[Action]:
+    """A channel with this first PDU joins ``vc`` the adapter's way: judged, then opened."""
+    method, length = _OPENING_REQUEST[rts.identify(pdu)]
+    opening = judge_opening(method, length, pdu.encode())
+    return vc.open_channel(ch, opening, identity=identity, target=target, now=now)
+
+
 def new_vc(s: VcSettings | None = None, now: float = 0.0) -> VirtualConnection:
     return VirtualConnection(VC, identity=ME, target=TARGET, settings=s or VcSettings(), now=now)
 
 
 def open_out(vc: VirtualConnection, ch: Hashable = OUT, pdu: rts.RtsPdu | None = None,
              now: float = 0.0, identity: Hashable = ME, target: Hashable = TARGET) -> list[Action]:
-    return vc.open_out(ch, pdu or a1(), identity=identity, target=target, now=now)
+    return join(vc, ch, pdu or a1(), identity=identity, target=target, now=now)
 
 
 def open_in(vc: VirtualConnection, ch: Hashable = IN, pdu: rts.RtsPdu | None = None,
             now: float = 0.0, identity: Hashable = ME, target: Hashable = TARGET) -> list[Action]:
-    return vc.open_in(ch, pdu or b1(), identity=identity, target=target, now=now)
+    return join(vc, ch, pdu or b1(), identity=identity, target=target, now=now)
 
 
 def opened(s: VcSettings | None = None, window: int = rts.MAX_RECEIVE_WINDOW,
@@ -330,9 +355,9 @@ def test_target_mismatch_refuses_only_the_intruder(side: str) -> None:
 
 def test_successor_identity_and_target_mismatch_refused() -> None:
     vc = opened()
-    acts = vc.open_in_successor(IN2, in_a1(), identity="mallory", target=TARGET, now=1)
+    acts = join(vc, IN2, in_a1(), identity="mallory", target=TARGET, now=1)
     assert norm(acts) == [("close", IN2, "ProtocolError")]
-    acts = vc.open_out_successor(OUT2, a3(), identity=ME, target=("x", 1), now=1)
+    acts = join(vc, OUT2, a3(), identity=ME, target=("x", 1), now=1)
     assert norm(acts) == [("close", OUT2, "ProtocolError")]
     assert vc.phase is Phase.OPENED
     assert vc.in_data(IN, rpc(PType.BIND), 2) == [SendToBackend(rpc(PType.BIND))]
@@ -756,7 +781,7 @@ def recycle_to_a2(s: VcSettings = SMALL) -> tuple[VirtualConnection, Tally]:
 def recycle_to_a6(s: VcSettings = SMALL, window: int = rts.MAX_RECEIVE_WINDOW,
                   ) -> tuple[VirtualConnection, Tally]:
     vc, t = recycle_to_a2(s)
-    acts = vc.open_out_successor(OUT2, a3(window=window), identity=ME, target=TARGET, now=3.0)
+    acts = join(vc, OUT2, a3(window=window), identity=ME, target=TARGET, now=3.0)
     assert t.feed(acts) == [SendToClient(OUT, rts.OUT_R2_A6)]
     return vc, t
 
@@ -799,7 +824,7 @@ def _after_out_recycle(vc: VirtualConnection, t: Tally) -> None:
     for i in range(10):
         acts += t.feed(vc.backend_data(rpc(PType.RESPONSE, 500, 100 + i), 8.0))
     assert SendToClient(OUT2, rts.OUT_R2_A2) in acts
-    t.feed(vc.open_out_successor(OUT3, a3(OUT2_CK, OUT3_CK), identity=ME, target=TARGET,
+    t.feed(join(vc, OUT3, a3(OUT2_CK, OUT3_CK), identity=ME, target=TARGET,
                                  now=9.0))
     t.feed(vc.in_data(IN, rts.out_r2_a7(OUT3_CK), 9.0))
     acts = t.feed(vc.out_request_data(OUT3, rts.OUT_R2_C1, 9.0))
@@ -877,7 +902,7 @@ def test_out_recycle_window_of_successor_from_a3() -> None:
 
 def test_out_r2_a3_without_a2_is_an_error() -> None:
     vc = opened()
-    acts = vc.open_out_successor(OUT2, a3(), identity=ME, target=TARGET, now=1.0)
+    acts = join(vc, OUT2, a3(), identity=ME, target=TARGET, now=1.0)
     assert norm(acts) == [("close", OUT2, "ProtocolError"), *teardown(OUT, IN)]
     assert vc.closed
 
@@ -885,7 +910,7 @@ def test_out_r2_a3_without_a2_is_an_error() -> None:
 def test_out_r2_a3_before_opened_is_an_error() -> None:
     vc = new_vc()
     open_out(vc)
-    acts = vc.open_out_successor(OUT2, a3(), identity=ME, target=TARGET, now=1.0)
+    acts = join(vc, OUT2, a3(), identity=ME, target=TARGET, now=1.0)
     assert norm(acts) == [("close", OUT2, "ProtocolError"), *teardown(OUT)]
 
 
@@ -896,14 +921,14 @@ def test_out_r2_a3_before_opened_is_an_error() -> None:
 )
 def test_out_r2_a3_bad_cookies_tear_down(pdu: rts.RtsPdu) -> None:
     vc, t = recycle_to_a2()
-    acts = vc.open_out_successor(OUT2, pdu, identity=ME, target=TARGET, now=3.0)
+    acts = join(vc, OUT2, pdu, identity=ME, target=TARGET, now=3.0)
     assert norm(acts) == [("close", OUT2, "ProtocolError"), *teardown(OUT, IN)]
     assert vc.closed
 
 
 def test_second_a3_tears_down() -> None:
     vc, t = recycle_to_a6()
-    acts = vc.open_out_successor(OUT3, a3(succ=OUT3_CK), identity=ME, target=TARGET, now=3.0)
+    acts = join(vc, OUT3, a3(succ=OUT3_CK), identity=ME, target=TARGET, now=3.0)
     assert norm(acts) == [("close", OUT3, "ProtocolError"), *teardown(OUT, OUT2, IN)]
 
 
@@ -995,7 +1020,7 @@ def _serve_out_recycles(vc: VirtualConnection, t: Tally, acts: list[Action],
         recycles += 1
         succ, ch = bytes([recycles]) * 16, f"out-r{recycles}"
         now += 1
-        acts = t.feed(vc.open_out_successor(ch, a3(cookie, succ), identity=ME, target=TARGET,
+        acts = t.feed(join(vc, ch, a3(cookie, succ), identity=ME, target=TARGET,
                                             now=now))
         acts += t.feed(vc.in_data(IN, rts.out_r2_a7(succ), now))
         acts += t.feed(vc.out_request_data(ch, rts.OUT_R2_C1, now))
@@ -1034,7 +1059,7 @@ def test_largest_fragment_fits_a_fresh_channel_of_the_least_allowed_content_leng
     big = rpc(PType.RESPONSE, 0xFFFF, 2)
     acts = t.feed(vc.backend_data(first, 1.0)) + t.feed(vc.backend_data(big, 1.0))
     assert sent_to(acts, OUT) == [first, rts.OUT_R2_A2]
-    acts = t.feed(vc.open_out_successor(OUT2, a3(), identity=ME, target=TARGET, now=2.0))
+    acts = t.feed(join(vc, OUT2, a3(), identity=ME, target=TARGET, now=2.0))
     acts += t.feed(vc.in_data(IN, rts.out_r2_a7(OUT2_CK), 2.0))
     acts += t.feed(vc.in_data(IN, rpc(PType.REQUEST, 0x1001), 2.0))  # an IN ack is due
     acts += t.feed(vc.out_request_data(OUT2, rts.OUT_R2_C1, 2.0))
@@ -1047,7 +1072,7 @@ def test_largest_fragment_fits_a_fresh_channel_of_the_least_allowed_content_leng
 
 def test_in_recycle() -> None:
     vc = opened()
-    acts = vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    acts = join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     assert acts == [SendToClient(OUT, rts.IN_R2_A4)]
     assert vc.channels() == [OUT, IN, IN2]
     held = [rpc(PType.REQUEST, 100, 10), rpc(PType.REQUEST, 60, 11)]
@@ -1072,7 +1097,7 @@ def test_in_recycle_successor_counts_its_own_bytes() -> None:
     vc = opened(VcSettings(receive_window=0x2000))
     pdu = rpc(PType.REQUEST, 3000)
     vc.in_data(IN, pdu, 1.0)
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     vc.in_data(IN, rts.in_r2_a5(IN2_CK), 2.0)
     assert vc.in_data(IN2, pdu, 3.0) == [SendToBackend(pdu)]
     acts = vc.in_data(IN2, pdu, 3.0)
@@ -1082,7 +1107,7 @@ def test_in_recycle_successor_counts_its_own_bytes() -> None:
 
 def test_in_recycle_a5_with_pdus_before_it_in_one_chunk() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     held = rpc(PType.REQUEST, 64, 2)
     vc.in_data(IN2, held, 1.0)
     pre = rpc(PType.REQUEST, 64, 1)
@@ -1092,7 +1117,7 @@ def test_in_recycle_a5_with_pdus_before_it_in_one_chunk() -> None:
 
 def test_in_recycle_a5_bad_cookie_tears_down() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     vc.in_data(IN2, rpc(PType.REQUEST), 1.0)
     acts = vc.in_data(IN, rts.in_r2_a5(b"Z" * 16), 2.0)
     assert norm(acts) == teardown(OUT, IN, IN2)
@@ -1106,14 +1131,14 @@ def test_in_r2_a5_without_recycle_tears_down() -> None:
 
 def test_in_r2_a5_on_successor_is_just_buffered() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     assert vc.in_data(IN2, rts.in_r2_a5(IN2_CK), 2.0) == []
     assert vc.phase is Phase.OPENED
 
 
 def test_in_recycle_plugged_non_client_ptype_never_forwarded() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     ok = rpc(PType.REQUEST, 64)
     vc.in_data(IN2, ok + rpc(PType.RESPONSE, 64) + ok, 1.0)
     acts = vc.in_data(IN, rts.in_r2_a5(IN2_CK), 2.0)
@@ -1126,21 +1151,21 @@ def test_in_recycle_plugged_non_client_ptype_never_forwarded() -> None:
     "pdu", [in_a1(pred=b"Z" * 16), in_a1(vc=b"Z" * 16)], ids=["predecessor", "vc"])
 def test_in_r2_a1_bad_cookies_tear_down(pdu: rts.RtsPdu) -> None:
     vc = opened()
-    acts = vc.open_in_successor(IN2, pdu, identity=ME, target=TARGET, now=1.0)
+    acts = join(vc, IN2, pdu, identity=ME, target=TARGET, now=1.0)
     assert norm(acts) == [("close", IN2, "ProtocolError"), *teardown(OUT, IN)]
 
 
 def test_in_r2_a1_before_opened_tears_down() -> None:
     vc = new_vc()
     open_in(vc)
-    acts = vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    acts = join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     assert norm(acts) == [("close", IN2, "ProtocolError"), *teardown(IN)]
 
 
 def test_second_in_r2_a1_tears_down() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
-    acts = vc.open_in_successor("in-3", in_a1(succ=b"K" * 16), identity=ME, target=TARGET,
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    acts = join(vc, "in-3", in_a1(succ=b"K" * 16), identity=ME, target=TARGET,
                                 now=1.0)
     assert norm(acts) == [("close", "in-3", "ProtocolError"), *teardown(OUT, IN, IN2)]
 
@@ -1152,11 +1177,11 @@ def test_in_r2_a1_that_overtakes_the_previous_a5_is_queued_in_order() -> None:
     """A client that got IN_R2/A4 sends A5 on IN#1, fills IN#2 and recycles it; its A1
     for IN#3 (naming IN#2) can arrive before that A5. It waits, plugged, for the A5."""
     vc = opened()
-    assert vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0) == [
+    assert join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0) == [
         SendToClient(OUT, rts.IN_R2_A4)]
     on2 = [rpc(PType.REQUEST, 100, 20), rpc(PType.REQUEST, 60, 21)]
     assert vc.in_data(IN2, on2[0], 1.5) == []
-    acts = vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET,
+    acts = join(vc, IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET,
                                 now=2.0)
     assert acts == []  # queued: no A4 before the pending recycle completes
     assert vc.channels() == [OUT, IN, IN2, IN3]
@@ -1179,8 +1204,8 @@ def test_in_r2_a1_that_overtakes_the_previous_a5_is_queued_in_order() -> None:
 
 def test_queued_in_successor_restarts_the_recycle_timer() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
-    vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=2.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=2.0)
     vc.in_data(IN, rts.in_r2_a5(IN2_CK), 50.0)
     assert vc.next_deadline() == 110.0  # 60 s from the A4 sent for IN#3
     assert norm(vc.on_timer(110.0)) == teardown(OUT, IN2, IN3)
@@ -1191,27 +1216,27 @@ def test_queued_in_successor_restarts_the_recycle_timer() -> None:
                          ids=["third", "names-current", "foreign-vc"])
 def test_in_r2_a1_beside_a_queued_or_pending_one_still_tears_down(pdu: rts.RtsPdu) -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     if tuple(rts.cookies(pdu)[:2]) == (VC, IN2_CK):  # "third": one is queued already
-        vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=1.0)
+        join(vc, IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=1.0)
         expect = teardown(OUT, IN, IN2, IN3)
     else:
         expect = teardown(OUT, IN, IN2)
-    acts = vc.open_in_successor("in-4", pdu, identity=ME, target=TARGET, now=2.0)
+    acts = join(vc, "in-4", pdu, identity=ME, target=TARGET, now=2.0)
     assert norm(acts) == [("close", "in-4", "ProtocolError"), *expect]
 
 
 def test_queued_in_successor_closing_ends_the_vc() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
-    vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=1.0)
     assert norm(vc.channel_closed(IN3)) == teardown(OUT, IN, IN2, IN3, error=None)
 
 
 def test_in_recycle_timeout() -> None:
     vc = opened()
     vc.in_data(IN, rts.keep_alive(60_000), 0.0)  # ping every 30 s
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=10.0)  # A4 at t=10
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=10.0)  # A4 at t=10
     assert vc.next_deadline() == 40.0  # ping first
     assert vc.on_timer(40.0) == [SendToClient(OUT, rts.PING)]
     assert vc.next_deadline() == 70.0
@@ -1221,7 +1246,7 @@ def test_in_recycle_timeout() -> None:
 
 def test_in_r2_a4_during_out_recycle_goes_on_old_out() -> None:
     vc, t = recycle_to_a6()
-    acts = vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=4.0)
+    acts = join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=4.0)
     assert t.feed(acts) == [SendToClient(OUT, rts.IN_R2_A4)]
 
 
@@ -1239,7 +1264,7 @@ def test_channel_closed_of_live_channel_tears_down(which: str) -> None:
 
 def test_channel_closed_of_successor_tears_down() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     assert norm(vc.channel_closed(IN2)) == teardown(OUT, IN, IN2, error=None)
 
 
@@ -1315,9 +1340,9 @@ def test_everything_after_closed_is_empty_or_refused() -> None:
     ]
     for r in results:
         assert r == [] or all(isinstance(a, CloseChannel) for a in r)
-    assert norm(vc.open_out_successor(OUT2, a3(), identity=ME, target=TARGET, now=2.0)) == [
+    assert norm(join(vc, OUT2, a3(), identity=ME, target=TARGET, now=2.0)) == [
         ("close", OUT2, "ProtocolError")]
-    assert norm(vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=2.0)) == [
+    assert norm(join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=2.0)) == [
         ("close", IN2, "ProtocolError")]
     assert vc.next_deadline() is None
 
@@ -1455,7 +1480,7 @@ class Driver:
             succ = self.fresh()
             ch = f"succ-out-{self.n}"
             self.pending_out = (ch, succ)
-            self.apply(vc.open_out_successor(ch, a3(self.out_cookie, succ, 0x2000),
+            self.apply(join(vc, ch, a3(self.out_cookie, succ, 0x2000),
                                              identity=ME, target=TARGET, now=self.now))
         elif op == "out_a7" and self.pending_out and (self.a6_seen or not self.strict):
             if self.strict and self.a7_sent:
@@ -1473,7 +1498,7 @@ class Driver:
             succ = self.fresh()
             ch = f"succ-in-{self.n}"
             self.pending_in = (ch, succ)
-            self.apply(vc.open_in_successor(ch, in_a1(self.in_cookie, succ), identity=ME,
+            self.apply(join(vc, ch, in_a1(self.in_cookie, succ), identity=ME,
                                             target=TARGET, now=self.now))
         elif op == "in_a1_next" and self.pending_in:  # recycles the successor before A5
             if self.strict and self.queued_in:
@@ -1481,7 +1506,7 @@ class Driver:
             succ = self.fresh()
             ch = f"succ-in-{self.n}"
             self.queued_in = (ch, succ)
-            self.apply(vc.open_in_successor(ch, in_a1(self.pending_in[1], succ), identity=ME,
+            self.apply(join(vc, ch, in_a1(self.pending_in[1], succ), identity=ME,
                                             target=TARGET, now=self.now))
         elif op == "in_next_rpc" and self.queued_in:
             self.apply(vc.in_data(self.queued_in[0], rpc(PType.REQUEST, 16 + size), self.now))

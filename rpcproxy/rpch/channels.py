@@ -191,6 +191,22 @@ class OutChannel:
         outstanding."""
         return size <= self.available or 2 * (self.peer_window - self.available) < self.peer_window
 
+    def sent(self, size: int) -> None:
+        """An RPC PDU of ``size`` bytes went out: it uses window and Content-Length."""
+        self.available -= size
+        self.bytes_sent += size
+        self.bytes_left -= size
+
+    def acked(self, ack: rts.FlowControlAck) -> None:
+        """The client's FlowControlAck for this channel reopens the window (3.2.1.5.1.1)."""
+        outstanding = self.bytes_sent - ack.bytes_received
+        if outstanding < 0 or ack.available_window > self.peer_window:
+            raise ProtocolError(
+                f"flow-control ack acknowledges {ack.bytes_received} of {self.bytes_sent} "
+                f"bytes with window {ack.available_window} (max {self.peer_window})"
+            )
+        self.available = max(0, ack.available_window - outstanding)
+
 
 @dataclass(slots=True)
 class InChannel:
@@ -200,3 +216,13 @@ class InChannel:
     bytes_received: int = 0  # RPC bytes (flow-control BytesReceived)
     unacked: int = 0  # RPC bytes since the last ack we sent
     plugged: list[Pdu] = field(default_factory=list)  # successor PDUs held until the switch
+
+    def received(self, size: int, ack_after: int) -> bool:
+        """An RPC PDU of ``size`` bytes was consumed; is an ack due (more than ``ack_after``
+        bytes unacknowledged)? Then the count starts again."""
+        self.bytes_received += size
+        self.unacked += size
+        if self.unacked > ack_after:
+            self.unacked = 0
+            return True
+        return False

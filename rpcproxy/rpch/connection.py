@@ -21,24 +21,9 @@ connection (VC) and nothing about sockets or clocks:
   list; the typed funnel ``_run`` returns it, and turns an ``RpcProxyError`` (or an
   ``_End`` naming its ``CloseKind``) into the teardown.
 
-The state, every part named (the table ``_IN_RTS`` says which RTS PDU is legal on an
-IN channel in which ``Phase``; ``_OPENERS`` which first PDU joins the VC how):
-
-``Phase``          ``WAIT_PAIR``: only one of CONN/A1 (OUT, 3.2.4.5.1 Open_Start->C1W)
-                   and CONN/B1 (IN, 3.2.3.5.1) has arrived; bounded by
-                   ``setup_timeout``; the backend connection starts at once.
-                   ``WAIT_BACKEND``: both arrived, the backend is not up yet.
-                   ``OPENED``: CONN/A3 (with the ``200 Success`` header) and CONN/C2 sent
-                   (4.1: the translator synthesises A3/C2 instead of relaying
-                   A2/B2/B3/C1); RPC PDUs flow both ways.
-                   ``CLOSED``: every channel and the backend are closed (3.2.3.5.10,
-                   3.2.4.5.14: any error ends the whole VC).
-``Backend``        ``IDLE`` -> ``CONNECTING`` (ConnectBackend emitted) -> ``UP``.
-``BackendReading`` ``RUNNING`` / ``PAUSED`` (PDUs wait for the client's OUT window).
-``OutRecycle``     ``NONE``, ``A3_WAIT``, ``A7_AND_C1_WAIT``, then ``C1_WAIT`` (A7 came
-                   first) or ``A7_WAIT`` (C1 came first), then ``NONE``.
-``InRecycle``      ``NONE``, ``PLUGGED`` (successor held), ``QUEUED`` (and the next
-                   successor waiting behind it).
+The state, every part an enum (``Phase``, ``Backend``, ``BackendReading``,
+``OutRecycle``, ``InRecycle``); the table ``_IN_RTS`` says which RTS PDU is legal on an IN
+channel in which phase, ``_OPENERS`` how each judged first PDU joins the VC.
 
 Inside ``OPENED`` two independent sub-machines run channel recycling, both as
 the R2 variants because the successor always lands on this same VC object
@@ -127,6 +112,13 @@ _P = ParamSpec("_P")
 
 
 class Phase(enum.Enum):
+    """``WAIT_PAIR``: only one of CONN/A1 (OUT, 3.2.4.5.1 Open_Start->C1W) and CONN/B1 (IN,
+    3.2.3.5.1) has arrived; bounded by ``setup_timeout``; the backend connect starts at
+    once. ``WAIT_BACKEND``: both arrived, the backend is not up yet. ``OPENED``: CONN/A3
+    (with the ``200 Success`` header) and CONN/C2 sent (4.1: the translator synthesises
+    A3/C2 instead of relaying A2/B2/B3/C1); RPC PDUs flow both ways. ``CLOSED``: every
+    channel and the backend are closed (3.2.3.5.10, 3.2.4.5.14: any error ends the VC)."""
+
     WAIT_PAIR = "waiting for the other channel"
     WAIT_BACKEND = "connecting to the backend"
     OPENED = "opened"
@@ -293,43 +285,16 @@ class VirtualConnection:
 
     def open_channel(self, channel: Channel, opening: Opening, *, identity: Hashable,
                      target: Hashable, now: float) -> list[Action]:
-        """A channel whose first PDU ``channels.judge_opening`` accepted joins this VC."""
-        return self._open(channel, self._OPENERS[opening.kind], opening.pdu, identity, target,
-                          now)
-
-    def open_out(self, channel: Channel, a1: rts.RtsPdu, *, identity: Hashable,
-                 target: Hashable, now: float) -> list[Action]:
-        """A new OUT channel request whose body started with CONN/A1."""
-        return self._open(channel, VirtualConnection._open_out, a1, identity, target, now)
-
-    def open_in(self, channel: Channel, b1: rts.RtsPdu, *, identity: Hashable,
-                target: Hashable, now: float) -> list[Action]:
-        """A new IN channel request whose body started with CONN/B1."""
-        return self._open(channel, VirtualConnection._open_in, b1, identity, target, now)
-
-    def open_out_successor(self, channel: Channel, a3: rts.RtsPdu, *, identity: Hashable,
-                           target: Hashable, now: float) -> list[Action]:
-        """A replacement OUT channel request whose body started with OUT_R2/A3."""
-        return self._open(channel, VirtualConnection._open_out_successor, a3, identity,
-                          target, now)
-
-    def open_in_successor(self, channel: Channel, a1: rts.RtsPdu, *, identity: Hashable,
-                          target: Hashable, now: float) -> list[Action]:
-        """A replacement IN channel request whose body started with IN_R2/A1."""
-        return self._open(channel, VirtualConnection._open_in_successor, a1, identity,
-                          target, now)
-
-    def _open(self, channel: Channel, opener: _Opener, pdu: rts.RtsPdu, identity: Hashable,
-              target: Hashable, now: float) -> list[Action]:
-        """Every opening: a channel of another user or target is refused alone; if the VC
-        ends (or had ended), this channel closes too, although the VC never adopted it
-        (else its request would hang; ``_teardown`` sees ``_opening``)."""
+        """A channel whose first PDU ``channels.judge_opening`` accepted joins this VC, the
+        way ``_OPENERS`` says for its kind. A channel of another user or target is refused
+        alone; if the VC ends (or had ended), this channel closes too, although the VC never
+        adopted it (else its request would hang; ``_teardown`` sees ``_opening``)."""
         if self.phase is Phase.CLOSED:
             self._emit(CloseChannel(channel, ProtocolError("virtual connection is closed")))
         elif not self._refuse_foreign(channel, identity, target):
             self._opening = channel
             try:
-                return self._run(opener, self, channel, pdu, now)
+                return self._run(self._OPENERS[opening.kind], self, channel, opening.pdu, now)
             finally:
                 self._opening = None
         return self._flush()
@@ -444,9 +409,7 @@ class VirtualConnection:
             size = len(data)
             if out.bytes_left - size >= self.settings.out_reserve and out.admits(size):
                 self.traffic.backend_to_client += size
-                out.available -= size
-                out.bytes_sent += size
-                out.bytes_left -= size
+                out.sent(size)
                 self.last_out_write = now
                 return [SendToClient(out.channel, data)]
         return self._run(self._backend_data, data, now)
@@ -508,9 +471,7 @@ class VirtualConnection:
             if not out.admits(size):
                 break
             queue.popleft()
-            out.available -= size
-            out.bytes_sent += size
-            out.bytes_left -= size
+            out.sent(size)
             self.last_out_write = now
             self._emit(SendToClient(out.channel, pdu))
         self._update_backend_pause()
@@ -532,13 +493,7 @@ class VirtualConnection:
                 break
         else:
             return  # unknown cookie (e.g. a predecessor's): discard, 3.2.1.5.1.1
-        outstanding = out.bytes_sent - ack.bytes_received
-        if outstanding < 0 or ack.available_window > out.peer_window:
-            raise ProtocolError(
-                f"flow-control ack acknowledges {ack.bytes_received} of {out.bytes_sent} bytes "
-                f"with window {ack.available_window} (max {out.peer_window})"
-            )
-        out.available = max(0, ack.available_window - outstanding)
+        out.acked(ack)
         self._drain(now)
 
     # ---- OUT channel recycling (OUT_R2) -------------------------------------------------
@@ -680,10 +635,7 @@ class VirtualConnection:
             self._note_client_max_frag(pdu)
         self.traffic.client_to_backend += size
         self._emit(SendToBackend(pdu.data))
-        ch.bytes_received += size
-        ch.unacked += size
-        if ch.unacked > self.in_ack_after:
-            ch.unacked = 0
+        if ch.received(size, self.in_ack_after):
             self._send_rts_to_client(
                 rts.flow_control_ack(
                     rts.ForwardDestination.CLIENT, ch.bytes_received,
