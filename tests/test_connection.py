@@ -21,13 +21,16 @@ from rpcproxy.errors import (
     RPC_S_PROTOCOL_ERROR,
     RPC_S_SERVER_UNAVAILABLE,
     BackendUnavailable,
+    ProtocolError,
     RpcProxyError,
 )
+from rpcproxy.metrics import CLOSE_KINDS, ServerMetrics, classify_close
 from rpcproxy.rpch import rts
 from rpcproxy.rpch.actions import (
     Action,
     CloseBackend,
     CloseChannel,
+    CloseKind,
     ConnectBackend,
     PauseBackend,
     ResumeBackend,
@@ -42,10 +45,12 @@ from rpcproxy.rpch.channels import (
     OUT_SUCCESSOR_CONTENT_LENGTH,
     Method,
     VcSettings,
+    check_content_length,
+    first_pdu_length,
     judge_opening,
     min_out_content_length,
 )
-from rpcproxy.rpch.connection import Phase, VirtualConnection
+from rpcproxy.rpch.connection import Backend, InRecycle, OutRecycle, Phase, VirtualConnection
 from rpcproxy.rpch.rts import ForwardDestination
 
 VC = bytes.fromhex("40 1e 2b 6f 4a 8d 1b 4c 9a 3e 2f 1d 0c 5b 7a 91")
@@ -1628,3 +1633,209 @@ def test_channel_counts_during_out_recycle() -> None:
     assert vc.channel_counts() == (1, 1)
     vc, _ = recycle_to_a6()
     assert vc.channel_counts() == (1, 2)
+
+
+# --- how a VC ended: CloseKind, and the metric it becomes -----------------------------------------
+
+
+def _pairing() -> list[Action]:
+    vc = new_vc()
+    open_out(vc)
+    return vc.on_timer(30.0)
+
+
+def _backend_wait() -> list[Action]:
+    vc = new_vc()
+    open_out(vc)
+    open_in(vc)
+    return vc.on_timer(30.0)
+
+
+def _backend_unreachable() -> list[Action]:
+    vc = new_vc()
+    open_out(vc)
+    return vc.backend_failed(BackendUnavailable("backend 127.0.0.1:1 unreachable: refused"))
+
+
+def _backend_speaks_client() -> list[Action]:
+    return opened().backend_data(rpc(PType.REQUEST), 1.0)
+
+
+def _pdu_too_large() -> list[Action]:
+    return opened(VcSettings(out_content_length=32768)).backend_data(
+        rpc(PType.RESPONSE, 60_000), 1.0)
+
+
+def _recycle_timeout() -> list[Action]:
+    vc, _ = recycle_to_a2()
+    return vc.on_timer(1000.0)
+
+
+def _client_rpc_type() -> list[Action]:
+    return opened().in_data(IN, rpc(PType.RESPONSE), 1.0)
+
+
+def _channel_failed() -> list[Action]:
+    return opened().channel_failed(IN, ProtocolError("IN request body runs past its end"))
+
+
+# Each way the core ends a VC, its CloseKind, and the how="..." label of
+# rpcproxy_virtual_connections_closed_total it had before CloseKind existed (then derived
+# from the reason's words): the labels must not change.
+CLOSE_PATHS: list[tuple[str, Callable[[], list[Action]], CloseKind, str]] = [
+    ("pairing", _pairing, CloseKind.PAIRING_TIMEOUT, "pairing_timeout"),
+    ("backend-wait", _backend_wait, CloseKind.BACKEND_TIMEOUT, "backend"),
+    ("backend-failed", _backend_unreachable, CloseKind.BACKEND_UNREACHABLE, "backend"),
+    ("backend-closed", lambda: opened().backend_closed(), CloseKind.BACKEND_CLOSED, "backend"),
+    ("backend-ptype", _backend_speaks_client, CloseKind.BACKEND_PROTOCOL_ERROR, "backend"),
+    ("pdu-too-large", _pdu_too_large, CloseKind.PDU_TOO_LARGE, "backend"),
+    ("recycle-timeout", _recycle_timeout, CloseKind.RECYCLE_TIMEOUT, "timeout"),
+    ("client-closed", lambda: opened().channel_closed(IN), CloseKind.CLIENT_CLOSED,
+     "client_closed"),
+    ("shutdown", lambda: opened().close("server shutting down"), CloseKind.SHUTDOWN,
+     "shutdown"),
+    ("client-ptype", _client_rpc_type, CloseKind.PROTOCOL_ERROR, "protocol_error"),
+    ("channel-failed", _channel_failed, CloseKind.PROTOCOL_ERROR, "protocol_error"),
+]
+
+
+@pytest.mark.parametrize(("path", "kind", "label"), [p[1:] for p in CLOSE_PATHS],
+                         ids=[p[0] for p in CLOSE_PATHS])
+def test_vc_closed_says_how_in_a_code_and_the_metric_counts_the_code(
+        path: Callable[[], list[Action]], kind: CloseKind, label: str) -> None:
+    closed = path()[-1]
+    assert isinstance(closed, VcClosed)
+    assert closed.kind is kind
+    metrics = ServerMetrics()
+    metrics.vc_closed(closed.kind, 0, 0)
+    # Reworded (or translated) prose: the same kind, the same metric.
+    reworded = dataclasses.replace(closed, reason="ended, in other words")
+    metrics.vc_closed(reworded.kind, 0, 0)
+    assert metrics.vcs_closed[label] == 2
+    assert sum(metrics.vcs_closed.values()) == 2
+    assert metrics.pairing_timeouts == (2 if kind is CloseKind.PAIRING_TIMEOUT else 0)
+
+
+def test_every_close_kind_has_a_metric_label() -> None:
+    assert {classify_close(kind) for kind in CloseKind} == set(CLOSE_KINDS)
+
+
+# --- the opening table (channels.judge_opening) ---------------------------------------------------
+
+A1_BYTES = rts.conn_a1(VC, OUT_CK, rts.MAX_RECEIVE_WINDOW)
+B1_BYTES = rts.conn_b1(VC, IN_CK, AG, keepalive_ms=300_000)
+A3_BYTES = rts.out_r2_a3(VC, OUT_CK, OUT2_CK, rts.MAX_RECEIVE_WINDOW)
+IN_A1_BYTES = rts.in_r2_a1(VC, IN_CK, IN2_CK)
+
+
+@pytest.mark.parametrize(("method", "data", "length", "kind", "new"), [
+    (Method.OUT, A1_BYTES, 76, rts.Kind.CONN_A1, True),
+    (Method.OUT, A3_BYTES, 120, rts.Kind.OUT_R2_A3, False),
+    (Method.IN, B1_BYTES, 0x20000, rts.Kind.CONN_B1, True),
+    (Method.IN, B1_BYTES, 0x80000000, rts.Kind.CONN_B1, True),
+    (Method.IN, IN_A1_BYTES, 0x40000000, rts.Kind.IN_R2_A1, False),
+])
+def test_judge_opening_accepts(method: Method, data: bytes, length: int, kind: rts.Kind,
+                               new: bool) -> None:
+    opening = judge_opening(method, length, data)
+    assert (opening.method, opening.kind, opening.new_vc) == (method, kind, new)
+    assert opening.vc_cookie == VC
+    assert opening.pdu == rts.decode_rts(data)
+    assert opening.body_left == length - len(data)
+
+
+@pytest.mark.parametrize(("method", "data", "length", "message"), [
+    (Method.OUT, A1_BYTES, 120, "CONN/A1 cannot open an RPC_OUT_DATA channel of Content-Length "
+                                "120"),
+    (Method.OUT, A3_BYTES, 76, "cannot open an RPC_OUT_DATA channel of Content-Length 76"),
+    (Method.OUT, B1_BYTES, 76, "CONN/B1 cannot open an RPC_OUT_DATA channel"),
+    (Method.OUT, A1_BYTES, 100, "RPC_OUT_DATA with Content-Length 100 (want 76 or 120)"),
+    (Method.IN, A1_BYTES, 0x20000, "CONN/A1 cannot open an RPC_IN_DATA channel"),
+    (Method.IN, rts.PING, 0x20000, "Ping cannot open an RPC_IN_DATA channel"),
+    (Method.IN, B1_BYTES, 0x1FFFF, "RPC_IN_DATA with Content-Length 131071 (want 128 KiB"),
+    (Method.IN, B1_BYTES, 0x80000001, "(want 128 KiB..2 GiB)"),
+    (Method.IN, B1_BYTES[:-1], 0x20000, "RTS"),
+    (Method.OUT, bytes(76), 76, "RTS"),
+])
+def test_judge_opening_refuses(method: Method, data: bytes, length: int, message: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        judge_opening(method, length, data)
+    assert message in info.value.reason
+
+
+def test_content_length_is_checked_before_the_body() -> None:
+    check_content_length(Method.OUT, 76)
+    check_content_length(Method.IN, 0x20000)
+    with pytest.raises(ProtocolError, match="want 76 or 120"):
+        check_content_length(Method.OUT, 0x20000)
+    with pytest.raises(ProtocolError, match="want 128 KiB"):
+        check_content_length(Method.IN, 76)
+
+
+def test_first_pdu_length_is_bounded() -> None:
+    assert first_pdu_length(B1_BYTES[:16]) == len(B1_BYTES)
+    head = bytearray(B1_BYTES[:16])
+    head[8:10] = (257).to_bytes(2, "little")
+    with pytest.raises(ProtocolError, match="first PDU of a channel is 257 bytes long"):
+        first_pdu_length(bytes(head))
+
+
+# --- every sub-state named ------------------------------------------------------------------------
+
+
+def test_backend_states() -> None:
+    vc = new_vc()
+    assert vc.backend is Backend.IDLE
+    open_out(vc)
+    assert vc.backend is Backend.CONNECTING
+    vc.backend_up(0.0)
+    assert vc.backend is Backend.UP
+    early = new_vc()
+    early.backend_up(0.0)
+    assert early.backend is Backend.UP_UNASKED
+    assert open_out(early) == [ConnectBackend()] and early.backend is Backend.UP
+
+
+def test_out_recycle_states_a7_first() -> None:
+    vc, _ = recycle_to_a2()
+    assert vc.out_recycle is OutRecycle.A3_WAIT
+    vc, _ = recycle_to_a6()
+    assert vc.out_recycle is OutRecycle.A7_AND_C1_WAIT
+    vc.in_data(IN, rts.out_r2_a7(OUT2_CK), 4.0)
+    assert vc.out_recycle is OutRecycle.C1_WAIT  # was "A7_C1W and old_out is None"
+    vc.out_request_data(OUT2, rts.OUT_R2_C1, 5.0)
+    assert vc.out_recycle is OutRecycle.NONE
+
+
+def test_out_recycle_states_c1_first() -> None:
+    vc, _ = recycle_to_a6()
+    vc.out_request_data(OUT2, rts.OUT_R2_C1, 4.0)
+    assert vc.out_recycle is OutRecycle.A7_WAIT
+    vc.in_data(IN, rts.out_r2_a7(OUT2_CK), 5.0)
+    assert vc.out_recycle is OutRecycle.NONE and vc.channels() == [OUT2, IN]
+
+
+def test_in_recycle_states() -> None:
+    vc = opened()
+    assert vc.in_recycle is InRecycle.NONE
+    join(vc, IN2, in_a1(), now=1.0)
+    assert vc.in_recycle is InRecycle.PLUGGED
+    join(vc, "in-3", in_a1(IN2_CK, b"K" * 16), now=1.0)
+    assert vc.in_recycle is InRecycle.QUEUED
+    vc.in_data(IN, rts.in_r2_a5(IN2_CK), 2.0)
+    assert vc.in_recycle is InRecycle.PLUGGED and vc.in_ is not None
+    assert vc.in_.channel == IN2
+    vc.in_data(IN2, rts.in_r2_a5(b"K" * 16), 3.0)
+    assert vc.in_recycle is InRecycle.NONE and vc.channels() == [OUT, "in-3"]
+
+
+def test_fast_paths_is_a_setting_of_one_vc_not_of_the_process() -> None:
+    slow = opened(VcSettings(fast_paths=False))
+    fast = opened()
+    calls: list[str] = []
+    slow._run = lambda fn, *a: calls.append(fn.__name__) or []  # type: ignore[method-assign]
+    fast._run = lambda fn, *a: calls.append(fn.__name__) or []  # type: ignore[method-assign]
+    assert fast.in_data(IN, rpc(PType.REQUEST, 64), 1.0) == [
+        SendToBackend(rpc(PType.REQUEST, 64))]
+    slow.in_data(IN, rpc(PType.REQUEST, 64), 1.0)
+    assert calls == ["_in_data"]
