@@ -50,8 +50,9 @@ from rpcproxy.rpch.channels import (
     judge_opening,
     min_out_content_length,
 )
-from rpcproxy.rpch.connection import Backend, InRecycle, OutRecycle, Phase, VirtualConnection
+from rpcproxy.rpch.connection import VirtualConnection
 from rpcproxy.rpch.rts import ForwardDestination
+from rpcproxy.rpch.states import Backend, InRecycle, OutRecycle, Phase
 
 VC = bytes.fromhex("40 1e 2b 6f 4a 8d 1b 4c 9a 3e 2f 1d 0c 5b 7a 91")
 OUT_CK = b"O" * 16

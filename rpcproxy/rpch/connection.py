@@ -1,8 +1,9 @@
 """The virtual connection: [MS-RPCH] v2 from the proxy's side, as a pure state machine.
 
 Rule 1 (h11's): everything that decides whether an event is legal in a state, and every
-state transition, lives in this package: this file for the VC, ``channels.py`` for which
-first PDU may open which channel. The adapter never decides protocol legality.
+state transition, lives in this package: this file for the VC (the states it moves
+between are named in ``states.py``), ``channels.py`` for which first PDU may open which
+channel. The adapter never decides protocol legality.
 
 Theory of operation
 -------------------
@@ -21,36 +22,11 @@ connection (VC) and nothing about sockets or clocks:
   list; the typed funnel ``_run`` returns it, and turns an ``RpcProxyError`` (or an
   ``_End`` naming its ``CloseKind``) into the teardown.
 
-The state, every part an enum (``Phase``, ``Backend``, ``BackendReading``,
-``OutRecycle``, ``InRecycle``); the table ``_IN_RTS`` says which RTS PDU is legal on an IN
-channel in which phase, ``_OPENERS`` how each judged first PDU joins the VC.
-
-Inside ``OPENED`` two independent sub-machines run channel recycling, both as
-the R2 variants because the successor always lands on this same VC object
-(rpch-notes 7):
-
-* IN (3.2.3.5.5): a new IN request starting with IN_R2/A1 -> successor
-  recorded and *plugged* (its PDUs buffered), IN_R2/A4 sent on OUT; IN_R2/A5
-  on the old IN -> switch to the successor, replay its buffer, close the old.
-  A client that got IN_R2/A4 sends A5 on the old channel and may then fill the
-  successor and recycle it too; its next IN_R2/A1 (naming the pending
-  successor as predecessor) travels on another TCP connection and can arrive
-  before that A5. It is *queued*: plugged like a successor, its IN_R2/A4
-  withheld until A5 completes the pending recycle; then it becomes the pending
-  successor. So each channel's PDUs reach the backend in channel order.
-* OUT (3.2.4.5.4-.7): when the next write would not fit in what is left of
-  the OUT channel's Content-Length, OUT_R2/A2 goes on the old channel and RPC
-  PDUs wait in the send queue (as gromox does); a new OUT request with
-  OUT_R2/A3 -> OUT_R2/A6 on the old channel; OUT_R2/A7 on IN -> OUT_R2/B3 as
-  the last PDU on the old channel, which is then closed; OUT_R2/C1 on the
-  successor; once both happened the successor's ``200 Success`` is written and
-  the queue drains onto it.
-  A recycle is started only if it makes progress: a PDU that could not fit in
-  a fresh channel either (Content-Length less the reserve and the RTS waiting
-  to go first) ends the VC with that reason instead of recycling forever; the
-  configuration refuses Content-Lengths below ``min_out_content_length`` (one
-  largest fragment plus reserve plus room for our RTS), so only a VcSettings
-  built by hand can get there.
+The state is five enums (``Phase``, ``Backend``, ``BackendReading``, and inside
+``OPENED`` the two channel-recycling sub-machines ``OutRecycle`` and ``InRecycle``, whose
+theory is in ``states.py``); every transition is here. The table ``_IN_RTS`` says which
+RTS PDU is legal on an IN channel in which phase, ``_OPENERS`` how each judged first PDU
+joins the VC.
 
 Flow control both ways (windows, acks): see ``channels.py``.
 
@@ -64,7 +40,6 @@ nothing was written for ``ping_interval``.
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -103,64 +78,20 @@ from rpcproxy.rpch.actions import (
     VcClosed,
 )
 from rpcproxy.rpch.channels import InChannel, Opening, OutChannel, VcSettings
+from rpcproxy.rpch.states import (
+    ANY_PHASE,
+    BACKEND_ASKED,
+    BACKEND_UP,
+    OPENED_ONLY,
+    Backend,
+    BackendReading,
+    InRecycle,
+    OutRecycle,
+    Phase,
+)
 
 _BINDS = frozenset({PType.BIND, PType.ALTER_CONTEXT})  # carry the client's max_xmit_frag
 _Args = TypeVarTuple("_Args")
-
-
-# --- settings and state ----------------------------------------------------------------------
-
-
-class Phase(enum.Enum):
-    """``WAIT_PAIR``: only one of CONN/A1 (OUT, 3.2.4.5.1 Open_Start->C1W) and CONN/B1 (IN,
-    3.2.3.5.1) has arrived; bounded by ``setup_timeout``; the backend connect starts at
-    once. ``WAIT_BACKEND``: both arrived, the backend is not up yet. ``OPENED``: CONN/A3
-    (with the ``200 Success`` header) and CONN/C2 sent (4.1: the translator synthesises
-    A3/C2 instead of relaying A2/B2/B3/C1); RPC PDUs flow both ways. ``CLOSED``: every
-    channel and the backend are closed (3.2.3.5.10, 3.2.4.5.14: any error ends the VC)."""
-
-    WAIT_PAIR = "waiting for the other channel"
-    WAIT_BACKEND = "connecting to the backend"
-    OPENED = "opened"
-    CLOSED = "closed"
-
-
-ANY_PHASE = frozenset(Phase)
-OPENED_ONLY = frozenset({Phase.OPENED})
-
-
-class Backend(enum.Enum):
-    IDLE = "not asked for"
-    CONNECTING = "ConnectBackend emitted, not up yet"
-    UP = "connected"
-    UP_UNASKED = "backend_up came before any ConnectBackend (a test or a confused adapter)"
-
-
-_BACKEND_UP = frozenset({Backend.UP, Backend.UP_UNASKED})
-_BACKEND_ASKED = frozenset({Backend.CONNECTING, Backend.UP})
-
-
-class BackendReading(enum.Enum):
-    RUNNING = "reading the backend"
-    PAUSED = "PDUs wait for the client's OUT window: backend reading paused"
-
-
-class OutRecycle(enum.Enum):
-    """OUT_R2 progress (3.2.4.5.4-.7 outbound proxy + server roles)."""
-
-    NONE = "none"
-    A3_WAIT = "sent OUT_R2/A2 on the old channel, waiting for the successor's OUT_R2/A3"
-    A7_AND_C1_WAIT = "sent OUT_R2/A6, waiting for OUT_R2/A7 (on IN) and OUT_R2/C1"
-    C1_WAIT = "OUT_R2/A7 came first: B3 sent, the old channel closed, waiting for C1"
-    A7_WAIT = "OUT_R2/C1 came first, waiting for OUT_R2/A7"
-
-
-class InRecycle(enum.Enum):
-    """IN_R2 progress (3.2.3.5.5)."""
-
-    NONE = "none"
-    PLUGGED = "IN_R2/A4 sent; the successor's PDUs held until IN_R2/A5"
-    QUEUED = "plugged, and the next IN_R2/A1 (naming that successor) came before its A5"
 
 
 # The hot paths (both fast paths, next_deadline) compare with these: looking up an enum
@@ -368,7 +299,7 @@ class VirtualConnection:
     def _maybe_open(self, now: float) -> None:
         if self.out is None or self.in_ is None:
             return
-        if self.backend not in _BACKEND_UP:
+        if self.backend not in BACKEND_UP:
             self.phase = Phase.WAIT_BACKEND
             return
         out = self.out
@@ -860,7 +791,7 @@ class VirtualConnection:
         self.in_recycle = InRecycle.NONE
         self.send_queue.clear()
         self.pending_rts.clear()
-        if self.backend in _BACKEND_ASKED:
+        if self.backend in BACKEND_ASKED:
             self._emit(CloseBackend())
         self._emit(VcClosed(reason, error, kind))
 
