@@ -140,7 +140,6 @@ class VirtualConnection:
         self.created = now
         self.traffic = Traffic()
         self.close_reason: str | None = None
-        self.close_kind: CloseKind | None = None
         self.keepalive_ms = 300_000
         self._ping_s = self._ping_interval_for(self.keepalive_ms)
         # IN flow control: ack once this many bytes are unacknowledged. Half the window, as
@@ -777,7 +776,6 @@ class VirtualConnection:
     def _teardown(self, reason: str, error: RpcProxyError | None, kind: CloseKind) -> None:
         self.phase = Phase.CLOSED
         self.close_reason = reason
-        self.close_kind = kind
         channels = self.channels()
         opening = self._opening
         if opening is not None and opening not in channels:
