@@ -119,6 +119,11 @@ class _End(Exception):
         self.error = error
 
 
+# the handlers the tables of VirtualConnection hold
+_Opener = Callable[["VirtualConnection", Channel, rts.RtsPdu, float], None]
+_RtsHandler = Callable[["VirtualConnection", InChannel, rts.RtsPdu, float], None]
+
+
 class VirtualConnection:
     """One virtual connection; see the module docstring."""
 
@@ -792,7 +797,3 @@ class VirtualConnection:
         if self.backend in BACKEND_ASKED:
             self._emit(CloseBackend())
         self._emit(VcClosed(reason, error, kind))
-
-
-_Opener = Callable[[VirtualConnection, Channel, rts.RtsPdu, float], None]
-_RtsHandler = Callable[[VirtualConnection, InChannel, rts.RtsPdu, float], None]
