@@ -32,7 +32,7 @@ from ntlm.winbind import DEFAULT_HELPER
 from rpcproxy.autodiscover.settings import parse_table
 from rpcproxy.errors import ConfigError
 from rpcproxy.ratelimit import Exemptions
-from rpcproxy.rpch.connection import OUT_RTS_HEADROOM, VcSettings, min_out_content_length
+from rpcproxy.rpch.channels import OUT_RTS_HEADROOM, VcSettings, min_out_content_length
 from rpcproxy.targets import (
     AllowList,
     Endpoint,

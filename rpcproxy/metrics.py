@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from ntlm.http_auth import Authenticated, Challenge, Denied, Unavailable
+from rpcproxy.rpch.actions import CloseKind
 
 # Seconds. Auth goes to Samba and back (ms when healthy); a VC handshake additionally waits
 # for the client's second channel and the backend connect.
@@ -22,8 +23,6 @@ AUTH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 HANDSHAKE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # How late the loop ran a timer: healthy is well under a millisecond.
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-PAIRING_TIMEOUT_MARK = "waiting for the other channel"  # rpcproxy.rpch.connection setup timeout
 
 
 class FixedHistogram:
@@ -55,27 +54,25 @@ def _float_str(value: float) -> str:
 
 
 CLOSE_KINDS = ("client_closed", "backend", "pairing_timeout", "timeout", "shutdown",
-               "protocol_error", "closed")
+               "protocol_error")
+# how="..." of rpcproxy_virtual_connections_closed_total for each way the core ends a VC
+_CLOSE_LABELS: dict[CloseKind, str] = {
+    CloseKind.CLIENT_CLOSED: "client_closed",
+    CloseKind.SHUTDOWN: "shutdown",
+    CloseKind.PAIRING_TIMEOUT: "pairing_timeout",
+    CloseKind.BACKEND_TIMEOUT: "backend",
+    CloseKind.BACKEND_UNREACHABLE: "backend",
+    CloseKind.BACKEND_CLOSED: "backend",
+    CloseKind.BACKEND_PROTOCOL_ERROR: "backend",
+    CloseKind.PDU_TOO_LARGE: "backend",
+    CloseKind.RECYCLE_TIMEOUT: "timeout",
+    CloseKind.PROTOCOL_ERROR: "protocol_error",
+}
 
 
-def classify_close(reason: str, error: object) -> str:
-    """How a VC ended, as one of CLOSE_KINDS."""
-    from rpcproxy.errors import BackendUnavailable
-
-    text = reason.lower()
-    if "shutting down" in text:
-        return "shutdown"
-    if PAIRING_TIMEOUT_MARK in text:
-        return "pairing_timeout"
-    if isinstance(error, BackendUnavailable) or "backend" in text:
-        return "backend"
-    if "timed out" in text or "did not complete" in text:
-        return "timeout"
-    if "client closed" in text or "closed by the client" in text:
-        return "client_closed"
-    if error is None:
-        return "closed"
-    return "protocol_error"
+def classify_close(kind: CloseKind) -> str:
+    """How a VC ended, as one of CLOSE_KINDS (from the core's code, never its prose)."""
+    return _CLOSE_LABELS[kind]
 
 
 class ServerMetrics:
@@ -126,8 +123,8 @@ class ServerMetrics:
         """CONN/A3 went out: both channels paired and the backend connected."""
         self.handshake_seconds.observe(seconds)
 
-    def vc_closed(self, reason: str, error: object, client_to_backend: int,
+    def vc_closed(self, kind: CloseKind, client_to_backend: int,
                   backend_to_client: int) -> None:
-        self.vcs_closed[classify_close(reason, error)] += 1
+        self.vcs_closed[classify_close(kind)] += 1
         self.closed_bytes_client_to_backend += client_to_backend
         self.closed_bytes_backend_to_client += backend_to_client

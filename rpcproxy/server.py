@@ -36,7 +36,7 @@ from collections.abc import Callable, Hashable
 
 from aiohttp import web
 
-from dcerpc.pdu import HEADER_LEN, FramingError, parse_header
+from dcerpc.pdu import HEADER_LEN
 from ntlm.errors import Unreachable
 from ntlm.http_auth import (
     Authenticated,
@@ -57,7 +57,6 @@ from rpcproxy.errors import (
     ProtocolError,
     RpcProxyError,
     TargetRefused,
-    protocol_error,
 )
 from rpcproxy.http import handoff
 from rpcproxy.http.aiohttp_glue import (
@@ -82,17 +81,12 @@ from rpcproxy.http.wire import (
 )
 from rpcproxy.metrics import ServerMetrics
 from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, source_key
-from rpcproxy.rpch import rts
-from rpcproxy.rpch.connection import VcSettings
+from rpcproxy.rpch import channels, rts
+from rpcproxy.rpch.channels import VcSettings
 from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
 
 log = logging.getLogger("rpcproxy")
 
-IN_MIN_CONTENT_LENGTH = 0x20000  # 128 KiB .. 2 GiB, [MS-RPCH] 2.1.2.1.1
-IN_MAX_CONTENT_LENGTH = 0x80000000
-OUT_NEW_CONTENT_LENGTH = 76  # CONN/A1
-OUT_SUCCESSOR_CONTENT_LENGTH = 120  # OUT_R2/A3 (96) + OUT_R2/C1 (24)
-MAX_OPENING_PDU = 256  # the largest first PDU of a channel body is 104 bytes
 
 # How an authentication that could not be judged is counted among refusals.
 _UNAVAILABLE_REFUSALS = {Unreachable.BUSY: Refusal.PENDING_LIMIT,
@@ -259,7 +253,7 @@ class ProxyServer:
         if self.workers is not None:
             self.workers.stop_receiving(loop)
         for rt in list(self.vcs.values()):
-            rt.execute(rt.vc.close("server shutting down", loop.time()))
+            rt.execute(rt.vc.close("server shutting down"))
         if self.runner is not None:
             await self.runner.shutdown()
             await self.runner.cleanup()
@@ -405,8 +399,9 @@ class ProxyServer:
                             content_type="application/rpc")
         return resp
 
-    async def _read_opening_pdu(self, request: web.Request) -> tuple[rts.RtsPdu, rts.Kind]:
-        """The channel's first RTS PDU, within ``handshake_timeout``.
+    async def _read_opening_pdu(self, request: web.Request, method: channels.Method,
+                                length: int) -> channels.Opening:
+        """The channel's first RTS PDU, within ``handshake_timeout``, judged by the core.
 
         Until it arrives the request is half-open (authenticated, but no channel
         yet): bounded like an unauthenticated connection.
@@ -415,67 +410,38 @@ class ProxyServer:
         try:
             async with asyncio.timeout(timeout):
                 head = await request.content.readexactly(HEADER_LEN)
-                try:
-                    header = parse_header(head)
-                except FramingError as exc:
-                    raise protocol_error(exc) from None
-                if header.frag_length > MAX_OPENING_PDU:
-                    raise ProtocolError(
-                        f"first PDU of a channel is {header.frag_length} bytes long")
-                rest = await request.content.readexactly(header.frag_length - HEADER_LEN)
+                rest = await request.content.readexactly(
+                    channels.first_pdu_length(head) - HEADER_LEN)
         except asyncio.IncompleteReadError:
             raise ProtocolError("the channel body ended before its first RTS PDU") from None
         except TimeoutError:
             raise ProtocolError(
                 f"no RTS PDU within {timeout:g}s of the channel request") from None
-        pdu = rts.decode_rts(head + rest)
-        return pdu, rts.identify(pdu)
-
-    def _runtime_for(self, cookie: bytes, identity: Identity, target: Target,
-                     endpoint: Endpoint, peer: str) -> VcRuntime:
-        return self.registry.runtime_for(cookie, identity, target, endpoint, peer,
-                                         self.settings)
+        return channels.judge_opening(method, length, head + rest)
 
     async def _channel(self, request: web.Request, identity: Identity, target: Target,
                        endpoint: Endpoint, length: int) -> web.StreamResponse:
-        """Validate the opening of an IN or OUT channel, hand its transport over, serve it."""
-        inbound = request.method == RPC_IN_DATA
-        if inbound and not IN_MIN_CONTENT_LENGTH <= length <= IN_MAX_CONTENT_LENGTH:
-            raise ProtocolError(f"RPC_IN_DATA with Content-Length {length} "
-                                "(want 128 KiB..2 GiB)")
-        if not inbound and length not in (OUT_NEW_CONTENT_LENGTH, OUT_SUCCESSOR_CONTENT_LENGTH):
-            raise ProtocolError(f"RPC_OUT_DATA with Content-Length {length} (want 76 or 120)")
-        pdu, kind = await self._read_opening_pdu(request)
-        allowed = {
-            (True, rts.Kind.CONN_B1): True,
-            (True, rts.Kind.IN_R2_A1): True,
-            (False, rts.Kind.CONN_A1): length == OUT_NEW_CONTENT_LENGTH,
-            (False, rts.Kind.OUT_R2_A3): length == OUT_SUCCESSOR_CONTENT_LENGTH,
-        }.get((inbound, kind), False)
-        if not allowed:
-            raise ProtocolError(f"{kind.value} cannot open an {request.method} channel "
-                                f"of Content-Length {length}")
-        body_left = length - len(pdu.encode())
-        vc_cookie = rts.cookies(pdu)[0]
+        """Open an IN or OUT channel (the core judges it), hand its transport over, serve it."""
+        method = channels.Method(request.method)
+        channels.check_content_length(method, length)  # refused before reading the body
+        opening = await self._read_opening_pdu(request, method, length)
         self.authenticator.forget(request.protocol)  # no more requests on this connection
-        if self.workers is not None and not self.workers.is_mine(vc_cookie):
-            await self._hand_off(request, pdu, body_left, identity, target, endpoint)
+        if self.workers is not None and not self.workers.is_mine(opening.vc_cookie):
+            await handoff.hand_off(self.workers, request, opening, identity, target, endpoint)
         else:
-            kind_name = "IN" if inbound else "OUT"
-            peer = _peer(request)
-            channel, leftover = self._take_over(request, kind_name, body_left)
-            self._attach(channel, pdu, identity, target, endpoint, peer, leftover)
+            kind_name = "IN" if method is channels.Method.IN else "OUT"
+            channel, leftover = take_over(request, kind_name, opening.body_left)
+            self._attach(channel, opening, identity, target, endpoint, _peer(request), leftover)
         # aiohttp no longer has a transport for this request: this response is dropped.
         return web.Response(status=204)
 
-    def _attach(self, channel: ChannelProtocol, pdu: rts.RtsPdu, identity: Identity,
+    def _attach(self, channel: ChannelProtocol, opening: channels.Opening, identity: Identity,
                 target: Target, endpoint: Endpoint, peer: str, leftover: bytes) -> None:
         """Join a channel (taken over here or handed off by a sibling) to its VC."""
         if channel.closed:  # the client went away before the channel could join
             return
-        kind = rts.identify(pdu)
-        vc_cookie = rts.cookies(pdu)[0]
-        if kind in (rts.Kind.CONN_A1, rts.Kind.CONN_B1):
+        vc_cookie = opening.vc_cookie
+        if opening.new_vc:
             if vc_cookie not in self.vcs and (
                 self.vcs_per_user[identity] >= self.config.max_connections_per_user
             ):
@@ -487,11 +453,12 @@ class ProxyServer:
                             f"{channel.kind} channel: {error.reason}")
                 channel.close(error)
                 return
-            rt = self._runtime_for(vc_cookie, identity, target, endpoint, peer)
+            rt = self.registry.runtime_for(vc_cookie, identity, target, endpoint, peer,
+                                           self.settings)
         else:
             found = self.vcs.get(vc_cookie)
             if found is None or found.closed:
-                error = ProtocolError(f"{kind.value} for an unknown virtual connection "
+                error = ProtocolError(f"{opening.kind.value} for an unknown virtual connection "
                                       "(R1 recycling to another proxy is not supported)")
                 self.refuse(Refusal.CHANNEL_REFUSED, source_key(peer.rpartition(":")[0]), peer,
                             f"{channel.kind} channel user={identity.principal}: {error.reason}")
@@ -499,29 +466,13 @@ class ProxyServer:
                 return
             rt = found
         channel.label = rt.label
-        vc = rt.vc
-        opener = {
-            rts.Kind.CONN_B1: vc.open_in, rts.Kind.IN_R2_A1: vc.open_in_successor,
-            rts.Kind.CONN_A1: vc.open_out, rts.Kind.OUT_R2_A3: vc.open_out_successor,
-        }[kind]
-        actions = opener(channel, pdu, identity=identity, target=target, now=rt.now())
+        actions = rt.vc.open_channel(channel, opening, identity=identity, target=target,
+                                     now=rt.now())
         channel.runtime = rt
         rt.execute(actions)
         early, channel._early = channel._early, b""
         if leftover or early:
             channel.data_received(leftover + early)
-
-    def _take_over(self, request: web.Request, kind: str,
-                   body_left: int) -> tuple[ChannelProtocol, bytes]:
-        """The request's transport becomes a ChannelProtocol (``aiohttp_glue.take_over``)."""
-        return take_over(request, kind, body_left)
-
-    async def _hand_off(self, request: web.Request, pdu: rts.RtsPdu, body_left: int,
-                        identity: Identity, target: Target, endpoint: Endpoint) -> None:
-        """Give a channel whose VC belongs to another worker to that worker."""
-        assert self.workers is not None
-        await handoff.hand_off(self.workers, request, pdu, body_left, identity, target,
-                               endpoint)
 
     def _on_handoff(self, sock: socket.socket, record: Handoff) -> None:
         asyncio.get_running_loop().create_task(self._adopt(sock, record))
@@ -530,9 +481,9 @@ class ProxyServer:
         """A sibling worker handed us a channel of a VC we own."""
         adopted = await handoff.adopt(sock, record)
         if adopted is not None:
-            channel, pdu = adopted
-            self._attach(channel, pdu, record.identity(), record.target(), record.endpoint(),
-                         record.peer, record.leftover)
+            channel, opening = adopted
+            self._attach(channel, opening, record.identity(), record.target(),
+                         record.endpoint(), record.peer, record.leftover)
 
 
 def _backend_connect(config: Config) -> BackendConnect:

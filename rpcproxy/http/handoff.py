@@ -44,7 +44,7 @@ from rpcproxy.errors import RPC_S_SERVER_TOO_BUSY, ProtocolError, RpcProxyError
 from rpcproxy.http.aiohttp_glue import detach_aiohttp, drain_body, peer_of
 from rpcproxy.http.vc_io import ChannelProtocol
 from rpcproxy.http.wire import RPC_IN_DATA, raw_error_response
-from rpcproxy.rpch import rts
+from rpcproxy.rpch import channels
 from rpcproxy.targets import Endpoint, Target
 
 log = logging.getLogger("rpcproxy.workers")
@@ -198,16 +198,17 @@ class WorkerSet:
 # ---- the sending worker ---------------------------------------------------------------------
 
 
-async def hand_off(workers: WorkerSet, request: web.Request, pdu: rts.RtsPdu, body_left: int,
+async def hand_off(workers: WorkerSet, request: web.Request, opening: channels.Opening,
                    identity: Identity, target: Target, endpoint: Endpoint) -> None:
     """Give a channel whose VC belongs to another worker to that worker."""
     transport = request.transport
     assert transport is not None
     transport.pause_reading()
     leftover = drain_body(request)
-    owner = workers.owner(rts.cookies(pdu)[0])
+    owner = workers.owner(opening.vc_cookie)
     record = Handoff(
-        method=request.method, pdu=pdu.encode(), body_left=body_left - len(leftover),
+        method=request.method, pdu=opening.pdu.encode(),
+        body_left=opening.body_left - len(leftover),
         leftover=leftover, user=identity.user, domain=identity.domain,
         server=target.server, port=target.port, backend_host=endpoint.host,
         backend_port=endpoint.port, peer=peer_of(request),
@@ -281,17 +282,21 @@ class _Relay(asyncio.Protocol):
 # ---- the owning worker ----------------------------------------------------------------------
 
 
-async def adopt(sock: socket.socket, record: Handoff) -> tuple[ChannelProtocol, rts.RtsPdu] | None:
+async def adopt(sock: socket.socket,
+                record: Handoff) -> tuple[ChannelProtocol, channels.Opening] | None:
     """A sibling handed us ``sock``: it becomes a channel (not yet joined to its VC) and
-    the record's first PDU; None (socket closed, logged) if either is unusable."""
+    the record's opening, judged again by the core (the record came over a socket); None
+    (socket closed, logged) if either is unusable."""
     loop = asyncio.get_running_loop()
     kind_name = "IN" if record.method == RPC_IN_DATA else "OUT"
     try:
         _transport, channel = await loop.connect_accepted_socket(
             lambda: ChannelProtocol(kind_name, None, record.body_left, "?"), sock)
-        pdu = rts.decode_rts(record.pdu)
-    except (OSError, ProtocolError) as exc:
+        opening = channels.judge_opening(
+            channels.Method(record.method),
+            len(record.pdu) + len(record.leftover) + record.body_left, record.pdu)
+    except (OSError, ProtocolError, ValueError) as exc:
         log.warning("could not adopt a handed-off channel: %s", exc)
         sock.close()
         return None
-    return channel, pdu
+    return channel, opening

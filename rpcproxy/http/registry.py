@@ -21,7 +21,8 @@ from collections.abc import Hashable
 from ntlm.verifier import Identity
 from rpcproxy.http.vc_io import BackendConnect, VcRuntime
 from rpcproxy.metrics import ServerMetrics
-from rpcproxy.rpch.connection import VcSettings, VirtualConnection
+from rpcproxy.rpch.channels import VcSettings
+from rpcproxy.rpch.connection import VirtualConnection
 from rpcproxy.targets import Endpoint, Target
 
 FREEZE_FIRST = 512  # open VCs at the first gc.freeze()

@@ -33,7 +33,7 @@ from rpcproxy.errors import (
 )
 from rpcproxy.http.wire import raw_error_response, success_head
 from rpcproxy.metrics import ServerMetrics
-from rpcproxy.rpch.connection import (
+from rpcproxy.rpch.actions import (
     Action,
     CloseBackend,
     CloseChannel,
@@ -44,8 +44,8 @@ from rpcproxy.rpch.connection import (
     SendToClient,
     StartResponse,
     VcClosed,
-    VirtualConnection,
 )
+from rpcproxy.rpch.connection import VirtualConnection
 from rpcproxy.targets import Endpoint
 
 log = logging.getLogger("rpcproxy")
@@ -139,8 +139,7 @@ class ChannelProtocol(asyncio.Protocol):
             return
         if len(data) > self.body_left:
             rt.execute(rt.vc.channel_failed(
-                self, ProtocolError(f"{self.kind} request body runs past its Content-Length"),
-                rt.now()))
+                self, ProtocolError(f"{self.kind} request body runs past its Content-Length")))
             return
         self.body_left -= len(data)
         if self._out_body is None:
@@ -155,7 +154,7 @@ class ChannelProtocol(asyncio.Protocol):
         except FramingError as exc:  # framing of the OUT body
             rt = self.runtime
             if rt is not None:
-                rt.execute(rt.vc.channel_failed(self, protocol_error(exc), rt.now()))
+                rt.execute(rt.vc.channel_failed(self, protocol_error(exc)))
 
     def eof_received(self) -> bool | None:
         return False  # close our side too
@@ -164,7 +163,7 @@ class ChannelProtocol(asyncio.Protocol):
         was_closed, self.closed = self.closed, True
         rt = self.runtime
         if rt is not None and not was_closed:
-            rt.execute(rt.vc.channel_closed(self, rt.now()))
+            rt.execute(rt.vc.channel_closed(self))
         if rt is not None:
             rt.channel_lost(self)
         self.runtime = None  # no cycle left for the garbage collector to find
@@ -347,7 +346,6 @@ class VcRuntime:
             self.vc.backend_failed(
                 BackendUnavailable(f"backend {ep} unreachable: {last}",
                                    rpc_error=RPC_S_SERVER_UNAVAILABLE),
-                self.now(),
             )
         )
 
@@ -382,7 +380,7 @@ class VcRuntime:
             self.throttle_backend(channel, False)
 
     def on_backend_lost(self) -> None:
-        self.execute(self.vc.backend_closed(self.now()))
+        self.execute(self.vc.backend_closed())
 
     def _arm_timer(self) -> None:
         deadline = self.vc.next_deadline()
@@ -429,6 +427,6 @@ class VcRuntime:
             vc.traffic.client_to_backend, vc.traffic.backend_to_client, action.reason,
             extra={"fields": fields},
         )
-        self.host.metrics.vc_closed(action.reason, action.error, vc.traffic.client_to_backend,
+        self.host.metrics.vc_closed(action.kind, vc.traffic.client_to_backend,
                                     vc.traffic.backend_to_client)
 

@@ -1,5 +1,10 @@
 """The virtual connection: [MS-RPCH] v2 from the proxy's side, as a pure state machine.
 
+Rule 1 (h11's): everything that decides whether an event is legal in a state, and every
+state transition, lives in this package: this file for the VC (the states it moves
+between are named in ``states.py``), ``channels.py`` for which first PDU may open which
+channel. The adapter never decides protocol legality.
+
 Theory of operation
 -------------------
 A translating proxy plays three roles of the four-party model at once: inbound
@@ -8,71 +13,26 @@ proxy, outbound proxy and the RTS half of the RPC server ([MS-RPCH] 1.3,
 sees an RTS PDU. A ``VirtualConnection`` owns everything about one virtual
 connection (VC) and nothing about sockets or clocks:
 
-* the adapter feeds it *events* (a method call each: an OUT or IN channel
-  opened with its first RTS PDU, bytes read from a channel, bytes read from
-  the backend, a channel or the backend closed, the clock ticked), passing the
-  current time as a number;
-* each call returns a list of *actions* for the adapter to carry out, in
-  order: write bytes to a client OUT channel (``SendToClient``, whole PDUs
-  only), start an OUT channel's ``200 Success`` response, write bytes to the
-  backend, connect/close the backend, pause/resume reading the backend, close
-  a channel (with the error to report if its response has not started).
+* the adapter feeds it *events* (a method call each: a channel opened with its
+  judged first RTS PDU, ``open_channel``; bytes read from a channel or from the
+  backend; a channel or the backend closed; the clock ticked), passing the current
+  time as a number where the VC uses it;
+* each call returns the list of *actions* (``rpcproxy.rpch.actions``) for the
+  adapter to carry out, in order. Handlers only ever ``_emit`` into one pending
+  list; the typed funnel ``_run`` returns it, and turns an ``RpcProxyError`` (or an
+  ``_End`` naming its ``CloseKind``) into the teardown.
 
-Phases (``Phase``), mapped to the spec:
+The state is five enums (``Phase``, ``Backend``, ``BackendReading``, and inside
+``OPENED`` the two channel-recycling sub-machines ``OutRecycle`` and ``InRecycle``, whose
+theory is in ``states.py``); every transition is here. The table ``_IN_RTS`` says which
+RTS PDU is legal on an IN channel in which phase, ``_OPENERS`` how each judged first PDU
+joins the VC.
 
-``WAIT_PAIR``      only one of CONN/A1 (OUT, 3.2.4.5.1 Open_Start->C1W) and
-                   CONN/B1 (IN, 3.2.3.5.1) has arrived; bounded by
-                   ``setup_timeout``. The backend connection starts at once.
-``WAIT_BACKEND``   both arrived, the backend TCP connection is not up yet.
-``OPENED``         CONN/A3 (with the ``200 Success`` header) and CONN/C2 sent
-                   (4.1: the translator synthesises A3/C2 instead of relaying
-                   A2/B2/B3/C1); RPC PDUs flow both ways.
-``CLOSED``         torn down: every channel and the backend are closed
-                   (3.2.3.5.10, 3.2.4.5.14: any error ends the whole VC).
-
-Inside ``OPENED`` two independent sub-machines run channel recycling, both as
-the R2 variants because the successor always lands on this same VC object
-(protocol notes 6, in docs/protocol-notes.md):
-
-* IN (3.2.3.5.5): a new IN request starting with IN_R2/A1 -> successor
-  recorded and *plugged* (its PDUs buffered), IN_R2/A4 sent on OUT; IN_R2/A5
-  on the old IN -> switch to the successor, replay its buffer, close the old.
-  A client that got IN_R2/A4 sends A5 on the old channel and may then fill the
-  successor and recycle it too; its next IN_R2/A1 (naming the pending
-  successor as predecessor) travels on another TCP connection and can arrive
-  before that A5. It is *queued*: plugged like a successor, its IN_R2/A4
-  withheld until A5 completes the pending recycle; then it becomes the pending
-  successor. So each channel's PDUs reach the backend in channel order.
-* OUT (3.2.4.5.4-.7): when the next write would not fit in what is left of
-  the OUT channel's Content-Length, OUT_R2/A2 goes on the old channel and RPC
-  PDUs wait in the send queue (as gromox does); a new OUT request with
-  OUT_R2/A3 -> OUT_R2/A6 on the old channel; OUT_R2/A7 on IN -> OUT_R2/B3 as
-  the last PDU on the old channel, which is then closed; OUT_R2/C1 on the
-  successor; once both happened the successor's ``200 Success`` is written and
-  the queue drains onto it.
-  A recycle is started only if it makes progress: a PDU that could not fit in
-  a fresh channel either (Content-Length less the reserve and the RTS waiting
-  to go first) ends the VC with that reason instead of recycling forever; the
-  configuration refuses Content-Lengths below ``min_out_content_length`` (one
-  largest fragment plus reserve plus room for our RTS), so only a VcSettings
-  built by hand can get there.
-
-Flow control (3.2.1.1.4, 3.2.1.5.1, protocol notes 4): only RPC PDUs count.
-IN direction: the proxy is the receiver with window ``receive_window``
-(announced in CONN/C2); PDUs are consumed as soon as they are handed to the
-backend, and once more than half a window has arrived since the last ack a
-FlowControlAckWithDestination(FDClient) naming the IN channel cookie goes out
-on OUT (earlier when the client's fragments, max_xmit_frag of its BIND, would
-no longer fit in what is left: it may hold one until it fits). OUT direction:
-the proxy is the sender; the client's window comes from CONN/A1 (or
-OUT_R2/A3); a PDU is sent if it fits, or if less than half the window is
-unacknowledged (clients ack only past half, so waiting then would deadlock);
-else it is queued and the backend is paused until a FlowControlAck(With
-Destination FDOutProxy) for the OUT channel cookie reopens the window.
+Flow control both ways (windows, acks): see ``channels.py``.
 
 The data paths have fast paths for the common read (one read = one whole RPC
 PDU, nothing held or due) that give exactly the general paths' result; the
-tests compare the two on random event sequences.
+tests compare the two on random event sequences (``VcSettings.fast_paths``).
 
 Keep-alive (3.2.4.2, protocol notes 5): after CONN/C2 a Ping goes on OUT whenever
 nothing was written for ``ping_interval``.
@@ -80,16 +40,15 @@ nothing was written for ``ping_interval``.
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections import deque
-from collections.abc import Hashable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import ClassVar, TypeVarTuple
 
 from dcerpc.pdu import (
     CLIENT_PTYPES,
     HEADER_LEN,
-    MAX_FRAG_LENGTH,
     SERVER_PTYPES,
     FramingError,
     Pdu,
@@ -106,177 +65,43 @@ from rpcproxy.errors import (
     protocol_error,
 )
 from rpcproxy.rpch import rts
-
-Channel = Hashable  # whatever the adapter uses to name one HTTP channel
-# Room an OUT channel needs for the proxy's own RTS written before its first RPC PDU:
-# CONN/A3 + CONN/C2 (72 bytes) on the first, the IN acks and IN_R2/A4 held for it on a
-# successor (a client within its window leaves at most a few, 28-56 bytes each).
-OUT_RTS_HEADROOM = 1024
-_BINDS = frozenset({PType.BIND, PType.ALTER_CONTEXT})  # carry the client's max_xmit_frag
-
-
-# --- actions ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SendToClient:
-    """Write these bytes (whole PDUs) on an OUT channel's response body."""
-
-    channel: Channel
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class StartResponse:
-    """Write the OUT channel's ``200 Success`` status line and headers."""
-
-    channel: Channel
-    content_length: int
-
-
-@dataclass(frozen=True, slots=True)
-class SendToBackend:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectBackend:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class PauseBackend:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class ResumeBackend:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class CloseChannel:
-    """Close one HTTP channel after what was already queued for it is written.
-
-    ``error`` is set when the channel ends because of a failure; an adapter
-    answers ``503 RPC Error`` with it if the channel's response has not
-    started yet.
-    """
-
-    channel: Channel
-    error: RpcProxyError | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CloseBackend:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class VcClosed:
-    """The VC is finished; the adapter drops it from its registry."""
-
-    reason: str
-    error: RpcProxyError | None
-
-
-Action = (
-    SendToClient
-    | StartResponse
-    | SendToBackend
-    | ConnectBackend
-    | PauseBackend
-    | ResumeBackend
-    | CloseChannel
-    | CloseBackend
-    | VcClosed
+from rpcproxy.rpch.actions import (
+    Action,
+    Channel,
+    CloseBackend,
+    CloseChannel,
+    CloseKind,
+    ConnectBackend,
+    PauseBackend,
+    ResumeBackend,
+    SendToBackend,
+    SendToClient,
+    StartResponse,
+    VcClosed,
+)
+from rpcproxy.rpch.channels import InChannel, Opening, OutChannel, VcSettings
+from rpcproxy.rpch.states import (
+    ANY_PHASE,
+    BACKEND_ASKED,
+    BACKEND_UP,
+    OPENED_ONLY,
+    Backend,
+    BackendReading,
+    InRecycle,
+    OutRecycle,
+    Phase,
 )
 
-
-# --- settings and state ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class VcSettings:
-    """Tunables of one VC; defaults are what ``rpcproxy serve`` uses."""
-
-    receive_window: int = rts.MAX_RECEIVE_WINDOW  # IN window announced in CONN/C2
-    connection_timeout_ms: int = 120_000  # announced in CONN/A3 and CONN/C2
-    out_content_length: int = 0x40000000  # Content-Length of each OUT response (1 GiB)
-    setup_timeout: float = 30.0  # seconds for the other channel of a pair to arrive
-    recycle_timeout: float = 60.0  # seconds for a recycling sequence to complete
-    out_reserve: int = 4096  # bytes of an OUT channel kept for pings and A6/B3
-    max_ping_interval: float = 60.0  # ping at least this often while idle
-
-    def __post_init__(self) -> None:
-        if not rts.MIN_RECEIVE_WINDOW <= self.receive_window <= rts.MAX_RECEIVE_WINDOW:
-            raise ValueError("receive_window must be 8 KiB..256 KiB")
-        timeout = self.connection_timeout_ms
-        if not rts.MIN_CONNECTION_TIMEOUT <= timeout <= rts.MAX_CONNECTION_TIMEOUT:
-            raise ValueError("connection_timeout_ms must be 120000..14400000")
-        if self.out_content_length < 8 * self.out_reserve:
-            raise ValueError("out_content_length is too small")
-        if self.out_reserve < 128:  # A2 + A6 + B3 (84 bytes) and a ping must always fit
-            raise ValueError("out_reserve must be at least 128 bytes")
+_BINDS = frozenset({PType.BIND, PType.ALTER_CONTEXT})  # carry the client's max_xmit_frag
+_Args = TypeVarTuple("_Args")
 
 
-def min_out_content_length(out_reserve: int) -> int:
-    """The smallest OUT Content-Length that always carries the largest fragment an
-    endpoint may send (frag_length is a u16, whatever max_recv_frag was negotiated),
-    with the reserve and our own RTS beside it."""
-    return MAX_FRAG_LENGTH + out_reserve + OUT_RTS_HEADROOM
-
-
-class Phase(enum.Enum):
-    WAIT_PAIR = "waiting for the other channel"
-    WAIT_BACKEND = "connecting to the backend"
-    OPENED = "opened"
-    CLOSED = "closed"
-
-
-class OutRecycle(enum.Enum):
-    """OUT_R2 progress (3.2.4.5.4-.7 outbound proxy + server roles)."""
-
-    NONE = "none"
-    A3W = "sent OUT_R2/A2, waiting for the successor's OUT_R2/A3"
-    A7_C1W = "sent OUT_R2/A6, waiting for OUT_R2/A7 and OUT_R2/C1"
-
-
-@dataclass(slots=True)
-class OutChannel:
-    channel: Channel
-    cookie: bytes
-    peer_window: int  # client's ReceiveWindowSize for this channel
-    bytes_left: int  # of the Content-Length we declared
-    bytes_sent: int = 0  # RPC bytes (flow-control BytesSent)
-    available: int = 0  # sender AvailableWindow
-    started: bool = False  # 200 Success written
-    c1_seen: bool = False  # successor only: OUT_R2/C1 arrived
-
-    def __post_init__(self) -> None:
-        self.available = self.peer_window
-
-    def admits(self, size: int) -> bool:
-        """May an RPC PDU of ``size`` bytes go out now (3.2.1.5.1)?
-
-        Yes when it fits in the window the client left us. Also when it does not fit but
-        less than half of the client's window is unacknowledged: clients acknowledge only
-        once more than half of their window has been used (W's rule, note <27>; impacket
-        and Samba do the same), so holding the PDU would wait for an ack that never comes
-        (a 64 KiB fragment after a small PDU in a 64 KiB window). The overrun is at most
-        one PDU, which the client can always take: it is the whole window when nothing is
-        outstanding."""
-        return size <= self.available or 2 * (self.peer_window - self.available) < self.peer_window
-
-
-@dataclass(slots=True)
-class InChannel:
-    channel: Channel
-    cookie: bytes
-    framer: PduFramer = field(default_factory=PduFramer)
-    bytes_received: int = 0  # RPC bytes (flow-control BytesReceived)
-    unacked: int = 0  # RPC bytes since the last ack we sent
-    plugged: list[Pdu] = field(default_factory=list)  # successor PDUs held until the switch
+# The hot paths (both fast paths, next_deadline) compare with these: looking up an enum
+# member on its class costs ~50 ns in Python 3.11, a module global ~10.
+_OPENED = Phase.OPENED
+_CLOSED = Phase.CLOSED
+_OUT_NOT_RECYCLING = OutRecycle.NONE
+_READING = BackendReading.RUNNING
 
 
 @dataclass(slots=True)
@@ -287,12 +112,22 @@ class Traffic:
     backend_to_client: int = 0
 
 
+class _End(Exception):
+    """Raised inside an event: end the VC with this kind, telling the client ``error``."""
+
+    def __init__(self, kind: CloseKind, error: RpcProxyError) -> None:
+        super().__init__(error.reason)
+        self.kind = kind
+        self.error = error
+
+
+# the handlers the tables of VirtualConnection hold
+_Opener = Callable[["VirtualConnection", Channel, rts.RtsPdu, float], None]
+_RtsHandler = Callable[["VirtualConnection", InChannel, rts.RtsPdu, float], None]
+
+
 class VirtualConnection:
     """One virtual connection; see the module docstring."""
-
-    # The data paths' fast paths (one read = one PDU) give exactly what the general paths
-    # give; tests turn them off to compare the two on the same random event sequences.
-    fast_paths = True
 
     def __init__(
         self,
@@ -307,6 +142,7 @@ class VirtualConnection:
         self.identity = identity
         self.target = target
         self.settings = settings
+        self._fast = settings.fast_paths
         self.phase = Phase.WAIT_PAIR
         self.created = now
         self.traffic = Traffic()
@@ -319,24 +155,24 @@ class VirtualConnection:
         # forever (seen with a 64 KiB window and 64 KiB fragments).
         self.in_ack_after = settings.receive_window // 2
         self._client_max_frag = 0
-        self.backend_connected = False
-        self.backend_requested = False
-        self.backend_paused = False
+        self.backend = Backend.IDLE
+        self.reading = BackendReading.RUNNING
         self.out: OutChannel | None = None
         self.in_: InChannel | None = None
-        self.out_successor: OutChannel | None = None
-        self.in_successor: InChannel | None = None
-        # an IN_R2/A1 naming in_successor as predecessor, waiting for the pending A5
-        self.in_queued: InChannel | None = None
         self.out_recycle = OutRecycle.NONE
-        self.in_recycle_started: float | None = None
-        self.out_recycle_started: float | None = None
+        self.out_successor: OutChannel | None = None  # A7_AND_C1_WAIT, A7_WAIT
         self.old_out: OutChannel | None = None  # predecessor still writing, before B3
+        self.out_recycle_started: float | None = None
+        self.in_recycle = InRecycle.NONE
+        self.in_successor: InChannel | None = None  # PLUGGED, QUEUED
+        self.in_queued: InChannel | None = None  # QUEUED: the A1 that overtook the A5
+        self.in_recycle_started: float | None = None
         self.send_queue: deque[bytes] = deque()  # RPC PDUs waiting for an OUT window
         self.pending_rts: list[bytes] = []  # RTS for the client while no OUT is writable
         self.last_out_write = now
         self._backend_framer = PduFramer()
-        self._out: list[Action] = []
+        self._actions: list[Action] = []  # emitted by the running event, returned by _run
+        self._opening: Channel | None = None  # the channel whose first PDU is being handled
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -352,43 +188,32 @@ class VirtualConnection:
                 found.append(ch.channel)
         return found
 
-    def channel_counts(self) -> tuple[int, int]:
-        """(IN, OUT) channels attached now, each counted once: while an OUT channel recycles,
-        the old one is both ``out`` and ``old_out``."""
-        outs = {id(c) for c in (self.out, self.old_out, self.out_successor) if c is not None}
-        ins = {id(c) for c in (self.in_, self.in_successor) if c is not None}
-        return len(ins), len(outs)
+    def open_channels(self) -> tuple[int, int]:
+        """(IN, OUT) channels attached now, each once (``out`` is ``old_out`` before B3)."""
+        ins = {c.channel for c in (self.in_, self.in_successor, self.in_queued) if c is not None}
+        return len(ins), len(self.channels()) - len(ins)
 
     def _emit(self, action: Action) -> None:
-        self._out.append(action)
+        self._actions.append(action)
 
     def _flush(self) -> list[Action]:
-        out, self._out = self._out, []
-        return out
+        actions, self._actions = self._actions, []
+        return actions
 
-    def _run(self, fn: object, *args: object) -> list[Action]:
-        """Run one event handler; a ProtocolError tears the VC down."""
-        if self.phase is Phase.CLOSED:
+    def _run(self, handler: Callable[[*_Args], None], *args: *_Args) -> list[Action]:
+        """The one event funnel: run a handler, return what it emitted; an error it raises
+        tears the VC down (``_End`` with its kind, any other as a protocol error)."""
+        if self.phase is _CLOSED:
             return []
         try:
-            fn(*args)  # type: ignore[operator]
+            handler(*args)
+        except _End as end:
+            self._teardown(end.error.reason, end.error, end.kind)
         except RpcProxyError as exc:
-            self._teardown(exc.reason, exc)
+            self._teardown(exc.reason, exc, CloseKind.PROTOCOL_ERROR)
         except FramingError as exc:  # a framer's: the stream lost its DCE/RPC framing
-            self._teardown(exc.reason, protocol_error(exc))
+            self._teardown(exc.reason, protocol_error(exc), CloseKind.PROTOCOL_ERROR)
         return self._flush()
-
-    def _run_opening(self, channel: Channel, fn: object, *args: object) -> list[Action]:
-        """``_run`` for a channel's first PDU: if the VC ends, that channel must close too,
-        even though the VC had not adopted it yet (else its request would hang)."""
-        actions = self._run(fn, *args)
-        if self.phase is Phase.CLOSED and not any(
-            isinstance(a, CloseChannel) and a.channel == channel for a in actions
-        ):
-            error = next((a.error for a in actions if isinstance(a, VcClosed)), None)
-            actions.insert(0, CloseChannel(
-                channel, error or ProtocolError("virtual connection is closed")))
-        return actions
 
     def ping_interval(self) -> float:
         return self._ping_s
@@ -401,66 +226,42 @@ class VirtualConnection:
 
     # ---- channel opening ----------------------------------------------------------------
 
-    def open_out(self, channel: Channel, a1: rts.RtsPdu, *, identity: Hashable,
-                 target: Hashable, now: float) -> list[Action]:
-        """A new OUT channel request whose body started with CONN/A1."""
-        return self._run_opening(channel, self._open_out, channel, a1, identity, target, now)
-
-    def open_in(self, channel: Channel, b1: rts.RtsPdu, *, identity: Hashable,
-                target: Hashable, now: float) -> list[Action]:
-        """A new IN channel request whose body started with CONN/B1."""
-        return self._run_opening(channel, self._open_in, channel, b1, identity, target, now)
-
-    def open_out_successor(self, channel: Channel, a3: rts.RtsPdu, *, identity: Hashable,
-                           target: Hashable, now: float) -> list[Action]:
-        """A replacement OUT channel request whose body started with OUT_R2/A3."""
-        return self._open_successor(channel, self._open_out_successor, a3, identity, target,
-                                    now)
-
-    def open_in_successor(self, channel: Channel, a1: rts.RtsPdu, *, identity: Hashable,
-                          target: Hashable, now: float) -> list[Action]:
-        """A replacement IN channel request whose body started with IN_R2/A1."""
-        return self._open_successor(channel, self._open_in_successor, a1, identity, target,
-                                    now)
-
-    def _open_successor(self, channel: Channel, handler: object, pdu: rts.RtsPdu,
-                        identity: Hashable, target: Hashable, now: float) -> list[Action]:
-        """A recycling channel joins only an open VC, and only for its user and target."""
+    def open_channel(self, channel: Channel, opening: Opening, *, identity: Hashable,
+                     target: Hashable, now: float) -> list[Action]:
+        """A channel whose first PDU ``channels.judge_opening`` accepted joins this VC, the
+        way ``_OPENERS`` says for its kind. A channel of another user or target is refused
+        alone; if the VC ends (or had ended), this channel closes too, although the VC never
+        adopted it (else its request would hang; ``_teardown`` sees ``_opening``)."""
         if self.phase is Phase.CLOSED:
-            return [CloseChannel(channel, ProtocolError("virtual connection is closed"))]
-        refusal = self._refuse_foreign(channel, identity, target)
-        if refusal:
-            return refusal
-        return self._run_opening(channel, handler, channel, pdu, now)
+            self._emit(CloseChannel(channel, ProtocolError("virtual connection is closed")))
+        elif not self._refuse_foreign(channel, identity, target):
+            self._opening = channel
+            try:
+                return self._run(self._OPENERS[opening.kind], self, channel, opening.pdu, now)
+            finally:
+                self._opening = None
+        return self._flush()
 
-    def _refuse_foreign(self, channel: Channel, identity: Hashable,
-                        target: Hashable) -> list[Action] | None:
+    def _refuse_foreign(self, channel: Channel, identity: Hashable, target: Hashable) -> bool:
         """A channel of another user or for another target may not join this VC.
 
         Only the intruding channel is refused: the cookie is a bearer token and the
         rightful owner's channels stay up.
         """
         if identity != self.identity:
-            return [CloseChannel(channel, ProtocolError(
+            self._emit(CloseChannel(channel, ProtocolError(
                 "channel belongs to another user than its virtual connection",
-                rpc_error=ERROR_ACCESS_DENIED))]
+                rpc_error=ERROR_ACCESS_DENIED)))
+            return True
         if target != self.target:
-            return [CloseChannel(channel, ProtocolError(
-                "channel asks for another target than its virtual connection"))]
-        return None
+            self._emit(CloseChannel(channel, ProtocolError(
+                "channel asks for another target than its virtual connection")))
+            return True
+        return False
 
-    def _join_check(self, channel: Channel, identity: Hashable, target: Hashable) -> bool:
-        refusal = self._refuse_foreign(channel, identity, target)
-        if refusal:
-            self._out.extend(refusal)
-            return False
-        return True
-
-    def _channel_cookie(self, channel: Channel, pdu: rts.RtsPdu, name: str, taken: bool,
-                        identity: Hashable, target: Hashable) -> bytes | None:
+    def _new_channel_cookie(self, channel: Channel, pdu: rts.RtsPdu, name: str,
+                            taken: bool) -> bytes | None:
         """Checks CONN/A1 and CONN/B1 share; the new channel's cookie, or None if refused."""
-        if not self._join_check(channel, identity, target):
-            return None
         if taken or self.phase is not Phase.WAIT_PAIR:
             self._emit(CloseChannel(channel, ProtocolError(f"a second {name} for one connection")))
             return None
@@ -469,27 +270,20 @@ class VirtualConnection:
             raise ProtocolError(f"{name} virtual connection cookie mismatch")
         return channel_cookie
 
-    def _open_out(self, channel: Channel, a1: rts.RtsPdu, identity: Hashable,
-                  target: Hashable, now: float) -> None:
-        out_cookie = self._channel_cookie(channel, a1, "CONN/A1", self.out is not None,
-                                          identity, target)
+    def _open_out(self, channel: Channel, a1: rts.RtsPdu, now: float) -> None:
+        out_cookie = self._new_channel_cookie(channel, a1, "CONN/A1", self.out is not None)
         if out_cookie is None:
             return
-        window = a1.get(rts.ReceiveWindowSize)
-        assert isinstance(window, rts.ReceiveWindowSize)
-        self.out = OutChannel(channel, out_cookie, window.value, self.settings.out_content_length)
+        window = a1.get(rts.ReceiveWindowSize).value
+        self.out = OutChannel(channel, out_cookie, window, self.settings.out_content_length)
         self._request_backend()
         self._maybe_open(now)
 
-    def _open_in(self, channel: Channel, b1: rts.RtsPdu, identity: Hashable,
-                 target: Hashable, now: float) -> None:
-        in_cookie = self._channel_cookie(channel, b1, "CONN/B1", self.in_ is not None,
-                                         identity, target)
+    def _open_in(self, channel: Channel, b1: rts.RtsPdu, now: float) -> None:
+        in_cookie = self._new_channel_cookie(channel, b1, "CONN/B1", self.in_ is not None)
         if in_cookie is None:
             return
-        keepalive = b1.get(rts.ClientKeepalive)
-        assert isinstance(keepalive, rts.ClientKeepalive)
-        self._set_keepalive(keepalive.value)
+        self._set_keepalive(b1.get(rts.ClientKeepalive).value)
         self.in_ = InChannel(channel, in_cookie)
         self._request_backend()
         self._maybe_open(now)
@@ -500,14 +294,17 @@ class VirtualConnection:
         self._ping_s = self._ping_interval_for(self.keepalive_ms)
 
     def _request_backend(self) -> None:
-        if not self.backend_requested:
-            self.backend_requested = True
+        if self.backend is Backend.IDLE:
+            self.backend = Backend.CONNECTING
+            self._emit(ConnectBackend())
+        elif self.backend is Backend.UP_UNASKED:
+            self.backend = Backend.UP
             self._emit(ConnectBackend())
 
     def _maybe_open(self, now: float) -> None:
         if self.out is None or self.in_ is None:
             return
-        if not self.backend_connected:
+        if self.backend not in BACKEND_UP:
             self.phase = Phase.WAIT_BACKEND
             return
         out = self.out
@@ -532,31 +329,30 @@ class VirtualConnection:
         return self._run(self._backend_up, now)
 
     def _backend_up(self, now: float) -> None:
-        self.backend_connected = True
+        if self.backend is Backend.IDLE:
+            self.backend = Backend.UP_UNASKED
+        elif self.backend is Backend.CONNECTING:
+            self.backend = Backend.UP
         self._maybe_open(now)
 
-    def backend_failed(self, error: RpcProxyError, now: float) -> list[Action]:
+    def backend_failed(self, error: RpcProxyError) -> list[Action]:
         """The backend could not be connected (after the adapter's retries)."""
-        return self._run(self._raise, error)
-
-    @staticmethod
-    def _raise(error: RpcProxyError) -> None:
-        raise error
+        return self._end_with(CloseKind.BACKEND_UNREACHABLE, error)
 
     def backend_data(self, data: bytes, now: float) -> list[Action]:
         # Fast path, same result as the general one: an open VC, nothing queued or held,
         # and the read is exactly one server PDU that the client's window and the OUT
         # channel's Content-Length take now. It goes straight out on the OUT channel.
         out = self.out
-        if (self.fast_paths and self.phase is Phase.OPENED and not self.send_queue
-                and out is not None and out.started and self.out_recycle is OutRecycle.NONE
-                and not self.backend_paused and type(data) is bytes
+        if (self._fast and self.phase is _OPENED and not self.send_queue
+                and out is not None and out.started and self.out_recycle is _OUT_NOT_RECYCLING
+                and self.reading is _READING and type(data) is bytes
                 and not self._backend_framer.buffered
                 and single_pdu_ptype(data) in SERVER_PTYPES):
             size = len(data)
             if out.bytes_left - size >= self.settings.out_reserve and out.admits(size):
                 self.traffic.backend_to_client += size
-                out.available -= size
+                out.available -= size  # out.sent(size), inlined on the hot path
                 out.bytes_sent += size
                 out.bytes_left -= size
                 self.last_out_write = now
@@ -568,17 +364,15 @@ class VirtualConnection:
             ptype = pdu.header.ptype
             if ptype not in SERVER_PTYPES:
                 name = PType(ptype).name if ptype in PType._value2member_map_ else str(ptype)
-                raise ProtocolError(f"backend sent a {name} PDU, which a server never sends")
+                raise _End(CloseKind.BACKEND_PROTOCOL_ERROR, ProtocolError(
+                    f"backend sent a {name} PDU, which a server never sends"))
             self.traffic.backend_to_client += len(pdu.data)
             self.send_queue.append(pdu.data)
         self._drain(now)
 
-    def backend_closed(self, now: float) -> list[Action]:
-        return self._run(self._backend_closed)
-
-    def _backend_closed(self) -> None:
-        raise BackendUnavailable("the backend closed the connection",
-                                 rpc_error=RPC_S_SERVER_UNAVAILABLE)
+    def backend_closed(self) -> list[Action]:
+        return self._end_with(CloseKind.BACKEND_CLOSED, BackendUnavailable(
+            "the backend closed the connection", rpc_error=RPC_S_SERVER_UNAVAILABLE))
 
     # ---- OUT direction: sending to the client --------------------------------------------
 
@@ -622,9 +416,7 @@ class VirtualConnection:
             if not out.admits(size):
                 break
             queue.popleft()
-            out.available -= size
-            out.bytes_sent += size
-            out.bytes_left -= size
+            out.sent(size)
             self.last_out_write = now
             self._emit(SendToClient(out.channel, pdu))
         self._update_backend_pause()
@@ -633,11 +425,11 @@ class VirtualConnection:
         # Stop reading the backend while PDUs wait for the client's window, so TCP
         # back-pressure reaches the backend instead of our memory.
         want_pause = bool(self.send_queue)
-        if want_pause and not self.backend_paused:
-            self.backend_paused = True
+        if want_pause and self.reading is BackendReading.RUNNING:
+            self.reading = BackendReading.PAUSED
             self._emit(PauseBackend())
-        elif not want_pause and self.backend_paused:
-            self.backend_paused = False
+        elif not want_pause and self.reading is BackendReading.PAUSED:
+            self.reading = BackendReading.RUNNING
             self._emit(ResumeBackend())
 
     def _flow_control_ack(self, ack: rts.FlowControlAck, now: float) -> None:
@@ -646,19 +438,13 @@ class VirtualConnection:
                 break
         else:
             return  # unknown cookie (e.g. a predecessor's): discard, 3.2.1.5.1.1
-        outstanding = out.bytes_sent - ack.bytes_received
-        if outstanding < 0 or ack.available_window > out.peer_window:
-            raise ProtocolError(
-                f"flow-control ack acknowledges {ack.bytes_received} of {out.bytes_sent} bytes "
-                f"with window {ack.available_window} (max {out.peer_window})"
-            )
-        out.available = max(0, ack.available_window - outstanding)
+        out.acked(ack)
         self._drain(now)
 
     # ---- OUT channel recycling (OUT_R2) -------------------------------------------------
 
     def _begin_out_recycle(self, out: OutChannel, now: float) -> None:
-        self.out_recycle = OutRecycle.A3W
+        self.out_recycle = OutRecycle.A3_WAIT
         self.out_recycle_started = now
         self.old_out = out
         self._write_rts(out, rts.OUT_R2_A2, now)
@@ -671,52 +457,56 @@ class VirtualConnection:
         waiting = sum(map(len, self.pending_rts))
         budget = s.out_content_length - s.out_reserve - waiting
         if size > budget:
-            raise ProtocolError(
+            raise _End(CloseKind.PDU_TOO_LARGE, ProtocolError(
                 f"a {size}-byte PDU from the backend cannot fit in any OUT channel: "
                 f"out_content_length {s.out_content_length} less the {s.out_reserve}-byte "
-                f"reserve and {waiting} bytes of RTS leaves {budget}")
+                f"reserve and {waiting} bytes of RTS leaves {budget}"))
         self._begin_out_recycle(out, now)
 
     def _open_out_successor(self, channel: Channel, a3: rts.RtsPdu, now: float) -> None:
-        if self.phase is not Phase.OPENED or self.out_recycle is not OutRecycle.A3W:
+        if self.phase is not Phase.OPENED or self.out_recycle is not OutRecycle.A3_WAIT:
             raise ProtocolError("OUT_R2/A3 without a pending OUT channel recycle")
         vc_cookie, predecessor, successor = rts.cookies(a3)
         old = self.old_out
         assert old is not None
         if vc_cookie != self.cookie or predecessor != old.cookie:
             raise ProtocolError("OUT_R2/A3 cookies do not match the current OUT channel")
-        window = a3.get(rts.ReceiveWindowSize)
-        assert isinstance(window, rts.ReceiveWindowSize)
-        self.out_successor = OutChannel(
-            channel, successor, window.value, self.settings.out_content_length
-        )
-        self.out_recycle = OutRecycle.A7_C1W
+        window = a3.get(rts.ReceiveWindowSize).value
+        self.out_successor = OutChannel(channel, successor, window,
+                                        self.settings.out_content_length)
+        self.out_recycle = OutRecycle.A7_AND_C1_WAIT
         self._write_rts(old, rts.OUT_R2_A6, now)
 
     def out_request_data(self, channel: Channel, data: bytes, now: float) -> list[Action]:
-        """More bytes of an OUT request body after its first PDU (only OUT_R2/C1 is legal)."""
+        """One whole PDU of an OUT request body after its first (only OUT_R2/C1 is legal)."""
         return self._run(self._out_request_data, channel, data, now)
 
     def _out_request_data(self, channel: Channel, data: bytes, now: float) -> None:
-        succ = self.out_successor
-        if succ is None and self.out_recycle is OutRecycle.A7_C1W and self.old_out is None:
-            succ = self.out  # OUT_R2/A7 came first and already made the successor default
-        if succ is None or succ.channel != channel or succ.c1_seen:
+        state = self.out_recycle
+        if state is OutRecycle.A7_AND_C1_WAIT:
+            succ = self.out_successor
+        elif state is OutRecycle.C1_WAIT:
+            succ = self.out  # OUT_R2/A7 came first and already made the successor current
+        else:
+            succ = None
+        if succ is None or succ.channel != channel:
             raise ProtocolError("unexpected bytes in an OUT channel request body")
         pdu = rts.decode_rts(data)
         if rts.identify(pdu) is not rts.Kind.OUT_R2_C1:
             raise ProtocolError("an OUT channel request body may only carry OUT_R2/C1 here")
-        succ.c1_seen = True
-        self._maybe_finish_out_recycle(now)
+        if state is OutRecycle.A7_AND_C1_WAIT:
+            self.out_recycle = OutRecycle.A7_WAIT
+        else:
+            self._finish_out_recycle(now)
 
-    def _out_r2_a7(self, pdu: rts.RtsPdu, now: float) -> None:
+    def _out_r2_a7(self, ch: InChannel, pdu: rts.RtsPdu, now: float) -> None:
+        state = self.out_recycle
         succ = self.out_successor
         old = self.old_out
-        if self.out_recycle is not OutRecycle.A7_C1W or succ is None or old is None:
+        if state not in (OutRecycle.A7_AND_C1_WAIT, OutRecycle.A7_WAIT):
             raise ProtocolError("OUT_R2/A7 without a pending OUT channel recycle")
-        dest = pdu.get(rts.Destination)
-        assert isinstance(dest, rts.Destination)
-        if dest.destination is not rts.ForwardDestination.SERVER:
+        assert succ is not None and old is not None
+        if pdu.get(rts.Destination).destination is not rts.ForwardDestination.SERVER:
             raise ProtocolError("OUT_R2/A7 not addressed to the server")
         (cookie,) = rts.cookies(pdu)
         if cookie != succ.cookie:
@@ -727,17 +517,14 @@ class VirtualConnection:
         self.old_out = None
         self.out = succ
         self.out_successor = None
-        self._maybe_finish_out_recycle(now)
+        if state is OutRecycle.A7_WAIT:
+            self._finish_out_recycle(now)
+        else:
+            self.out_recycle = OutRecycle.C1_WAIT
 
-    def _maybe_finish_out_recycle(self, now: float) -> None:
+    def _finish_out_recycle(self, now: float) -> None:
         out = self.out
-        if (
-            self.out_recycle is not OutRecycle.A7_C1W
-            or self.old_out is not None
-            or out is None
-            or not out.c1_seen
-        ):
-            return
+        assert out is not None
         self.out_recycle = OutRecycle.NONE
         self.out_recycle_started = None
         self._start(out)
@@ -754,7 +541,7 @@ class VirtualConnection:
         # partial PDU held, and the read is exactly one REQUEST PDU after which no
         # flow-control ack is due yet. It goes straight to the backend.
         cur = self.in_
-        if (self.fast_paths and cur is not None and self.phase is Phase.OPENED
+        if (self._fast and cur is not None and self.phase is _OPENED
                 and type(data) is bytes and channel == cur.channel
                 and not cur.framer.buffered
                 and cur.unacked + len(data) <= self.in_ack_after
@@ -793,10 +580,7 @@ class VirtualConnection:
             self._note_client_max_frag(pdu)
         self.traffic.client_to_backend += size
         self._emit(SendToBackend(pdu.data))
-        ch.bytes_received += size
-        ch.unacked += size
-        if ch.unacked > self.in_ack_after:
-            ch.unacked = 0
+        if ch.received(size, self.in_ack_after):
             self._send_rts_to_client(
                 rts.flow_control_ack(
                     rts.ForwardDestination.CLIENT, ch.bytes_received,
@@ -815,35 +599,32 @@ class VirtualConnection:
             self.in_ack_after = max(0, min(window // 2, window - max_xmit))
 
     def _in_rts(self, ch: InChannel, pdu: rts.RtsPdu, now: float) -> None:
+        """An RTS PDU on an IN channel: legal only as ``_IN_RTS`` says, in one place."""
         kind = rts.identify(pdu)
-        if kind is rts.Kind.PING:
-            return
-        if kind is rts.Kind.KEEP_ALIVE:
-            value = pdu.get(rts.ClientKeepalive)
-            assert isinstance(value, rts.ClientKeepalive)
-            self._set_keepalive(value.value)
-            return
-        if kind in (rts.Kind.FLOW_CONTROL_ACK_WITH_DESTINATION, rts.Kind.FLOW_CONTROL_ACK):
-            if kind is rts.Kind.FLOW_CONTROL_ACK_WITH_DESTINATION:
-                dest = pdu.get(rts.Destination)
-                assert isinstance(dest, rts.Destination)
-                if dest.destination is not rts.ForwardDestination.OUT_PROXY:
-                    raise ProtocolError(
-                        f"flow-control ack on IN for {dest.destination.name}, not the OUT proxy"
-                    )
-            ack = pdu.get(rts.FlowControlAck)
-            assert isinstance(ack, rts.FlowControlAck)
-            if self.phase is Phase.OPENED:
-                self._flow_control_ack(ack, now)
-            return
-        if self.phase is not Phase.OPENED:
+        rule = self._IN_RTS.get(kind)
+        if rule is not None and self.phase in rule[0]:
+            rule[1](self, ch, pdu, now)
+        elif self.phase is not Phase.OPENED:
             raise ProtocolError(f"{kind.value} before the connection was opened")
-        if kind in (rts.Kind.OUT_R2_A7, rts.Kind.OUT_R1_A7):
-            self._out_r2_a7(pdu, now)
-        elif kind is rts.Kind.IN_R2_A5:
-            self._in_r2_a5(ch, pdu, now)
         else:
             raise ProtocolError(f"{kind.value} is not valid on an IN channel")
+
+    def _ignore(self, ch: InChannel, pdu: rts.RtsPdu, now: float) -> None:
+        pass
+
+    def _keep_alive(self, ch: InChannel, pdu: rts.RtsPdu, now: float) -> None:
+        self._set_keepalive(pdu.get(rts.ClientKeepalive).value)
+
+    def _ack_with_destination(self, ch: InChannel, pdu: rts.RtsPdu, now: float) -> None:
+        dest = pdu.get(rts.Destination).destination
+        if dest is not rts.ForwardDestination.OUT_PROXY:
+            raise ProtocolError(f"flow-control ack on IN for {dest.name}, not the OUT proxy")
+        self._ack(ch, pdu, now)
+
+    def _ack(self, ch: InChannel, pdu: rts.RtsPdu, now: float) -> None:
+        ack = pdu.get(rts.FlowControlAck)
+        if self.phase is Phase.OPENED:  # legal before, but nothing was sent to ack yet
+            self._flow_control_ack(ack, now)
 
     # ---- IN channel recycling (IN_R2) ---------------------------------------------------
 
@@ -853,24 +634,28 @@ class VirtualConnection:
         cur = self.in_
         assert cur is not None
         vc_cookie, predecessor, successor = rts.cookies(a1)
+        if self.in_recycle is InRecycle.NONE:
+            if vc_cookie != self.cookie or predecessor != cur.cookie:
+                raise ProtocolError("IN_R2/A1 cookies do not match the current IN channel")
+            self.in_successor = InChannel(channel, successor)
+            self.in_recycle = InRecycle.PLUGGED
+            self.in_recycle_started = now
+            self._send_rts_to_client(rts.IN_R2_A4, now)
+            return
+        # The client got IN_R2/A4, sent A5 on the old channel (still in flight on its TCP
+        # connection) and is recycling the successor already: queue this one; its IN_R2/A4
+        # goes out when A5 completes the pending recycle.
         pending = self.in_successor
-        if pending is not None:
-            # The client got IN_R2/A4, sent A5 on the old channel (still in flight on its
-            # TCP connection) and is recycling the successor already: queue this one.
-            if (self.in_queued is not None or vc_cookie != self.cookie
-                    or predecessor != pending.cookie):
-                raise ProtocolError("IN_R2/A1 while another IN channel recycle is pending")
-            self.in_queued = InChannel(channel, successor)
-            return  # its IN_R2/A4 goes out when A5 completes the pending recycle
-        if vc_cookie != self.cookie or predecessor != cur.cookie:
-            raise ProtocolError("IN_R2/A1 cookies do not match the current IN channel")
-        self.in_successor = InChannel(channel, successor)
-        self.in_recycle_started = now
-        self._send_rts_to_client(rts.IN_R2_A4, now)
+        assert pending is not None
+        if (self.in_recycle is InRecycle.QUEUED or vc_cookie != self.cookie
+                or predecessor != pending.cookie):
+            raise ProtocolError("IN_R2/A1 while another IN channel recycle is pending")
+        self.in_queued = InChannel(channel, successor)
+        self.in_recycle = InRecycle.QUEUED
 
     def _in_r2_a5(self, ch: InChannel, pdu: rts.RtsPdu, now: float) -> None:
         succ = self.in_successor
-        if succ is None or ch is not self.in_:
+        if self.in_recycle is InRecycle.NONE or succ is None or ch is not self.in_:
             raise ProtocolError("IN_R2/A5 without a pending IN channel recycle")
         (cookie,) = rts.cookies(pdu)
         if cookie != succ.cookie:
@@ -878,6 +663,7 @@ class VirtualConnection:
         old = ch
         self.in_ = succ
         self.in_successor = None
+        self.in_recycle = InRecycle.NONE  # in_queued, if any, waits for the replay below
         self.in_recycle_started = None
         self._emit(CloseChannel(old.channel))
         held, succ.plugged = succ.plugged, []
@@ -888,12 +674,34 @@ class VirtualConnection:
         queued, self.in_queued = self.in_queued, None
         if queued is not None:  # the next recycle, which overtook this A5
             self.in_successor = queued
+            self.in_recycle = InRecycle.PLUGGED
             self.in_recycle_started = now
             self._send_rts_to_client(rts.IN_R2_A4, now)
 
+    # ---- the tables: what is legal where (Rule 1) ---------------------------------------
+
+    # The RTS PDUs a client may send on an IN channel: in which phases, and who handles
+    # them. Anything else ends the VC. The handlers check the recycling sub-state.
+    _IN_RTS: ClassVar[dict[rts.Kind, tuple[frozenset[Phase], _RtsHandler]]] = {
+        rts.Kind.PING: (ANY_PHASE, _ignore),
+        rts.Kind.KEEP_ALIVE: (ANY_PHASE, _keep_alive),
+        rts.Kind.FLOW_CONTROL_ACK_WITH_DESTINATION: (ANY_PHASE, _ack_with_destination),
+        rts.Kind.FLOW_CONTROL_ACK: (ANY_PHASE, _ack),
+        rts.Kind.OUT_R2_A7: (OPENED_ONLY, _out_r2_a7),
+        rts.Kind.OUT_R1_A7: (OPENED_ONLY, _out_r2_a7),
+        rts.Kind.IN_R2_A5: (OPENED_ONLY, _in_r2_a5),
+    }
+    # The first PDU of a channel (judged by channels.judge_opening) -> how it joins the VC.
+    _OPENERS: ClassVar[dict[rts.Kind, _Opener]] = {
+        rts.Kind.CONN_A1: _open_out,
+        rts.Kind.CONN_B1: _open_in,
+        rts.Kind.OUT_R2_A3: _open_out_successor,
+        rts.Kind.IN_R2_A1: _open_in_successor,
+    }
+
     # ---- closing and time ---------------------------------------------------------------
 
-    def channel_closed(self, channel: Channel, now: float) -> list[Action]:
+    def channel_closed(self, channel: Channel) -> list[Action]:
         """The client side of one channel went away (EOF, reset, end of body)."""
         return self._run(self._channel_closed, channel)
 
@@ -910,13 +718,13 @@ class VirtualConnection:
             if ch is not None and ch.channel == channel:
                 # The client ending a live channel ends the VC (3.2.3.5.10): a normal
                 # close, not an error to report on the other channels.
-                self._teardown(f"client closed its {role}", None)
+                self._teardown(f"client closed its {role}", None, CloseKind.CLIENT_CLOSED)
                 return
         # A predecessor closing after a completed recycle is normal.
 
-    def channel_failed(self, channel: Channel, error: RpcProxyError, now: float) -> list[Action]:
+    def channel_failed(self, channel: Channel, error: RpcProxyError) -> list[Action]:
         """A channel's own transport saw bad input (e.g. a body past its Content-Length)."""
-        return self._run(self._raise, error)
+        return self._end_with(CloseKind.PROTOCOL_ERROR, error)
 
     def on_timer(self, now: float) -> list[Action]:
         return self._run(self._on_timer, now)
@@ -925,12 +733,17 @@ class VirtualConnection:
         s = self.settings
         if self.phase in (Phase.WAIT_PAIR, Phase.WAIT_BACKEND):
             if now - self.created >= s.setup_timeout:
-                what = "the backend" if self.phase is Phase.WAIT_BACKEND else "the other channel"
-                raise ProtocolError(f"timed out after {s.setup_timeout:g}s waiting for {what}")
+                if self.phase is Phase.WAIT_BACKEND:
+                    kind, what = CloseKind.BACKEND_TIMEOUT, "the backend"
+                else:
+                    kind, what = CloseKind.PAIRING_TIMEOUT, "the other channel"
+                raise _End(kind, ProtocolError(
+                    f"timed out after {s.setup_timeout:g}s waiting for {what}"))
             return
         for started in (self.in_recycle_started, self.out_recycle_started):
             if started is not None and now - started >= s.recycle_timeout:
-                raise ProtocolError(f"channel recycling did not complete in {s.recycle_timeout:g}s")
+                raise _End(CloseKind.RECYCLE_TIMEOUT, ProtocolError(
+                    f"channel recycling did not complete in {s.recycle_timeout:g}s"))
         if self.phase is Phase.OPENED and now - self.last_out_write >= self.ping_interval():
             target = self.old_out if self.old_out is not None else self.out
             if target is not None and target.started:
@@ -947,37 +760,41 @@ class VirtualConnection:
         # Runs after every event (the adapter re-arms its timer): the common case, an open
         # VC that is not recycling, is one comparison and one addition.
         phase = self.phase
-        if phase is not Phase.OPENED:
-            return None if phase is Phase.CLOSED else self.created + self.settings.setup_timeout
+        if phase is not _OPENED:
+            return None if phase is _CLOSED else self.created + self.settings.setup_timeout
         deadline = self.last_out_write + self._ping_s
         for started in (self.in_recycle_started, self.out_recycle_started):
             if started is not None:
                 deadline = min(deadline, started + self.settings.recycle_timeout)
         return deadline
 
-    def close(self, reason: str, now: float) -> list[Action]:
+    def close(self, reason: str) -> list[Action]:
         """Tear the VC down from outside (server shutdown, admin)."""
-        if self.phase is Phase.CLOSED:
-            return []
-        self._teardown(reason, None)
+        return self._end_with(CloseKind.SHUTDOWN, None, reason)
+
+    def _end_with(self, kind: CloseKind, error: RpcProxyError | None,
+                  reason: str = "") -> list[Action]:
+        """An event that ends the VC by itself (unless it has ended already)."""
+        if self.phase is not Phase.CLOSED:
+            self._teardown(error.reason if error is not None else reason, error, kind)
         return self._flush()
 
-    def _teardown(self, reason: str, error: RpcProxyError | None) -> None:
+    def _teardown(self, reason: str, error: RpcProxyError | None, kind: CloseKind) -> None:
         self.phase = Phase.CLOSED
         self.close_reason = reason
-        for ch in self.channels():
+        channels = self.channels()
+        opening = self._opening
+        if opening is not None and opening not in channels:
+            self._emit(CloseChannel(
+                opening, error or ProtocolError("virtual connection is closed")))
+        for ch in channels:
             self._emit(CloseChannel(ch, error))
         self.out = self.in_ = self.out_successor = self.in_successor = self.old_out = None
         self.in_queued = None
+        self.out_recycle = OutRecycle.NONE
+        self.in_recycle = InRecycle.NONE
         self.send_queue.clear()
         self.pending_rts.clear()
-        if self.backend_requested:
+        if self.backend in BACKEND_ASKED:
             self._emit(CloseBackend())
-        self._emit(VcClosed(reason, error))
-
-    def open_channels(self) -> tuple[int, int]:
-        """(IN, OUT) HTTP channels attached to this VC now, each counted once: while an OUT
-        channel recycles it is both ``out`` and ``old_out``; a queued IN successor counts."""
-        outs = {c.channel for c in (self.out, self.old_out, self.out_successor) if c is not None}
-        ins = {c.channel for c in (self.in_, self.in_successor, self.in_queued) if c is not None}
-        return len(ins), len(outs)
+        self._emit(VcClosed(reason, error, kind))

@@ -27,9 +27,9 @@ import ipaddress
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Self, TypeVar, final
 
-from dcerpc.pdu import PType
+from dcerpc.pdu import RPC_VERSION, RPC_VERSION_MINORS, PType
 from rpcproxy.errors import ProtocolError
 
 RTS_HEADER_LEN = 20  # common header + Flags + NumberOfCommands
@@ -107,22 +107,63 @@ def _need(data: bytes, pos: int, size: int, what: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class ReceiveWindowSize:
+class _U32Command:
+    """The shape of most commands: one u32 ``value`` after the type, maybe range-checked."""
+
     value: int
-    TYPE: ClassVar[CommandType] = CommandType.RECEIVE_WINDOW_SIZE
+    TYPE: ClassVar[CommandType]
+    RANGE: ClassVar[tuple[int, int, str] | None] = None  # (least, most, how errors say it)
 
     def payload(self) -> bytes:
         return _U32.pack(self.value)
 
     @classmethod
-    def parse(cls, data: bytes, pos: int) -> tuple[ReceiveWindowSize, int]:
-        _need(data, pos, 4, "ReceiveWindowSize")
+    def parse(cls, data: bytes, pos: int) -> tuple[Self, int]:
+        _need(data, pos, 4, cls.__name__)
         value = _u32(data, pos)
-        if not MIN_RECEIVE_WINDOW <= value <= MAX_RECEIVE_WINDOW:
-            raise ProtocolError(f"ReceiveWindowSize {value} outside 8 KiB..256 KiB")
+        if cls.RANGE is not None and not cls.RANGE[0] <= value <= cls.RANGE[1]:
+            raise ProtocolError(f"{cls.__name__} {value}{cls.RANGE[2]}")
         return cls(value), pos + 4
 
 
+@dataclass(frozen=True, slots=True)
+class _EmptyCommand:
+    """A command that is just its type."""
+
+    TYPE: ClassVar[CommandType]
+
+    def payload(self) -> bytes:
+        return b""
+
+    @classmethod
+    def parse(cls, data: bytes, pos: int) -> tuple[Self, int]:
+        return cls(), pos
+
+
+@dataclass(frozen=True, slots=True)
+class _CookieCommand:
+    """A command carrying one 16-byte cookie."""
+
+    cookie: bytes
+    TYPE: ClassVar[CommandType]
+
+    def payload(self) -> bytes:
+        return self.cookie
+
+    @classmethod
+    def parse(cls, data: bytes, pos: int) -> tuple[Self, int]:
+        _need(data, pos, COOKIE_LEN, cls.__name__)
+        return cls(bytes(data[pos : pos + COOKIE_LEN])), pos + COOKIE_LEN
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ReceiveWindowSize(_U32Command):
+    TYPE: ClassVar[CommandType] = CommandType.RECEIVE_WINDOW_SIZE
+    RANGE = (MIN_RECEIVE_WINDOW, MAX_RECEIVE_WINDOW, " outside 8 KiB..256 KiB")
+
+
+@final
 @dataclass(frozen=True, slots=True)
 class FlowControlAck:
     bytes_received: int
@@ -140,94 +181,48 @@ class FlowControlAck:
         return cls(received, available, bytes(data[pos + 8 : pos + 24])), pos + 24
 
 
+@final
 @dataclass(frozen=True, slots=True)
-class ConnectionTimeout:
-    value: int  # milliseconds
+class ConnectionTimeout(_U32Command):  # value in milliseconds
     TYPE: ClassVar[CommandType] = CommandType.CONNECTION_TIMEOUT
-
-    def payload(self) -> bytes:
-        return _U32.pack(self.value)
-
-    @classmethod
-    def parse(cls, data: bytes, pos: int) -> tuple[ConnectionTimeout, int]:
-        _need(data, pos, 4, "ConnectionTimeout")
-        value = _u32(data, pos)
-        if not MIN_CONNECTION_TIMEOUT <= value <= MAX_CONNECTION_TIMEOUT:
-            raise ProtocolError(f"ConnectionTimeout {value} ms outside 120000..14400000")
-        return cls(value), pos + 4
+    RANGE = (MIN_CONNECTION_TIMEOUT, MAX_CONNECTION_TIMEOUT, " ms outside 120000..14400000")
 
 
+@final
 @dataclass(frozen=True, slots=True)
-class Cookie:
-    cookie: bytes
+class Cookie(_CookieCommand):
     TYPE: ClassVar[CommandType] = CommandType.COOKIE
 
-    def payload(self) -> bytes:
-        return self.cookie
 
-    @classmethod
-    def parse(cls, data: bytes, pos: int) -> tuple[Cookie, int]:
-        _need(data, pos, COOKIE_LEN, "Cookie")
-        return cls(bytes(data[pos : pos + COOKIE_LEN])), pos + COOKIE_LEN
-
-
+@final
 @dataclass(frozen=True, slots=True)
-class ChannelLifetime:
-    value: int
+class ChannelLifetime(_U32Command):
     TYPE: ClassVar[CommandType] = CommandType.CHANNEL_LIFETIME
-
-    def payload(self) -> bytes:
-        return _U32.pack(self.value)
-
-    @classmethod
-    def parse(cls, data: bytes, pos: int) -> tuple[ChannelLifetime, int]:
-        _need(data, pos, 4, "ChannelLifetime")
-        value = _u32(data, pos)
-        if not MIN_CHANNEL_LIFETIME <= value <= MAX_CHANNEL_LIFETIME:
-            raise ProtocolError(f"ChannelLifetime {value} outside 128 KiB..2 GiB")
-        return cls(value), pos + 4
+    RANGE = (MIN_CHANNEL_LIFETIME, MAX_CHANNEL_LIFETIME, " outside 128 KiB..2 GiB")
 
 
+@final
 @dataclass(frozen=True, slots=True)
-class ClientKeepalive:
-    value: int  # milliseconds; 0 means 300000 (2.2.3.5.6); receivers are lenient
+class ClientKeepalive(_U32Command):
+    """value: milliseconds; 0 means 300000 (2.2.3.5.6); receivers are lenient."""
+
     TYPE: ClassVar[CommandType] = CommandType.CLIENT_KEEPALIVE
 
-    def payload(self) -> bytes:
-        return _U32.pack(self.value)
 
-    @classmethod
-    def parse(cls, data: bytes, pos: int) -> tuple[ClientKeepalive, int]:
-        _need(data, pos, 4, "ClientKeepalive")
-        return cls(_u32(data, pos)), pos + 4
-
-
+@final
 @dataclass(frozen=True, slots=True)
-class Version:
+class Version(_U32Command):
     value: int = RTS_VERSION  # sent as 1, ignored on receipt (2.2.3.5.7)
     TYPE: ClassVar[CommandType] = CommandType.VERSION
 
-    def payload(self) -> bytes:
-        return _U32.pack(self.value)
 
-    @classmethod
-    def parse(cls, data: bytes, pos: int) -> tuple[Version, int]:
-        _need(data, pos, 4, "Version")
-        return cls(_u32(data, pos)), pos + 4
-
-
+@final
 @dataclass(frozen=True, slots=True)
-class Empty:
+class Empty(_EmptyCommand):
     TYPE: ClassVar[CommandType] = CommandType.EMPTY
 
-    def payload(self) -> bytes:
-        return b""
 
-    @classmethod
-    def parse(cls, data: bytes, pos: int) -> tuple[Empty, int]:
-        return cls(), pos
-
-
+@final
 @dataclass(frozen=True, slots=True)
 class Padding:
     count: int
@@ -246,28 +241,16 @@ class Padding:
         return cls(count), pos + 4 + count
 
 
+@final
 @dataclass(frozen=True, slots=True)
-class NegativeANCE:
+class NegativeANCE(_EmptyCommand):
     TYPE: ClassVar[CommandType] = CommandType.NEGATIVE_ANCE
 
-    def payload(self) -> bytes:
-        return b""
 
-    @classmethod
-    def parse(cls, data: bytes, pos: int) -> tuple[NegativeANCE, int]:
-        return cls(), pos
-
-
+@final
 @dataclass(frozen=True, slots=True)
-class ANCE:
+class ANCE(_EmptyCommand):
     TYPE: ClassVar[CommandType] = CommandType.ANCE
-
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, data: bytes, pos: int) -> tuple[ANCE, int]:
-        return cls(), pos
 
 
 _ADDRESS_TYPE_IPV4 = 0
@@ -275,6 +258,7 @@ _ADDRESS_TYPE_IPV6 = 1
 _CLIENT_ADDRESS_PAD = 12
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class ClientAddress:
     address: ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -301,20 +285,13 @@ class ClientAddress:
         return cls(addr), pos + 4 + size + _CLIENT_ADDRESS_PAD
 
 
+@final
 @dataclass(frozen=True, slots=True)
-class AssociationGroupId:
-    cookie: bytes
+class AssociationGroupId(_CookieCommand):
     TYPE: ClassVar[CommandType] = CommandType.ASSOCIATION_GROUP_ID
 
-    def payload(self) -> bytes:
-        return self.cookie
 
-    @classmethod
-    def parse(cls, data: bytes, pos: int) -> tuple[AssociationGroupId, int]:
-        _need(data, pos, COOKIE_LEN, "AssociationGroupId")
-        return cls(bytes(data[pos : pos + COOKIE_LEN])), pos + COOKIE_LEN
-
-
+@final
 @dataclass(frozen=True, slots=True)
 class Destination:
     destination: ForwardDestination
@@ -334,18 +311,10 @@ class Destination:
         return cls(dest), pos + 4
 
 
+@final
 @dataclass(frozen=True, slots=True)
-class PingTrafficSentNotify:
-    value: int
+class PingTrafficSentNotify(_U32Command):
     TYPE: ClassVar[CommandType] = CommandType.PING_TRAFFIC_SENT_NOTIFY
-
-    def payload(self) -> bytes:
-        return _U32.pack(self.value)
-
-    @classmethod
-    def parse(cls, data: bytes, pos: int) -> tuple[PingTrafficSentNotify, int]:
-        _need(data, pos, 4, "PingTrafficSentNotify")
-        return cls(_u32(data, pos)), pos + 4
 
 
 Command = (
@@ -398,6 +367,9 @@ _RTS_HEAD = struct.Struct("<BBBB4sHHIHH")
 _DREP_LE = b"\x10\x00\x00\x00"
 
 
+_CommandT = TypeVar("_CommandT", bound=Command)
+
+
 @dataclass(frozen=True, slots=True)
 class RtsPdu:
     flags: int
@@ -416,7 +388,7 @@ class RtsPdu:
     def signature(self) -> tuple[int, tuple[CommandType, ...]]:
         return (self.flags, tuple(c.TYPE for c in self.commands))
 
-    def get(self, kind: type[Command], index: int = 0) -> Command:
+    def get(self, kind: type[_CommandT], index: int = 0) -> _CommandT:
         """The ``index``-th command of class ``kind`` (ProtocolError if absent)."""
         seen = 0
         for c in self.commands:
@@ -434,7 +406,7 @@ def decode_rts(data: bytes) -> RtsPdu:
     (vers, minor, ptype, pfc, drep, frag_length, auth_length, call_id, flags, ncmds) = (
         _RTS_HEAD.unpack_from(data, 0)
     )
-    if vers != 5 or minor not in (0, 1):
+    if vers != RPC_VERSION or minor not in RPC_VERSION_MINORS:
         raise ProtocolError(f"RTS PDU has version {vers}.{minor}")
     if ptype != PType.RTS:
         raise ProtocolError(f"PTYPE {ptype} is not RTS")
@@ -468,7 +440,10 @@ def decode_rts(data: bytes) -> RtsPdu:
 
 
 class Kind(enum.Enum):
-    """The RTS PDUs a translating proxy sends or receives."""
+    """The RTS PDUs a translating proxy sends or receives.
+
+    ``IN_R2_A1``, ``IN_R2_A5`` and ``OUT_R2_A3`` also stand for their R1 twins: the bytes
+    are the same (the values say so), and this proxy always recycles as R2."""
 
     CONN_A1 = "CONN/A1"
     CONN_A3 = "CONN/A3"
@@ -492,35 +467,35 @@ class Kind(enum.Enum):
 
 
 _C = CommandType
-F = RtsFlags
+_F = RtsFlags
 _SIGNATURES: dict[tuple[int, tuple[CommandType, ...]], Kind] = {
-    (F.NONE, (_C.VERSION, _C.COOKIE, _C.COOKIE, _C.RECEIVE_WINDOW_SIZE)): Kind.CONN_A1,
-    (F.NONE, (_C.CONNECTION_TIMEOUT,)): Kind.CONN_A3,
+    (_F.NONE, (_C.VERSION, _C.COOKIE, _C.COOKIE, _C.RECEIVE_WINDOW_SIZE)): Kind.CONN_A1,
+    (_F.NONE, (_C.CONNECTION_TIMEOUT,)): Kind.CONN_A3,
     (
-        F.NONE,
+        _F.NONE,
         (_C.VERSION, _C.COOKIE, _C.COOKIE, _C.CHANNEL_LIFETIME, _C.CLIENT_KEEPALIVE,
          _C.ASSOCIATION_GROUP_ID),
     ): Kind.CONN_B1,
-    (F.NONE, (_C.VERSION, _C.RECEIVE_WINDOW_SIZE, _C.CONNECTION_TIMEOUT)): Kind.CONN_C2,
-    (F.RECYCLE_CHANNEL, (_C.VERSION, _C.COOKIE, _C.COOKIE, _C.COOKIE)): Kind.IN_R2_A1,
-    (F.NONE, (_C.DESTINATION,)): Kind.IN_R2_A4,
-    (F.NONE, (_C.COOKIE,)): Kind.IN_R2_A5,
-    (F.RECYCLE_CHANNEL, (_C.DESTINATION,)): Kind.OUT_R2_A2,
+    (_F.NONE, (_C.VERSION, _C.RECEIVE_WINDOW_SIZE, _C.CONNECTION_TIMEOUT)): Kind.CONN_C2,
+    (_F.RECYCLE_CHANNEL, (_C.VERSION, _C.COOKIE, _C.COOKIE, _C.COOKIE)): Kind.IN_R2_A1,
+    (_F.NONE, (_C.DESTINATION,)): Kind.IN_R2_A4,
+    (_F.NONE, (_C.COOKIE,)): Kind.IN_R2_A5,
+    (_F.RECYCLE_CHANNEL, (_C.DESTINATION,)): Kind.OUT_R2_A2,
     (
-        F.RECYCLE_CHANNEL,
+        _F.RECYCLE_CHANNEL,
         (_C.VERSION, _C.COOKIE, _C.COOKIE, _C.COOKIE, _C.RECEIVE_WINDOW_SIZE),
     ): Kind.OUT_R2_A3,
-    (F.NONE, (_C.DESTINATION, _C.ANCE)): Kind.OUT_R2_A6,
-    (F.OUT_CHANNEL, (_C.DESTINATION, _C.COOKIE, _C.VERSION)): Kind.OUT_R2_A7,
-    (F.OUT_CHANNEL, (_C.DESTINATION, _C.COOKIE)): Kind.OUT_R1_A7,
-    (F.EOF, (_C.ANCE,)): Kind.OUT_R2_B3,
-    (F.PING, (_C.EMPTY,)): Kind.OUT_R2_C1,
-    (F.PING, (_C.PADDING,)): Kind.OUT_R2_C1,
-    (F.OTHER_CMD, (_C.CLIENT_KEEPALIVE,)): Kind.KEEP_ALIVE,
-    (F.PING, ()): Kind.PING,
-    (F.ECHO, ()): Kind.ECHO,
-    (F.OTHER_CMD, (_C.FLOW_CONTROL_ACK,)): Kind.FLOW_CONTROL_ACK,
-    (F.OTHER_CMD, (_C.DESTINATION, _C.FLOW_CONTROL_ACK)): Kind.FLOW_CONTROL_ACK_WITH_DESTINATION,
+    (_F.NONE, (_C.DESTINATION, _C.ANCE)): Kind.OUT_R2_A6,
+    (_F.OUT_CHANNEL, (_C.DESTINATION, _C.COOKIE, _C.VERSION)): Kind.OUT_R2_A7,
+    (_F.OUT_CHANNEL, (_C.DESTINATION, _C.COOKIE)): Kind.OUT_R1_A7,
+    (_F.EOF, (_C.ANCE,)): Kind.OUT_R2_B3,
+    (_F.PING, (_C.EMPTY,)): Kind.OUT_R2_C1,
+    (_F.PING, (_C.PADDING,)): Kind.OUT_R2_C1,
+    (_F.OTHER_CMD, (_C.CLIENT_KEEPALIVE,)): Kind.KEEP_ALIVE,
+    (_F.PING, ()): Kind.PING,
+    (_F.ECHO, ()): Kind.ECHO,
+    (_F.OTHER_CMD, (_C.FLOW_CONTROL_ACK,)): Kind.FLOW_CONTROL_ACK,
+    (_F.OTHER_CMD, (_C.DESTINATION, _C.FLOW_CONTROL_ACK)): Kind.FLOW_CONTROL_ACK_WITH_DESTINATION,
 }
 
 
@@ -545,21 +520,21 @@ def _build(flags: int, *commands: Command) -> bytes:
     return RtsPdu(flags, commands).encode()
 
 
-ECHO = _build(F.ECHO)
-PING = _build(F.PING)
-OUT_R2_A2 = _build(F.RECYCLE_CHANNEL, Destination(ForwardDestination.CLIENT))
-OUT_R2_A6 = _build(F.NONE, Destination(ForwardDestination.CLIENT), ANCE())
-OUT_R2_B3 = _build(F.EOF, ANCE())
-IN_R2_A4 = _build(F.NONE, Destination(ForwardDestination.CLIENT))
+ECHO = _build(_F.ECHO)
+PING = _build(_F.PING)
+OUT_R2_A2 = _build(_F.RECYCLE_CHANNEL, Destination(ForwardDestination.CLIENT))
+OUT_R2_A6 = _build(_F.NONE, Destination(ForwardDestination.CLIENT), ANCE())
+OUT_R2_B3 = _build(_F.EOF, ANCE())
+IN_R2_A4 = _build(_F.NONE, Destination(ForwardDestination.CLIENT))
 
 
 def conn_a3(connection_timeout_ms: int) -> bytes:
-    return _build(F.NONE, ConnectionTimeout(connection_timeout_ms))
+    return _build(_F.NONE, ConnectionTimeout(connection_timeout_ms))
 
 
 def conn_c2(receive_window: int, connection_timeout_ms: int) -> bytes:
     return _build(
-        F.NONE, Version(), ReceiveWindowSize(receive_window),
+        _F.NONE, Version(), ReceiveWindowSize(receive_window),
         ConnectionTimeout(connection_timeout_ms),
     )
 
@@ -569,7 +544,7 @@ def flow_control_ack(
 ) -> bytes:
     """FlowControlAckWithDestination (2.2.4.50)."""
     return _build(
-        F.OTHER_CMD, Destination(destination),
+        _F.OTHER_CMD, Destination(destination),
         FlowControlAck(bytes_received, available_window, cookie),
     )
 
@@ -579,7 +554,7 @@ def flow_control_ack(
 
 def conn_a1(vc_cookie: bytes, out_cookie: bytes, receive_window: int) -> bytes:
     return _build(
-        F.NONE, Version(), Cookie(vc_cookie), Cookie(out_cookie), ReceiveWindowSize(receive_window)
+        _F.NONE, Version(), Cookie(vc_cookie), Cookie(out_cookie), ReceiveWindowSize(receive_window)
     )
 
 
@@ -592,37 +567,37 @@ def conn_b1(
     keepalive_ms: int = 300_000,
 ) -> bytes:
     return _build(
-        F.NONE, Version(), Cookie(vc_cookie), Cookie(in_cookie), ChannelLifetime(channel_lifetime),
+        _F.NONE, Version(), Cookie(vc_cookie), Cookie(in_cookie), ChannelLifetime(channel_lifetime),
         ClientKeepalive(keepalive_ms), AssociationGroupId(association_group),
     )
 
 
 def in_r2_a1(vc_cookie: bytes, predecessor: bytes, successor: bytes) -> bytes:
     return _build(
-        F.RECYCLE_CHANNEL, Version(), Cookie(vc_cookie), Cookie(predecessor), Cookie(successor)
+        _F.RECYCLE_CHANNEL, Version(), Cookie(vc_cookie), Cookie(predecessor), Cookie(successor)
     )
 
 
 def in_r2_a5(successor: bytes) -> bytes:
-    return _build(F.NONE, Cookie(successor))
+    return _build(_F.NONE, Cookie(successor))
 
 
 def out_r2_a3(vc_cookie: bytes, predecessor: bytes, successor: bytes, receive_window: int) -> bytes:
     return _build(
-        F.RECYCLE_CHANNEL, Version(), Cookie(vc_cookie), Cookie(predecessor), Cookie(successor),
+        _F.RECYCLE_CHANNEL, Version(), Cookie(vc_cookie), Cookie(predecessor), Cookie(successor),
         ReceiveWindowSize(receive_window),
     )
 
 
 def out_r2_a7(successor: bytes) -> bytes:
     return _build(
-        F.OUT_CHANNEL, Destination(ForwardDestination.SERVER), Cookie(successor), Version()
+        _F.OUT_CHANNEL, Destination(ForwardDestination.SERVER), Cookie(successor), Version()
     )
 
 
-OUT_R2_C1 = _build(F.PING, Empty())
+OUT_R2_C1 = _build(_F.PING, Empty())
 
 
 def keep_alive(keepalive_ms: int) -> bytes:
-    return _build(F.OTHER_CMD, ClientKeepalive(keepalive_ms))
+    return _build(_F.OTHER_CMD, ClientKeepalive(keepalive_ms))
 

@@ -93,16 +93,16 @@ def test_queued_in_successor_counted_while_the_out_channel_recycles() -> None:
         IN3,
         IN3_CK,
         ME,
-        TARGET,
         in_a1,
+        join,
         recycle_to_a2,
     )
 
     server = _server()
     vc, _ = recycle_to_a2()
     assert vc.old_out is vc.out
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
-    vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, now=1.0)
+    join(vc, IN3, in_a1(IN2_CK, IN3_CK), identity=ME, now=1.0)
     assert vc.in_queued is not None
     server.vcs[vc.cookie] = SimpleNamespace(vc=vc)  # type: ignore[assignment]
     assert _channel_gauge(server) == {"in": 3, "out": 1}

@@ -5,6 +5,7 @@ No sockets and no clocks: time is a number passed with each event.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import struct
 from collections.abc import Callable, Hashable
@@ -21,26 +22,38 @@ from rpcproxy.errors import (
     RPC_S_PROTOCOL_ERROR,
     RPC_S_SERVER_UNAVAILABLE,
     BackendUnavailable,
+    ProtocolError,
     RpcProxyError,
 )
+from rpcproxy.metrics import CLOSE_KINDS, ServerMetrics, classify_close
 from rpcproxy.rpch import rts
-from rpcproxy.rpch.connection import (
+from rpcproxy.rpch.actions import (
     Action,
     CloseBackend,
     CloseChannel,
+    CloseKind,
     ConnectBackend,
     PauseBackend,
-    Phase,
     ResumeBackend,
     SendToBackend,
     SendToClient,
     StartResponse,
     VcClosed,
+)
+from rpcproxy.rpch.channels import (
+    IN_MIN_CONTENT_LENGTH,
+    OUT_NEW_CONTENT_LENGTH,
+    OUT_SUCCESSOR_CONTENT_LENGTH,
+    Method,
     VcSettings,
-    VirtualConnection,
+    check_content_length,
+    first_pdu_length,
+    judge_opening,
     min_out_content_length,
 )
+from rpcproxy.rpch.connection import VirtualConnection
 from rpcproxy.rpch.rts import ForwardDestination
+from rpcproxy.rpch.states import Backend, InRecycle, OutRecycle, Phase
 
 VC = bytes.fromhex("40 1e 2b 6f 4a 8d 1b 4c 9a 3e 2f 1d 0c 5b 7a 91")
 OUT_CK = b"O" * 16
@@ -118,18 +131,35 @@ def teardown(*channels: Hashable, error: str | None = "ProtocolError",
     return acts
 
 
+# The Content-Length each first PDU comes with (the adapter's request), for judge_opening.
+_OPENING_REQUEST = {
+    rts.Kind.CONN_A1: (Method.OUT, OUT_NEW_CONTENT_LENGTH),
+    rts.Kind.OUT_R2_A3: (Method.OUT, OUT_SUCCESSOR_CONTENT_LENGTH),
+    rts.Kind.CONN_B1: (Method.IN, IN_MIN_CONTENT_LENGTH),
+    rts.Kind.IN_R2_A1: (Method.IN, IN_MIN_CONTENT_LENGTH),
+}
+
+
+def join(vc: VirtualConnection, ch: Hashable, pdu: rts.RtsPdu, *, identity: Hashable = ME,
+         target: Hashable = TARGET, now: float = 0.0) -> list[Action]:
+    """A channel with this first PDU joins ``vc`` the adapter's way: judged, then opened."""
+    method, length = _OPENING_REQUEST[rts.identify(pdu)]
+    opening = judge_opening(method, length, pdu.encode())
+    return vc.open_channel(ch, opening, identity=identity, target=target, now=now)
+
+
 def new_vc(s: VcSettings | None = None, now: float = 0.0) -> VirtualConnection:
     return VirtualConnection(VC, identity=ME, target=TARGET, settings=s or VcSettings(), now=now)
 
 
 def open_out(vc: VirtualConnection, ch: Hashable = OUT, pdu: rts.RtsPdu | None = None,
              now: float = 0.0, identity: Hashable = ME, target: Hashable = TARGET) -> list[Action]:
-    return vc.open_out(ch, pdu or a1(), identity=identity, target=target, now=now)
+    return join(vc, ch, pdu or a1(), identity=identity, target=target, now=now)
 
 
 def open_in(vc: VirtualConnection, ch: Hashable = IN, pdu: rts.RtsPdu | None = None,
             now: float = 0.0, identity: Hashable = ME, target: Hashable = TARGET) -> list[Action]:
-    return vc.open_in(ch, pdu or b1(), identity=identity, target=target, now=now)
+    return join(vc, ch, pdu or b1(), identity=identity, target=target, now=now)
 
 
 def opened(s: VcSettings | None = None, window: int = rts.MAX_RECEIVE_WINDOW,
@@ -332,9 +362,9 @@ def test_target_mismatch_refuses_only_the_intruder(side: str) -> None:
 
 def test_successor_identity_and_target_mismatch_refused() -> None:
     vc = opened()
-    acts = vc.open_in_successor(IN2, in_a1(), identity="mallory", target=TARGET, now=1)
+    acts = join(vc, IN2, in_a1(), identity="mallory", target=TARGET, now=1)
     assert norm(acts) == [("close", IN2, "ProtocolError")]
-    acts = vc.open_out_successor(OUT2, a3(), identity=ME, target=("x", 1), now=1)
+    acts = join(vc, OUT2, a3(), identity=ME, target=("x", 1), now=1)
     assert norm(acts) == [("close", OUT2, "ProtocolError")]
     assert vc.phase is Phase.OPENED
     assert vc.in_data(IN, rpc(PType.BIND), 2) == [SendToBackend(rpc(PType.BIND))]
@@ -758,7 +788,7 @@ def recycle_to_a2(s: VcSettings = SMALL) -> tuple[VirtualConnection, Tally]:
 def recycle_to_a6(s: VcSettings = SMALL, window: int = rts.MAX_RECEIVE_WINDOW,
                   ) -> tuple[VirtualConnection, Tally]:
     vc, t = recycle_to_a2(s)
-    acts = vc.open_out_successor(OUT2, a3(window=window), identity=ME, target=TARGET, now=3.0)
+    acts = join(vc, OUT2, a3(window=window), identity=ME, target=TARGET, now=3.0)
     assert t.feed(acts) == [SendToClient(OUT, rts.OUT_R2_A6)]
     return vc, t
 
@@ -789,7 +819,7 @@ def _after_out_recycle(vc: VirtualConnection, t: Tally) -> None:
     assert vc.phase is Phase.OPENED
     assert t.bytes[OUT] <= 4096
     # the old channel going away is normal; acks naming it are discarded
-    assert vc.channel_closed(OUT, 6.0) == []
+    assert vc.channel_closed(OUT) == []
     assert vc.in_data(IN, out_ack(0, 0x40000, OUT_CK), 6.0) == []
     # new traffic flows on the successor, acks for it are honoured
     r = rpc(PType.RESPONSE, 100)
@@ -801,7 +831,7 @@ def _after_out_recycle(vc: VirtualConnection, t: Tally) -> None:
     for i in range(10):
         acts += t.feed(vc.backend_data(rpc(PType.RESPONSE, 500, 100 + i), 8.0))
     assert SendToClient(OUT2, rts.OUT_R2_A2) in acts
-    t.feed(vc.open_out_successor(OUT3, a3(OUT2_CK, OUT3_CK), identity=ME, target=TARGET,
+    t.feed(join(vc, OUT3, a3(OUT2_CK, OUT3_CK), identity=ME, target=TARGET,
                                  now=9.0))
     t.feed(vc.in_data(IN, rts.out_r2_a7(OUT3_CK), 9.0))
     acts = t.feed(vc.out_request_data(OUT3, rts.OUT_R2_C1, 9.0))
@@ -879,7 +909,7 @@ def test_out_recycle_window_of_successor_from_a3() -> None:
 
 def test_out_r2_a3_without_a2_is_an_error() -> None:
     vc = opened()
-    acts = vc.open_out_successor(OUT2, a3(), identity=ME, target=TARGET, now=1.0)
+    acts = join(vc, OUT2, a3(), identity=ME, target=TARGET, now=1.0)
     assert norm(acts) == [("close", OUT2, "ProtocolError"), *teardown(OUT, IN)]
     assert vc.closed
 
@@ -887,7 +917,7 @@ def test_out_r2_a3_without_a2_is_an_error() -> None:
 def test_out_r2_a3_before_opened_is_an_error() -> None:
     vc = new_vc()
     open_out(vc)
-    acts = vc.open_out_successor(OUT2, a3(), identity=ME, target=TARGET, now=1.0)
+    acts = join(vc, OUT2, a3(), identity=ME, target=TARGET, now=1.0)
     assert norm(acts) == [("close", OUT2, "ProtocolError"), *teardown(OUT)]
 
 
@@ -898,14 +928,14 @@ def test_out_r2_a3_before_opened_is_an_error() -> None:
 )
 def test_out_r2_a3_bad_cookies_tear_down(pdu: rts.RtsPdu) -> None:
     vc, t = recycle_to_a2()
-    acts = vc.open_out_successor(OUT2, pdu, identity=ME, target=TARGET, now=3.0)
+    acts = join(vc, OUT2, pdu, identity=ME, target=TARGET, now=3.0)
     assert norm(acts) == [("close", OUT2, "ProtocolError"), *teardown(OUT, IN)]
     assert vc.closed
 
 
 def test_second_a3_tears_down() -> None:
     vc, t = recycle_to_a6()
-    acts = vc.open_out_successor(OUT3, a3(succ=OUT3_CK), identity=ME, target=TARGET, now=3.0)
+    acts = join(vc, OUT3, a3(succ=OUT3_CK), identity=ME, target=TARGET, now=3.0)
     assert norm(acts) == [("close", OUT3, "ProtocolError"), *teardown(OUT, OUT2, IN)]
 
 
@@ -997,7 +1027,7 @@ def _serve_out_recycles(vc: VirtualConnection, t: Tally, acts: list[Action],
         recycles += 1
         succ, ch = bytes([recycles]) * 16, f"out-r{recycles}"
         now += 1
-        acts = t.feed(vc.open_out_successor(ch, a3(cookie, succ), identity=ME, target=TARGET,
+        acts = t.feed(join(vc, ch, a3(cookie, succ), identity=ME, target=TARGET,
                                             now=now))
         acts += t.feed(vc.in_data(IN, rts.out_r2_a7(succ), now))
         acts += t.feed(vc.out_request_data(ch, rts.OUT_R2_C1, now))
@@ -1036,7 +1066,7 @@ def test_largest_fragment_fits_a_fresh_channel_of_the_least_allowed_content_leng
     big = rpc(PType.RESPONSE, 0xFFFF, 2)
     acts = t.feed(vc.backend_data(first, 1.0)) + t.feed(vc.backend_data(big, 1.0))
     assert sent_to(acts, OUT) == [first, rts.OUT_R2_A2]
-    acts = t.feed(vc.open_out_successor(OUT2, a3(), identity=ME, target=TARGET, now=2.0))
+    acts = t.feed(join(vc, OUT2, a3(), identity=ME, target=TARGET, now=2.0))
     acts += t.feed(vc.in_data(IN, rts.out_r2_a7(OUT2_CK), 2.0))
     acts += t.feed(vc.in_data(IN, rpc(PType.REQUEST, 0x1001), 2.0))  # an IN ack is due
     acts += t.feed(vc.out_request_data(OUT2, rts.OUT_R2_C1, 2.0))
@@ -1049,7 +1079,7 @@ def test_largest_fragment_fits_a_fresh_channel_of_the_least_allowed_content_leng
 
 def test_in_recycle() -> None:
     vc = opened()
-    acts = vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    acts = join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     assert acts == [SendToClient(OUT, rts.IN_R2_A4)]
     assert vc.channels() == [OUT, IN, IN2]
     held = [rpc(PType.REQUEST, 100, 10), rpc(PType.REQUEST, 60, 11)]
@@ -1066,7 +1096,7 @@ def test_in_recycle() -> None:
     after = rpc(PType.REQUEST, 50, 12)
     assert vc.in_data(IN2, after, 5.0) == [SendToBackend(after)]
     assert vc.in_data(IN, rpc(PType.REQUEST, 40, 100), 5.0) == []
-    assert vc.channel_closed(IN, 6.0) == []
+    assert vc.channel_closed(IN) == []
     assert vc.phase is Phase.OPENED
 
 
@@ -1074,7 +1104,7 @@ def test_in_recycle_successor_counts_its_own_bytes() -> None:
     vc = opened(VcSettings(receive_window=0x2000))
     pdu = rpc(PType.REQUEST, 3000)
     vc.in_data(IN, pdu, 1.0)
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     vc.in_data(IN, rts.in_r2_a5(IN2_CK), 2.0)
     assert vc.in_data(IN2, pdu, 3.0) == [SendToBackend(pdu)]
     acts = vc.in_data(IN2, pdu, 3.0)
@@ -1084,7 +1114,7 @@ def test_in_recycle_successor_counts_its_own_bytes() -> None:
 
 def test_in_recycle_a5_with_pdus_before_it_in_one_chunk() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     held = rpc(PType.REQUEST, 64, 2)
     vc.in_data(IN2, held, 1.0)
     pre = rpc(PType.REQUEST, 64, 1)
@@ -1094,7 +1124,7 @@ def test_in_recycle_a5_with_pdus_before_it_in_one_chunk() -> None:
 
 def test_in_recycle_a5_bad_cookie_tears_down() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     vc.in_data(IN2, rpc(PType.REQUEST), 1.0)
     acts = vc.in_data(IN, rts.in_r2_a5(b"Z" * 16), 2.0)
     assert norm(acts) == teardown(OUT, IN, IN2)
@@ -1108,14 +1138,14 @@ def test_in_r2_a5_without_recycle_tears_down() -> None:
 
 def test_in_r2_a5_on_successor_is_just_buffered() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     assert vc.in_data(IN2, rts.in_r2_a5(IN2_CK), 2.0) == []
     assert vc.phase is Phase.OPENED
 
 
 def test_in_recycle_plugged_non_client_ptype_never_forwarded() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     ok = rpc(PType.REQUEST, 64)
     vc.in_data(IN2, ok + rpc(PType.RESPONSE, 64) + ok, 1.0)
     acts = vc.in_data(IN, rts.in_r2_a5(IN2_CK), 2.0)
@@ -1128,21 +1158,21 @@ def test_in_recycle_plugged_non_client_ptype_never_forwarded() -> None:
     "pdu", [in_a1(pred=b"Z" * 16), in_a1(vc=b"Z" * 16)], ids=["predecessor", "vc"])
 def test_in_r2_a1_bad_cookies_tear_down(pdu: rts.RtsPdu) -> None:
     vc = opened()
-    acts = vc.open_in_successor(IN2, pdu, identity=ME, target=TARGET, now=1.0)
+    acts = join(vc, IN2, pdu, identity=ME, target=TARGET, now=1.0)
     assert norm(acts) == [("close", IN2, "ProtocolError"), *teardown(OUT, IN)]
 
 
 def test_in_r2_a1_before_opened_tears_down() -> None:
     vc = new_vc()
     open_in(vc)
-    acts = vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    acts = join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     assert norm(acts) == [("close", IN2, "ProtocolError"), *teardown(IN)]
 
 
 def test_second_in_r2_a1_tears_down() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
-    acts = vc.open_in_successor("in-3", in_a1(succ=b"K" * 16), identity=ME, target=TARGET,
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    acts = join(vc, "in-3", in_a1(succ=b"K" * 16), identity=ME, target=TARGET,
                                 now=1.0)
     assert norm(acts) == [("close", "in-3", "ProtocolError"), *teardown(OUT, IN, IN2)]
 
@@ -1154,11 +1184,11 @@ def test_in_r2_a1_that_overtakes_the_previous_a5_is_queued_in_order() -> None:
     """A client that got IN_R2/A4 sends A5 on IN#1, fills IN#2 and recycles it; its A1
     for IN#3 (naming IN#2) can arrive before that A5. It waits, plugged, for the A5."""
     vc = opened()
-    assert vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0) == [
+    assert join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0) == [
         SendToClient(OUT, rts.IN_R2_A4)]
     on2 = [rpc(PType.REQUEST, 100, 20), rpc(PType.REQUEST, 60, 21)]
     assert vc.in_data(IN2, on2[0], 1.5) == []
-    acts = vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET,
+    acts = join(vc, IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET,
                                 now=2.0)
     assert acts == []  # queued: no A4 before the pending recycle completes
     assert vc.channels() == [OUT, IN, IN2, IN3]
@@ -1181,8 +1211,8 @@ def test_in_r2_a1_that_overtakes_the_previous_a5_is_queued_in_order() -> None:
 
 def test_queued_in_successor_restarts_the_recycle_timer() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
-    vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=2.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=2.0)
     vc.in_data(IN, rts.in_r2_a5(IN2_CK), 50.0)
     assert vc.next_deadline() == 110.0  # 60 s from the A4 sent for IN#3
     assert norm(vc.on_timer(110.0)) == teardown(OUT, IN2, IN3)
@@ -1193,27 +1223,27 @@ def test_queued_in_successor_restarts_the_recycle_timer() -> None:
                          ids=["third", "names-current", "foreign-vc"])
 def test_in_r2_a1_beside_a_queued_or_pending_one_still_tears_down(pdu: rts.RtsPdu) -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
     if tuple(rts.cookies(pdu)[:2]) == (VC, IN2_CK):  # "third": one is queued already
-        vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=1.0)
+        join(vc, IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=1.0)
         expect = teardown(OUT, IN, IN2, IN3)
     else:
         expect = teardown(OUT, IN, IN2)
-    acts = vc.open_in_successor("in-4", pdu, identity=ME, target=TARGET, now=2.0)
+    acts = join(vc, "in-4", pdu, identity=ME, target=TARGET, now=2.0)
     assert norm(acts) == [("close", "in-4", "ProtocolError"), *expect]
 
 
 def test_queued_in_successor_closing_ends_the_vc() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
-    vc.open_in_successor(IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=1.0)
-    assert norm(vc.channel_closed(IN3, 2.0)) == teardown(OUT, IN, IN2, IN3, error=None)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    join(vc, IN3, in_a1(IN2_CK, IN3_CK), identity=ME, target=TARGET, now=1.0)
+    assert norm(vc.channel_closed(IN3)) == teardown(OUT, IN, IN2, IN3, error=None)
 
 
 def test_in_recycle_timeout() -> None:
     vc = opened()
     vc.in_data(IN, rts.keep_alive(60_000), 0.0)  # ping every 30 s
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=10.0)  # A4 at t=10
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=10.0)  # A4 at t=10
     assert vc.next_deadline() == 40.0  # ping first
     assert vc.on_timer(40.0) == [SendToClient(OUT, rts.PING)]
     assert vc.next_deadline() == 70.0
@@ -1223,7 +1253,7 @@ def test_in_recycle_timeout() -> None:
 
 def test_in_r2_a4_during_out_recycle_goes_on_old_out() -> None:
     vc, t = recycle_to_a6()
-    acts = vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=4.0)
+    acts = join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=4.0)
     assert t.feed(acts) == [SendToClient(OUT, rts.IN_R2_A4)]
 
 
@@ -1233,7 +1263,7 @@ def test_in_r2_a4_during_out_recycle_goes_on_old_out() -> None:
 @pytest.mark.parametrize("which", [OUT, IN])
 def test_channel_closed_of_live_channel_tears_down(which: str) -> None:
     vc = opened()
-    acts = vc.channel_closed(which, 5.0)
+    acts = vc.channel_closed(which)
     # a client closing a channel is a normal end: no error to report
     assert norm(acts) == teardown(OUT, IN, error=None)
     assert vc.closed
@@ -1241,25 +1271,25 @@ def test_channel_closed_of_live_channel_tears_down(which: str) -> None:
 
 def test_channel_closed_of_successor_tears_down() -> None:
     vc = opened()
-    vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
-    assert norm(vc.channel_closed(IN2, 2.0)) == teardown(OUT, IN, IN2, error=None)
+    join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=1.0)
+    assert norm(vc.channel_closed(IN2)) == teardown(OUT, IN, IN2, error=None)
 
 
 def test_channel_closed_during_pairing() -> None:
     vc = new_vc()
     open_out(vc)
-    assert norm(vc.channel_closed(OUT, 1.0)) == teardown(OUT, error=None)
+    assert norm(vc.channel_closed(OUT)) == teardown(OUT, error=None)
 
 
 def test_channel_closed_of_unknown_channel_ignored() -> None:
     vc = opened()
-    assert vc.channel_closed("stranger", 1.0) == []
+    assert vc.channel_closed("stranger") == []
     assert vc.phase is Phase.OPENED
 
 
 def test_backend_closed_tears_down_with_error() -> None:
     vc = opened()
-    acts = vc.backend_closed(3.0)
+    acts = vc.backend_closed()
     assert norm(acts) == teardown(OUT, IN, error="BackendUnavailable")
     for a in acts:
         if isinstance(a, CloseChannel | VcClosed):
@@ -1272,7 +1302,7 @@ def test_backend_failed_tears_down_with_that_error() -> None:
     open_out(vc)
     open_in(vc)
     error = BackendUnavailable("backend 127.0.0.1:1024 unreachable: refused")
-    acts = vc.backend_failed(error, 3.0)
+    acts = vc.backend_failed(error)
     assert norm(acts) == teardown(OUT, IN, error="BackendUnavailable")
     assert all(a.error is error for a in acts if isinstance(a, CloseChannel | VcClosed))
     assert vc.close_reason == str(error)
@@ -1280,28 +1310,28 @@ def test_backend_failed_tears_down_with_that_error() -> None:
 
 def test_close_from_outside() -> None:
     vc = opened()
-    acts = vc.close("server shutdown", 9.0)
+    acts = vc.close("server shutdown")
     assert norm(acts) == teardown(OUT, IN, error=None)
     assert isinstance(acts[-1], VcClosed) and acts[-1].reason == "server shutdown"
-    assert vc.close("again", 10.0) == []
+    assert vc.close("again") == []
 
 
 def test_close_before_backend_requested() -> None:
     vc = new_vc()
-    assert norm(vc.close("bye", 0.0)) == [("vc_closed", None)]
+    assert norm(vc.close("bye")) == [("vc_closed", None)]
 
 
 def test_teardown_clears_queues() -> None:
     vc = opened(window=0x2000)
     vc.backend_data(rpc(PType.RESPONSE, 0x2000) * 3, 1.0)
     assert vc.send_queue
-    vc.close("bye", 2.0)
+    vc.close("bye")
     assert not vc.send_queue and vc.channels() == []
 
 
 def test_everything_after_closed_is_empty_or_refused() -> None:
     vc = opened()
-    vc.close("bye", 1.0)
+    vc.close("bye")
     assert norm(open_out(vc, "x")) == [("close", "x", "ProtocolError")]
     assert norm(open_in(vc, "y")) == [("close", "y", "ProtocolError")]
     results = [
@@ -1309,17 +1339,17 @@ def test_everything_after_closed_is_empty_or_refused() -> None:
         vc.out_request_data(OUT, rts.OUT_R2_C1, 2.0),
         vc.backend_data(rpc(PType.RESPONSE), 2.0),
         vc.backend_up(2.0),
-        vc.backend_closed(2.0),
-        vc.backend_failed(BackendUnavailable("x"), 2.0),
-        vc.channel_closed(OUT, 2.0),
+        vc.backend_closed(),
+        vc.backend_failed(BackendUnavailable("x")),
+        vc.channel_closed(OUT),
         vc.on_timer(1000.0),
-        vc.close("again", 2.0),
+        vc.close("again"),
     ]
     for r in results:
         assert r == [] or all(isinstance(a, CloseChannel) for a in r)
-    assert norm(vc.open_out_successor(OUT2, a3(), identity=ME, target=TARGET, now=2.0)) == [
+    assert norm(join(vc, OUT2, a3(), identity=ME, target=TARGET, now=2.0)) == [
         ("close", OUT2, "ProtocolError")]
-    assert norm(vc.open_in_successor(IN2, in_a1(), identity=ME, target=TARGET, now=2.0)) == [
+    assert norm(join(vc, IN2, in_a1(), identity=ME, target=TARGET, now=2.0)) == [
         ("close", IN2, "ProtocolError")]
     assert vc.next_deadline() is None
 
@@ -1349,8 +1379,7 @@ class Driver:
         self.a7_sent = False
         self.c1_sent = False
         self.out_switches = 0
-        self.vc = new_vc(PROP_SETTINGS)
-        self.vc.fast_paths = fast_paths
+        self.vc = new_vc(dataclasses.replace(PROP_SETTINGS, fast_paths=fast_paths))
         self.log: list[Any] = []  # every action, normalised, in order
         self.now = 0.0
         self.tally = Tally(PROP_SETTINGS.out_content_length)
@@ -1458,7 +1487,7 @@ class Driver:
             succ = self.fresh()
             ch = f"succ-out-{self.n}"
             self.pending_out = (ch, succ)
-            self.apply(vc.open_out_successor(ch, a3(self.out_cookie, succ, 0x2000),
+            self.apply(join(vc, ch, a3(self.out_cookie, succ, 0x2000),
                                              identity=ME, target=TARGET, now=self.now))
         elif op == "out_a7" and self.pending_out and (self.a6_seen or not self.strict):
             if self.strict and self.a7_sent:
@@ -1476,7 +1505,7 @@ class Driver:
             succ = self.fresh()
             ch = f"succ-in-{self.n}"
             self.pending_in = (ch, succ)
-            self.apply(vc.open_in_successor(ch, in_a1(self.in_cookie, succ), identity=ME,
+            self.apply(join(vc, ch, in_a1(self.in_cookie, succ), identity=ME,
                                             target=TARGET, now=self.now))
         elif op == "in_a1_next" and self.pending_in:  # recycles the successor before A5
             if self.strict and self.queued_in:
@@ -1484,7 +1513,7 @@ class Driver:
             succ = self.fresh()
             ch = f"succ-in-{self.n}"
             self.queued_in = (ch, succ)
-            self.apply(vc.open_in_successor(ch, in_a1(self.pending_in[1], succ), identity=ME,
+            self.apply(join(vc, ch, in_a1(self.pending_in[1], succ), identity=ME,
                                             target=TARGET, now=self.now))
         elif op == "in_next_rpc" and self.queued_in:
             self.apply(vc.in_data(self.queued_in[0], rpc(PType.REQUEST, 16 + size), self.now))
@@ -1499,11 +1528,11 @@ class Driver:
         elif op == "close_channel":
             chans = vc.channels()
             if chans:
-                self.apply(vc.channel_closed(chans[size % len(chans)], self.now))
+                self.apply(vc.channel_closed(chans[size % len(chans)]))
         elif op == "backend_closed":
-            self.apply(vc.backend_closed(self.now))
+            self.apply(vc.backend_closed())
         elif op == "close":
-            self.apply(vc.close("test", self.now))
+            self.apply(vc.close("test"))
 
 
 # weighted: enough backend traffic and acks to fill OUT channels and force recycling
@@ -1553,7 +1582,7 @@ def _same_outcome(ops: list[tuple[str, int]], strict: bool) -> None:
     slow = _run_driver(ops, strict=strict, fast_paths=False)
     assert fast.log == slow.log
     assert fast.backend_sent == slow.backend_sent
-    for attr in ("phase", "traffic", "last_out_write", "backend_paused", "out_recycle"):
+    for attr in ("phase", "traffic", "last_out_write", "reading", "out_recycle"):
         assert getattr(fast.vc, attr) == getattr(slow.vc, attr), attr
     for name in ("out", "in_", "out_successor", "in_successor", "old_out"):
         f, s_ = getattr(fast.vc, name), getattr(slow.vc, name)
@@ -1605,9 +1634,221 @@ def test_channel_counts_during_out_recycle() -> None:
     """The recycling OUT channel is ``out`` and ``old_out`` at once: it counts once (the
     metrics' rpcproxy_channels{direction="out"} read one too many while a VC recycled)."""
     vc = opened()
-    assert vc.channel_counts() == (1, 1)
+    assert vc.open_channels() == (1, 1)
     vc, _ = recycle_to_a2()
     assert vc.old_out is vc.out
-    assert vc.channel_counts() == (1, 1)
+    assert vc.open_channels() == (1, 1)
     vc, _ = recycle_to_a6()
-    assert vc.channel_counts() == (1, 2)
+    assert vc.open_channels() == (1, 2)
+
+
+# --- how a VC ended: CloseKind, and the metric it becomes -----------------------------------------
+
+
+def _pairing() -> list[Action]:
+    vc = new_vc()
+    open_out(vc)
+    return vc.on_timer(30.0)
+
+
+def _backend_wait() -> list[Action]:
+    vc = new_vc()
+    open_out(vc)
+    open_in(vc)
+    return vc.on_timer(30.0)
+
+
+def _backend_unreachable() -> list[Action]:
+    vc = new_vc()
+    open_out(vc)
+    return vc.backend_failed(BackendUnavailable("backend 127.0.0.1:1 unreachable: refused"))
+
+
+def _backend_speaks_client() -> list[Action]:
+    return opened().backend_data(rpc(PType.REQUEST), 1.0)
+
+
+def _pdu_too_large() -> list[Action]:
+    return opened(VcSettings(out_content_length=32768)).backend_data(
+        rpc(PType.RESPONSE, 60_000), 1.0)
+
+
+def _recycle_timeout() -> list[Action]:
+    vc, _ = recycle_to_a2()
+    return vc.on_timer(1000.0)
+
+
+def _client_rpc_type() -> list[Action]:
+    return opened().in_data(IN, rpc(PType.RESPONSE), 1.0)
+
+
+def _channel_failed() -> list[Action]:
+    return opened().channel_failed(IN, ProtocolError("IN request body runs past its end"))
+
+
+# Each way the core ends a VC, its CloseKind, and the how="..." label of
+# rpcproxy_virtual_connections_closed_total it had before CloseKind existed (then derived
+# from the reason's words): the labels must not change.
+CLOSE_PATHS: list[tuple[str, Callable[[], list[Action]], CloseKind, str]] = [
+    ("pairing", _pairing, CloseKind.PAIRING_TIMEOUT, "pairing_timeout"),
+    ("backend-wait", _backend_wait, CloseKind.BACKEND_TIMEOUT, "backend"),
+    ("backend-failed", _backend_unreachable, CloseKind.BACKEND_UNREACHABLE, "backend"),
+    ("backend-closed", lambda: opened().backend_closed(), CloseKind.BACKEND_CLOSED, "backend"),
+    ("backend-ptype", _backend_speaks_client, CloseKind.BACKEND_PROTOCOL_ERROR, "backend"),
+    ("pdu-too-large", _pdu_too_large, CloseKind.PDU_TOO_LARGE, "backend"),
+    ("recycle-timeout", _recycle_timeout, CloseKind.RECYCLE_TIMEOUT, "timeout"),
+    ("client-closed", lambda: opened().channel_closed(IN), CloseKind.CLIENT_CLOSED,
+     "client_closed"),
+    ("shutdown", lambda: opened().close("server shutting down"), CloseKind.SHUTDOWN,
+     "shutdown"),
+    ("client-ptype", _client_rpc_type, CloseKind.PROTOCOL_ERROR, "protocol_error"),
+    ("channel-failed", _channel_failed, CloseKind.PROTOCOL_ERROR, "protocol_error"),
+]
+
+
+@pytest.mark.parametrize(("path", "kind", "label"), [p[1:] for p in CLOSE_PATHS],
+                         ids=[p[0] for p in CLOSE_PATHS])
+def test_vc_closed_says_how_in_a_code_and_the_metric_counts_the_code(
+        path: Callable[[], list[Action]], kind: CloseKind, label: str) -> None:
+    closed = path()[-1]
+    assert isinstance(closed, VcClosed)
+    assert closed.kind is kind
+    metrics = ServerMetrics()
+    metrics.vc_closed(closed.kind, 0, 0)
+    # Reworded (or translated) prose: the same kind, the same metric.
+    reworded = dataclasses.replace(closed, reason="ended, in other words")
+    metrics.vc_closed(reworded.kind, 0, 0)
+    assert metrics.vcs_closed[label] == 2
+    assert sum(metrics.vcs_closed.values()) == 2
+    assert metrics.pairing_timeouts == (2 if kind is CloseKind.PAIRING_TIMEOUT else 0)
+
+
+def test_every_close_kind_has_a_metric_label() -> None:
+    assert {classify_close(kind) for kind in CloseKind} == set(CLOSE_KINDS)
+
+
+# --- the opening table (channels.judge_opening) ---------------------------------------------------
+
+A1_BYTES = rts.conn_a1(VC, OUT_CK, rts.MAX_RECEIVE_WINDOW)
+B1_BYTES = rts.conn_b1(VC, IN_CK, AG, keepalive_ms=300_000)
+A3_BYTES = rts.out_r2_a3(VC, OUT_CK, OUT2_CK, rts.MAX_RECEIVE_WINDOW)
+IN_A1_BYTES = rts.in_r2_a1(VC, IN_CK, IN2_CK)
+
+
+@pytest.mark.parametrize(("method", "data", "length", "kind", "new"), [
+    (Method.OUT, A1_BYTES, 76, rts.Kind.CONN_A1, True),
+    (Method.OUT, A3_BYTES, 120, rts.Kind.OUT_R2_A3, False),
+    (Method.IN, B1_BYTES, 0x20000, rts.Kind.CONN_B1, True),
+    (Method.IN, B1_BYTES, 0x80000000, rts.Kind.CONN_B1, True),
+    (Method.IN, IN_A1_BYTES, 0x40000000, rts.Kind.IN_R2_A1, False),
+])
+def test_judge_opening_accepts(method: Method, data: bytes, length: int, kind: rts.Kind,
+                               new: bool) -> None:
+    opening = judge_opening(method, length, data)
+    assert (opening.method, opening.kind, opening.new_vc) == (method, kind, new)
+    assert opening.vc_cookie == VC
+    assert opening.pdu == rts.decode_rts(data)
+    assert opening.body_left == length - len(data)
+
+
+@pytest.mark.parametrize(("method", "data", "length", "message"), [
+    (Method.OUT, A1_BYTES, 120, "CONN/A1 cannot open an RPC_OUT_DATA channel of Content-Length "
+                                "120"),
+    (Method.OUT, A3_BYTES, 76, "cannot open an RPC_OUT_DATA channel of Content-Length 76"),
+    (Method.OUT, B1_BYTES, 76, "CONN/B1 cannot open an RPC_OUT_DATA channel"),
+    (Method.OUT, A1_BYTES, 100, "RPC_OUT_DATA with Content-Length 100 (want 76 or 120)"),
+    (Method.IN, A1_BYTES, 0x20000, "CONN/A1 cannot open an RPC_IN_DATA channel"),
+    (Method.IN, rts.PING, 0x20000, "Ping cannot open an RPC_IN_DATA channel"),
+    (Method.IN, B1_BYTES, 0x1FFFF, "RPC_IN_DATA with Content-Length 131071 (want 128 KiB"),
+    (Method.IN, B1_BYTES, 0x80000001, "(want 128 KiB..2 GiB)"),
+    (Method.IN, B1_BYTES[:-1], 0x20000, "RTS"),
+    (Method.OUT, bytes(76), 76, "RTS"),
+])
+def test_judge_opening_refuses(method: Method, data: bytes, length: int, message: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        judge_opening(method, length, data)
+    assert message in info.value.reason
+
+
+def test_content_length_is_checked_before_the_body() -> None:
+    check_content_length(Method.OUT, 76)
+    check_content_length(Method.IN, 0x20000)
+    with pytest.raises(ProtocolError, match="want 76 or 120"):
+        check_content_length(Method.OUT, 0x20000)
+    with pytest.raises(ProtocolError, match="want 128 KiB"):
+        check_content_length(Method.IN, 76)
+
+
+def test_first_pdu_length_is_bounded() -> None:
+    assert first_pdu_length(B1_BYTES[:16]) == len(B1_BYTES)
+    head = bytearray(B1_BYTES[:16])
+    head[8:10] = (257).to_bytes(2, "little")
+    with pytest.raises(ProtocolError, match="first PDU of a channel is 257 bytes long"):
+        first_pdu_length(bytes(head))
+
+
+# --- every sub-state named ------------------------------------------------------------------------
+
+
+def test_backend_states() -> None:
+    vc = new_vc()
+    assert vc.backend is Backend.IDLE
+    open_out(vc)
+    assert vc.backend is Backend.CONNECTING
+    vc.backend_up(0.0)
+    assert vc.backend is Backend.UP
+    early = new_vc()
+    early.backend_up(0.0)
+    assert early.backend is Backend.UP_UNASKED
+    assert open_out(early) == [ConnectBackend()] and early.backend is Backend.UP
+
+
+def test_out_recycle_states_a7_first() -> None:
+    vc, _ = recycle_to_a2()
+    assert vc.out_recycle is OutRecycle.A3_WAIT
+    vc, _ = recycle_to_a6()
+    assert vc.out_recycle is OutRecycle.A7_AND_C1_WAIT
+    vc.in_data(IN, rts.out_r2_a7(OUT2_CK), 4.0)
+    assert vc.out_recycle is OutRecycle.C1_WAIT  # was "A7_C1W and old_out is None"
+    vc.out_request_data(OUT2, rts.OUT_R2_C1, 5.0)
+    assert vc.out_recycle is OutRecycle.NONE
+
+
+def test_out_recycle_states_c1_first() -> None:
+    vc, _ = recycle_to_a6()
+    vc.out_request_data(OUT2, rts.OUT_R2_C1, 4.0)
+    assert vc.out_recycle is OutRecycle.A7_WAIT
+    vc.in_data(IN, rts.out_r2_a7(OUT2_CK), 5.0)
+    assert vc.out_recycle is OutRecycle.NONE and vc.channels() == [OUT2, IN]
+
+
+def test_in_recycle_states() -> None:
+    vc = opened()
+    assert vc.in_recycle is InRecycle.NONE
+    join(vc, IN2, in_a1(), now=1.0)
+    assert vc.in_recycle is InRecycle.PLUGGED
+    join(vc, "in-3", in_a1(IN2_CK, b"K" * 16), now=1.0)
+    assert vc.in_recycle is InRecycle.QUEUED
+    vc.in_data(IN, rts.in_r2_a5(IN2_CK), 2.0)
+    assert vc.in_recycle is InRecycle.PLUGGED and vc.in_ is not None
+    assert vc.in_.channel == IN2
+    vc.in_data(IN2, rts.in_r2_a5(b"K" * 16), 3.0)
+    assert vc.in_recycle is InRecycle.NONE and vc.channels() == [OUT, "in-3"]
+
+
+def test_fast_paths_is_a_setting_of_one_vc_not_of_the_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    slow = opened(VcSettings(fast_paths=False))
+    fast = opened()
+    calls: list[str] = []
+
+    def spy(fn: Callable[..., None], *args: object) -> list[Action]:
+        calls.append(fn.__name__)
+        return []
+
+    monkeypatch.setattr(slow, "_run", spy)
+    monkeypatch.setattr(fast, "_run", spy)
+    assert fast.in_data(IN, rpc(PType.REQUEST, 64), 1.0) == [
+        SendToBackend(rpc(PType.REQUEST, 64))]
+    slow.in_data(IN, rpc(PType.REQUEST, 64), 1.0)
+    assert calls == ["_in_data"]
