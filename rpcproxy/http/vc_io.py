@@ -22,14 +22,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol, assert_never
 
-from dcerpc.pdu import FramingError, PduFramer
 from ntlm.verifier import Identity
 from rpcproxy.errors import (
     RPC_S_SERVER_UNAVAILABLE,
     BackendUnavailable,
     ProtocolError,
     RpcProxyError,
-    protocol_error,
 )
 from rpcproxy.http.wire import raw_error_response, success_head
 from rpcproxy.metrics import ServerMetrics
@@ -45,6 +43,7 @@ from rpcproxy.rpch.actions import (
     StartResponse,
     VcClosed,
 )
+from rpcproxy.rpch.channels import Method, RequestBody
 from rpcproxy.rpch.connection import VirtualConnection
 from rpcproxy.targets import Endpoint
 
@@ -85,19 +84,19 @@ class ChannelProtocol(asyncio.Protocol):
     backend's reading; a backend that cannot keep up pauses IN reading.
     """
 
-    __slots__ = ("kind", "transport", "body_left", "label", "runtime", "started", "closed",
-                 "_out_body", "_early")
+    __slots__ = ("kind", "transport", "body", "label", "runtime", "started", "closed",
+                 "_early")
 
     def __init__(self, kind: str, transport: asyncio.Transport | None, body_left: int,
                  label: str) -> None:
         self.kind = kind  # "IN" or "OUT"
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        self.body_left = body_left  # request body bytes still allowed
+        # the rest of the request body: its budget and (OUT) framing are the core's
+        self.body = RequestBody(Method.IN if kind == "IN" else Method.OUT, body_left)
         self.label = label
         self.runtime: VcRuntime | None = None
         self.started = False  # OUT: 200 Success written
         self.closed = False
-        self._out_body = PduFramer() if kind == "OUT" else None
         self._early = b""  # bytes that came before the channel was joined to its VC
 
     def __repr__(self) -> str:
@@ -128,33 +127,29 @@ class ChannelProtocol(asyncio.Protocol):
 
     # ---- from the transport --------------------------------------------------------------
 
-    def feed(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
         """Body bytes, from aiohttp's buffer at hand-over or from the socket."""
         rt = self.runtime
         if rt is None:  # an adopted socket can speak before _attach ran: keep it
-            if len(self._early) + len(data) <= self.body_left:
+            if len(self._early) + len(data) <= self.body.left:
                 self._early += data
             return
         if self.closed or not data:
             return
-        if len(data) > self.body_left:
-            rt.execute(rt.vc.channel_failed(
-                self, ProtocolError(f"{self.kind} request body runs past its Content-Length")))
+        try:
+            if self.kind == "IN":
+                self.body.take(data)
+                pdus = None
+            else:
+                pdus = self.body.out_pdus(data)
+        except ProtocolError as exc:  # past Content-Length, or the OUT body lost its framing
+            rt.execute(rt.vc.channel_failed(self, exc))
             return
-        self.body_left -= len(data)
-        if self._out_body is None:
+        if pdus is None:
             rt.on_in_data(self, data)
         else:
-            for pdu in self._out_body.feed(data):
-                rt.execute(rt.vc.out_request_data(self, pdu.data, rt.now()))
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.feed(data)
-        except FramingError as exc:  # framing of the OUT body
-            rt = self.runtime
-            if rt is not None:
-                rt.execute(rt.vc.channel_failed(self, protocol_error(exc)))
+            for pdu in pdus:
+                rt.execute(rt.vc.out_request_data(self, pdu, rt.now()))
 
     def eof_received(self) -> bool | None:
         return False  # close our side too

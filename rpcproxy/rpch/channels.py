@@ -31,9 +31,11 @@ Destination FDOutProxy) for the OUT channel cookie reopens the window.
 
 ``OutChannel`` and ``InChannel`` are what the VC keeps per channel: the flow-control
 window each way (3.2.1.1.4, 3.2.1.5.1), the OUT Content-Length budget we declared, and
-the IN request body's framer; ``VcSettings`` sizes them. (The adapter frames an OUT
-request body, which may carry only OUT_R2/C1, and counts each request body against
-``Opening.body_left``.)
+the IN request body's framer; ``VcSettings`` sizes them. ``RequestBody`` is the rest of
+one channel request's body after its first PDU: it holds the Content-Length budget both
+kinds of request body are counted against (``Opening.body_left``), and frames an OUT
+request body (which may carry only OUT_R2/C1) into whole PDUs for the VC. The adapter
+passes every body byte through it; it decides nothing itself.
 """
 
 from __future__ import annotations
@@ -102,6 +104,33 @@ class Opening:
     def new_vc(self) -> bool:
         """CONN/A1 or CONN/B1 (may create the VC), not a recycling successor."""
         return self.kind in NEW_VC_KINDS
+
+
+@final
+class RequestBody:
+    """What may still come in one channel request's body after its first PDU."""
+
+    __slots__ = ("left", "_name", "_framer")
+
+    def __init__(self, method: Method, left: int) -> None:
+        self.left = left  # bytes the request's Content-Length still allows
+        self._name = "IN" if method is Method.IN else "OUT"
+        self._framer = PduFramer() if method is Method.OUT else None
+
+    def take(self, data: bytes) -> None:
+        """Count ``data`` against the budget; ProtocolError if it runs past Content-Length."""
+        if len(data) > self.left:
+            raise ProtocolError(f"{self._name} request body runs past its Content-Length")
+        self.left -= len(data)
+
+    def out_pdus(self, data: bytes) -> list[bytes]:
+        """OUT request body bytes, counted, as the whole PDUs they complete."""
+        assert self._framer is not None
+        self.take(data)
+        try:
+            return [pdu.data for pdu in self._framer.feed(data)]
+        except FramingError as exc:
+            raise protocol_error(exc) from None
 
 
 def check_content_length(method: Method, content_length: int) -> None:
