@@ -57,6 +57,7 @@ from rpcproxy.http.handoff import WorkerSet
 from rpcproxy.prometheus import MetricsListener
 from rpcproxy.server import ProxyServer
 from rpcproxy.targets import parse_endpoint
+from rpcproxy.workers import EXIT_CONFIG as EXIT_CONFIG  # the unit's RestartPreventExitStatus=
 from rpcproxy.workers import send_heartbeat, supervise
 
 log = logging.getLogger("rpcproxy")
@@ -66,9 +67,6 @@ STOP_LISTENERS_GRACE = 5.0  # of which: waiting for the listening sockets to clo
 
 # Settings that need new listening sockets: a reload keeps the running values.
 RESTART_ONLY = ("listen", "http_listen", "metrics_listen", "workers")
-
-
-EXIT_CONFIG = 78  # sysexits EX_CONFIG; the unit's RestartPreventExitStatus= names it
 
 
 class StartupError(Exception):

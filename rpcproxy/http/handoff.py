@@ -52,16 +52,6 @@ log = logging.getLogger("rpcproxy.workers")
 HANDOFF_MAX = 256 * 1024  # one record: metadata + buffered body bytes
 
 
-
-HANDOFF_MAX = 256 * 1024  # one record: metadata + buffered body bytes
-INBOX_BUFFER = 4 * 1024 * 1024
-RESPAWN_LIMIT = 5  # worker deaths tolerated per RESPAWN_WINDOW before giving up
-RESPAWN_WINDOW = 60.0
-STALL_TIMEOUT = 10.0  # seconds without a heartbeat before a worker counts as wedged
-MIN_STALL_TIMEOUT = 2.0
-EXIT_CONFIG = 78  # sysexits EX_CONFIG: a configuration error; restarting will not help
-
-
 def owner_of(cookie: bytes, count: int) -> int:
     """The worker that owns the VC with this cookie (same answer in every process)."""
     if count <= 1:
