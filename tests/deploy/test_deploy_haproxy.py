@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import os
 import re
-import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -32,6 +30,7 @@ from tests.support.deploy_support import (
     unused_port,
     wait_until,
 )
+from tests.support.haproxy import haproxy_binary
 from tests.support.samba_dc import SambaDC
 
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
@@ -55,15 +54,6 @@ def source_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
         return await original(*args, **kwargs)
 
     monkeypatch.setattr(asyncio, "open_connection", open_connection)
-
-
-def _haproxy() -> str:
-    tool = shutil.which("haproxy", path="/usr/sbin:/usr/bin:/sbin:/bin")
-    if tool is None:
-        if os.environ.get("CI"):
-            pytest.fail("haproxy is required in CI (Debian package haproxy)")
-        pytest.skip("haproxy not installed (Debian package haproxy)")
-    return tool
 
 
 def render_config(template: str, *, frontend: int, servers: list[tuple[int, int]],
@@ -149,12 +139,12 @@ class Deployment:
         cfg.write_text(render_config(HAPROXY_CFG.read_text(), frontend=self.frontend,
                                      servers=instances, stats_socket=self.stats_socket,
                                      balance=balance))
-        check = subprocess.run([_haproxy(), "-c", "-f", str(cfg)], capture_output=True,
+        check = subprocess.run([haproxy_binary(), "-c", "-f", str(cfg)], capture_output=True,
                                text=True, timeout=30)
         assert check.returncode == 0, check.stdout + check.stderr
         self.log = tmp / "haproxy.out"
         with open(self.log, "w") as out:
-            self.haproxy = subprocess.Popen([_haproxy(), "-db", "-f", str(cfg)], stdout=out,
+            self.haproxy = subprocess.Popen([haproxy_binary(), "-db", "-f", str(cfg)], stdout=out,
                                             stderr=subprocess.STDOUT, text=True)
         haproxy = self.haproxy
 
@@ -300,7 +290,7 @@ def test_without_source_affinity_channels_split_and_fail(
 
 
 def test_shipped_config_is_valid_for_haproxy(tmp_path: Path) -> None:
-    done = subprocess.run([_haproxy(), "-c", "-f", str(HAPROXY_CFG)], capture_output=True,
+    done = subprocess.run([haproxy_binary(), "-c", "-f", str(HAPROXY_CFG)], capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
     text = HAPROXY_CFG.read_text()

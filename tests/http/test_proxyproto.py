@@ -25,8 +25,8 @@ from rpcproxy import certs
 from rpcproxy import config as config_mod
 from rpcproxy.proxyproto import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, parse
 from rpcproxy.server import ProxyServer
-from tests.deploy.test_deploy_haproxy import _haproxy
 from tests.support.fakes import EchoBackend, TableAuthenticator, basic
+from tests.support.haproxy import haproxy_binary
 from tests.support.rpch_raw import RawChannel, open_vc
 
 PATH = "/rpc/rpcproxy.dll?srv:6001"
@@ -261,7 +261,7 @@ def _free_port() -> int:
 async def test_haproxy_send_proxy(backend: EchoBackend, tmp_path: Path, send: str,
                                   caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    tool = _haproxy()
+    tool = haproxy_binary()
     server, port = await start(backend)
     front = _free_port()
     cfg = tmp_path / "haproxy.cfg"

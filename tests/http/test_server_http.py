@@ -10,7 +10,6 @@ import asyncio
 import os
 import struct
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -19,18 +18,12 @@ from rpcproxy import config as config_mod
 from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
 from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
+from tests.support.proxy_env import Env
 from tests.support.rpch_raw import GIB, RawChannel, open_vc
 
 ALICE = basic("alice", "pw-alice")
 BOB = basic("bob", "pw-bob")
 PATH = "/rpc/rpcproxy.dll?srv:6001"
-
-
-@dataclass
-class Env:
-    server: ProxyServer
-    port: int
-    backend: EchoBackend
 
 
 async def make_env(**overrides: Any) -> Env:

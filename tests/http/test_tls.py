@@ -17,8 +17,8 @@ from rpcproxy import config as config_mod
 from rpcproxy.http.vc_io import ChannelProtocol
 from rpcproxy.server import ProxyServer
 from rpcproxy.tls import TlsConnection
-from tests.http.test_workers import open_split_vc
 from tests.support.fakes import EchoBackend, TableAuthenticator, request_pdu
+from tests.support.rpch_raw import open_split_vc
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 

@@ -23,14 +23,10 @@ import pytest
 from bench.client import BasicAuth, RpchClient
 from rpcproxy import config as config_mod
 from rpcproxy.http.handoff import Handoff, WorkerSet, owner_of
-from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
 from rpcproxy.workers import make_inboxes
-from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
-from tests.support.rpch_raw import GIB, RawChannel
-
-PATH = "/rpc/rpcproxy.dll?srv:6001"
-ALICE = basic("alice", "pw-alice")
+from tests.support.fakes import EchoBackend, TableAuthenticator, request_pdu
+from tests.support.rpch_raw import RawChannel, open_split_vc
 
 
 def test_owner_is_stable_and_spread() -> None:
@@ -79,29 +75,6 @@ async def backend() -> AsyncIterator[EchoBackend]:
     b = await EchoBackend().start()
     yield b
     await b.stop()
-
-
-async def open_split_vc(in_port: int, out_port: int,
-                        ssl_ctx: ssl.SSLContext | None = None) -> tuple[RawChannel, RawChannel]:
-    import asyncio
-
-    vc, in_c, out_c, grp = (os.urandom(16) for _ in range(4))
-
-    async def conn(port: int) -> RawChannel:
-        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_ctx)
-        return RawChannel(r, w)
-
-    inp = await conn(in_port)
-    out = await conn(out_port)
-    inp.request("RPC_IN_DATA", PATH, content_length=GIB, headers={"Authorization": ALICE},
-                body=rts.conn_b1(vc, in_c, grp))
-    out.request("RPC_OUT_DATA", PATH, content_length=76, headers={"Authorization": ALICE},
-                body=rts.conn_a1(vc, out_c, 0x40000))
-    head = await out.head()
-    assert head.status == 200, (head.status, head.reason)
-    assert rts.identify(rts.decode_rts(await out.pdu())) is rts.Kind.CONN_A3
-    assert rts.identify(rts.decode_rts(await out.pdu())) is rts.Kind.CONN_C2
-    return inp, out
 
 
 async def exercise(inp: RawChannel, out: RawChannel, calls: int = 30) -> None:

@@ -22,9 +22,11 @@ from exchangelib.version import Build
 
 from rpcproxy import certs
 from rpcproxy.autodiscover.directory import LdapDirectory, server_url
-from tests.samba.test_e2e_samba import run_with_timeout, samr_domains
+from tests.support.ntlm_tokens import anonymous_authenticate
+from tests.support.pox_requests import BAD, BILLION_LAUGHS
 from tests.support.proxy_harness import ProxyThread, SpyBackend
 from tests.support.rawhttp import RawConnection, RawResponse
+from tests.support.samba_clients import run_with_timeout, samr_domains
 from tests.support.samba_dc import SambaDC
 
 pytestmark = pytest.mark.samba
@@ -260,8 +262,6 @@ def test_lower_and_upper_case_paths(proxy: ProxyThread, tls_pair: Any) -> None:
 
 
 def _anonymous_ntlm(conn: RawConnection, body: bytes) -> RawResponse:
-    from tests.samba.test_ntlm_winbind import anonymous_authenticate
-
     client = spnego.client("u", "p", protocol="ntlm")
     t1 = client.step()
     assert t1 is not None
@@ -329,8 +329,6 @@ def test_another_users_or_unknown_address_is_refused(proxy: ProxyThread, tls_pai
 
 def test_bad_bodies_get_error_responses_without_traceback(
         proxy: ProxyThread, tls_pair: Any, caplog: pytest.LogCaptureFixture) -> None:
-    from tests.unit.test_autodiscover_pox import BAD
-
     caplog.set_level(logging.INFO)
     auth = basic("testuser", "Test1234")
     conn = TlsConnection(proxy.port, tls_pair.cert_path)
@@ -501,8 +499,6 @@ def test_basic_refused_without_tls(samba_dc: SambaDC, directory_attrs: None) -> 
 def test_bad_input_memory_is_bounded(proxy: ProxyThread, tls_pair: Any) -> None:
     """50 entity bombs and 50 claimed 50 MiB bodies: the proxy's peak allocation stays small."""
     import tracemalloc
-
-    from tests.unit.test_autodiscover_pox import BILLION_LAUGHS
 
     auth = basic("testuser", "Test1234")
     tracemalloc.start()

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from impacket.dcerpc.v5 import samr, transport
 from impacket.dcerpc.v5.rpcrt import RPC_C_AUTHN_LEVEL_PKT_PRIVACY
-from impacket.http import AUTH_BASIC
 
 from tests.support.proxy_harness import ProxyThread, SpyBackend
 from tests.support.rawhttp import RawConnection, basic_header, ntlm_request
+from tests.support.samba_clients import run_with_timeout, samr_domains
 from tests.support.samba_dc import SambaDC
 
 pytestmark = pytest.mark.samba
@@ -58,46 +58,6 @@ def spy_proxy(samba_dc: SambaDC) -> Iterator[tuple[ProxyThread, SpyBackend]]:
     yield p, spy
     p.stop()
     spy.close()
-
-
-def samr_domains(proxy_url: str, target: str, user: str, password: str,
-                 *, basic: bool = False) -> list[str]:
-    t = transport.DCERPCTransportFactory(f"ncacn_http:{target}")
-    t.set_rpc_proxy_url(proxy_url)
-    t.set_credentials(user, password, "EXAMPLE")
-    if basic:
-        t.set_auth_type(AUTH_BASIC)
-    t.set_connect_timeout(10)
-    dce = t.get_dce_rpc()
-    dce.set_auth_level(RPC_C_AUTHN_LEVEL_PKT_PRIVACY)
-    dce.connect()
-    try:
-        dce.bind(samr.MSRPC_UUID_SAMR)
-        handle = samr.hSamrConnect(dce)["ServerHandle"]
-        resp = samr.hSamrEnumerateDomainsInSamServer(dce, handle)
-        return [d["Name"] for d in resp["Buffer"]["Buffer"]]
-    finally:
-        dce.disconnect()
-
-
-def run_with_timeout(fn, timeout: float = 60.0):  # type: ignore[no-untyped-def]
-    """impacket loops forever on some failures: run it in a thread with a deadline."""
-    box: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            box["error"] = exc
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    th.join(timeout)
-    if th.is_alive():
-        raise AssertionError(f"client did not finish within {timeout}s")
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]
 
 
 # --- success paths ---------------------------------------------------------------------------

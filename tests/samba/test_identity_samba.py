@@ -24,9 +24,9 @@ import spnego
 from rpcproxy import config as config_mod
 from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
-from tests.http.test_server_http import Env
-from tests.samba.test_ntlm_winbind import replace_user_field
 from tests.support.fakes import EchoBackend, request_pdu
+from tests.support.ntlm_tokens import replace_user_field
+from tests.support.proxy_env import Env
 from tests.support.rpch_raw import GIB, Head, RawChannel
 from tests.support.samba_dc import SambaDC
 

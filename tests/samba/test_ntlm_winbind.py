@@ -25,6 +25,7 @@ from ntlm.basic import verify_password
 from ntlm.errors import AuthenticationFailed, NtlmServerUnavailable, Refusal, Unreachable
 from ntlm.verifier import Identity, has_control_characters
 from ntlm.winbind import HelperPool, WinbindVerifier
+from tests.support.ntlm_tokens import anonymous_authenticate, replace_user_field
 from tests.support.samba_dc import SambaDC
 
 TESTUSER = Identity(user="testuser", domain="EXAMPLE")
@@ -43,25 +44,6 @@ async def relay(verifier: WinbindVerifier, user: str, password: str) -> Identity
     authenticate = client.step(handshake.challenge)
     assert authenticate is not None
     return await handshake.complete(authenticate)
-
-
-def replace_user_field(authenticate: bytes, user: str) -> bytes:
-    """The AUTHENTICATE with its UserName field pointing at ``user`` (UTF-16LE, appended)."""
-    raw = user.encode("utf-16-le")
-    offset = len(authenticate)
-    return authenticate[:36] + struct.pack("<HHI", len(raw), len(raw), offset) + \
-        authenticate[44:] + raw
-
-
-def anonymous_authenticate() -> bytes:
-    """An anonymous AUTHENTICATE as MS-NLMP 3.1.5.1.2 describes it: LM = Z(1), rest empty."""
-    flags = messages.Flag.NEGOTIATE_UNICODE | messages.Flag.NEGOTIATE_NTLM
-    flags |= messages.Flag.NEGOTIATE_ANONYMOUS
-    head = messages.SIGNATURE + struct.pack("<I", messages.MessageType.AUTHENTICATE)
-    head += struct.pack("<HHI", 1, 1, 64)  # LmChallengeResponse: one zero byte
-    for _ in range(5):  # NT response, domain, user, workstation, session key: empty
-        head += struct.pack("<HHI", 0, 0, 65)
-    return head + struct.pack("<I", flags) + b"\x00"
 
 
 @pytest.fixture

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from dataclasses import dataclass, field
 
 from bench.http_head import HttpHead, read_head
 from dcerpc.pdu import HEADER_LEN, parse_header
 from rpcproxy.rpch import rts
+from tests.support.fakes import basic
 
 GIB = 1 << 30
 TIMEOUT = 10.0
@@ -137,3 +139,28 @@ async def open_vc(port: int, auth: str, *, path: str = "/rpc/rpcproxy.dll?srv:60
     assert rts.identify(c2) is rts.Kind.CONN_C2
     raw.c2 = c2
     return raw
+
+
+async def open_split_vc(in_port: int, out_port: int, ssl_ctx: ssl.SSLContext | None = None,
+                        ) -> tuple[RawChannel, RawChannel]:
+    """A VC whose IN channel goes to ``in_port`` and OUT to ``out_port`` (TLS if ``ssl_ctx``),
+    as alice on srv:6001; returns the two channels once CONN/C2 arrived."""
+    vc, in_c, out_c, grp = (os.urandom(16) for _ in range(4))
+    path = "/rpc/rpcproxy.dll?srv:6001"
+    alice = basic("alice", "pw-alice")
+
+    async def conn(port: int) -> RawChannel:
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_ctx)
+        return RawChannel(r, w)
+
+    inp = await conn(in_port)
+    out = await conn(out_port)
+    inp.request("RPC_IN_DATA", path, content_length=GIB, headers={"Authorization": alice},
+                body=rts.conn_b1(vc, in_c, grp))
+    out.request("RPC_OUT_DATA", path, content_length=76, headers={"Authorization": alice},
+                body=rts.conn_a1(vc, out_c, 0x40000))
+    head = await out.head()
+    assert head.status == 200, (head.status, head.reason)
+    assert rts.identify(rts.decode_rts(await out.pdu())) is rts.Kind.CONN_A3
+    assert rts.identify(rts.decode_rts(await out.pdu())) is rts.Kind.CONN_C2
+    return inp, out

@@ -17,6 +17,9 @@ checks three rules:
 
 Each failure message lists every offending cycle, edge or file. The first tests run the checker
 on a tiny synthetic tree, so a checker that stopped seeing things would fail too.
+
+The tests obey one rule of their own, read the same way: (d) no file under ``tests/`` imports a
+test module (``test_*.py``); what tests share lives in ``tests/support/`` (or a conftest).
 """
 
 from __future__ import annotations
@@ -192,6 +195,53 @@ def big_files(root: Path) -> list[str]:
     return out
 
 
+MOVE = "move what it shares into tests/support/"
+
+# (importer, imported) test-module edges still allowed.
+# TEMPORARY (issue 8): tests/http/test_metrics.py borrows recycle_to_a2 and friends from
+# tests/unit/test_connection.py, which is being rewritten in parallel; the lead moves those
+# helpers into tests/support/ after the merge and then deletes this entry (the set must end empty).
+ALLOWED_TEST_IMPORTS = frozenset({("tests.http.test_metrics", "tests.unit.test_connection")})
+
+
+def suite_files(root: Path) -> dict[str, Path]:
+    """Module name -> file, for every Python file under ``root/tests``."""
+    found: dict[str, Path] = {}
+    for path in sorted((root / "tests").rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+def _is_test_module(module: str) -> bool:
+    return module.rpartition(".")[2].startswith("test_")
+
+
+def imports_of_test_modules(root: Path) -> tuple[list[str], set[tuple[str, str]]]:
+    """One line per import of a test module by a file under ``tests/`` that
+    ``ALLOWED_TEST_IMPORTS`` does not allow, and the allowed edges that were seen."""
+    modules = suite_files(root)
+    out: list[str] = []
+    seen_allowed: set[tuple[str, str]] = set()
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        hits: dict[str, int] = {}
+        for name, line in _imported_names(tree, module, _is_package(path)):
+            target = name
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != module and _is_test_module(target):
+                hits.setdefault(target, line)
+        for target, line in sorted(hits.items()):
+            if (module, target) in ALLOWED_TEST_IMPORTS:
+                seen_allowed.add((module, target))
+            else:
+                out.append(f"{path.relative_to(root)}:{line} imports test module {target}: {MOVE}")
+    return out, seen_allowed
+
+
 # --- the checker proves itself on a synthetic tree -----------------------------------------
 
 
@@ -270,6 +320,31 @@ def test_checker_passes_a_clean_tree(tmp_path: Path) -> None:
     assert (cycles(root), upward_imports(root), big_files(root)) == ([], [], [])
 
 
+def test_checker_reports_test_modules_imported(tmp_path: Path) -> None:
+    root = _tree(tmp_path, {
+        "tests/__init__.py": "",
+        "tests/conftest.py": "from tests.support.fakes import x\n",
+        "tests/support/__init__.py": "",
+        # a helper module leaning on a test module is as wrong as a test doing so
+        "tests/support/fakes.py": "x = 1\nfrom tests.unit import test_a\n",
+        "tests/unit/__init__.py": "",
+        "tests/unit/test_a.py": "from tests.support.fakes import x\nimport rpcproxy.server\n",
+        "tests/unit/test_connection.py": "y = 1\n",
+        "tests/http/__init__.py": "",
+        "tests/http/test_b.py": "from tests.unit.test_a import x\n",
+        "tests/http/test_c.py": "from .test_b import x\n",  # relative
+        "tests/http/test_d.py": "def f() -> None:\n    import tests.unit.test_a\n",  # local
+        "tests/http/test_metrics.py": "from tests.unit.test_connection import y\n",  # allowed
+    })
+    found, allowed = imports_of_test_modules(root)
+    assert found == [
+        f"tests/http/test_b.py:1 imports test module tests.unit.test_a: {MOVE}",
+        f"tests/http/test_c.py:1 imports test module tests.http.test_b: {MOVE}",
+        f"tests/http/test_d.py:2 imports test module tests.unit.test_a: {MOVE}",
+        f"tests/support/fakes.py:2 imports test module tests.unit.test_a: {MOVE}",
+    ]
+    assert allowed == {("tests.http.test_metrics", "tests.unit.test_connection")}
+
 # --- the product ------------------------------------------------------------------------------
 
 
@@ -293,3 +368,10 @@ def test_no_upward_import() -> None:
 def test_no_product_file_over_800_lines() -> None:
     found = big_files(ROOT)
     assert not found, "\n".join(found)
+
+
+def test_no_test_module_imports_another() -> None:
+    found, allowed = imports_of_test_modules(ROOT)
+    assert not found, "\n".join(found)
+    stale = ALLOWED_TEST_IMPORTS - allowed
+    assert not stale, f"ALLOWED_TEST_IMPORTS names edges that are gone, delete them: {stale}"
