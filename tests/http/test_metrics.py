@@ -66,7 +66,7 @@ def test_recycling_out_channel_counted_once() -> None:
     channel is both ``out`` and ``old_out`` until the successor arrives)."""
     from types import SimpleNamespace
 
-    from tests.unit.test_connection import recycle_to_a2
+    from tests.support.vc_script import recycle_to_a2
 
     server = _server()
     vc, _ = recycle_to_a2()
@@ -87,7 +87,7 @@ def test_queued_in_successor_counted_while_the_out_channel_recycles() -> None:
     is both ``out`` and ``old_out`` still counts once (the gauge read in=2 here)."""
     from types import SimpleNamespace
 
-    from tests.unit.test_connection import (
+    from tests.support.vc_script import (
         IN2,
         IN2_CK,
         IN3,

@@ -197,11 +197,6 @@ def big_files(root: Path) -> list[str]:
 
 MOVE = "move what it shares into tests/support/"
 
-# (importer, imported) test-module edges still allowed.
-# TEMPORARY (issue 8): tests/http/test_metrics.py borrows recycle_to_a2 and friends from
-# tests/unit/test_connection.py, which is being rewritten in parallel; the lead moves those
-# helpers into tests/support/ after the merge and then deletes this entry (the set must end empty).
-ALLOWED_TEST_IMPORTS = frozenset({("tests.http.test_metrics", "tests.unit.test_connection")})
 
 
 def suite_files(root: Path) -> dict[str, Path]:
@@ -219,12 +214,10 @@ def _is_test_module(module: str) -> bool:
     return module.rpartition(".")[2].startswith("test_")
 
 
-def imports_of_test_modules(root: Path) -> tuple[list[str], set[tuple[str, str]]]:
-    """One line per import of a test module by a file under ``tests/`` that
-    ``ALLOWED_TEST_IMPORTS`` does not allow, and the allowed edges that were seen."""
+def imports_of_test_modules(root: Path) -> list[str]:
+    """One line per import of a test module by a file under ``tests/``."""
     modules = suite_files(root)
     out: list[str] = []
-    seen_allowed: set[tuple[str, str]] = set()
     for module, path in modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
         hits: dict[str, int] = {}
@@ -235,11 +228,8 @@ def imports_of_test_modules(root: Path) -> tuple[list[str], set[tuple[str, str]]
             if target and target != module and _is_test_module(target):
                 hits.setdefault(target, line)
         for target, line in sorted(hits.items()):
-            if (module, target) in ALLOWED_TEST_IMPORTS:
-                seen_allowed.add((module, target))
-            else:
-                out.append(f"{path.relative_to(root)}:{line} imports test module {target}: {MOVE}")
-    return out, seen_allowed
+            out.append(f"{path.relative_to(root)}:{line} imports test module {target}: {MOVE}")
+    return out
 
 
 # --- the checker proves itself on a synthetic tree -----------------------------------------
@@ -334,16 +324,14 @@ def test_checker_reports_test_modules_imported(tmp_path: Path) -> None:
         "tests/http/test_b.py": "from tests.unit.test_a import x\n",
         "tests/http/test_c.py": "from .test_b import x\n",  # relative
         "tests/http/test_d.py": "def f() -> None:\n    import tests.unit.test_a\n",  # local
-        "tests/http/test_metrics.py": "from tests.unit.test_connection import y\n",  # allowed
     })
-    found, allowed = imports_of_test_modules(root)
+    found = imports_of_test_modules(root)
     assert found == [
         f"tests/http/test_b.py:1 imports test module tests.unit.test_a: {MOVE}",
         f"tests/http/test_c.py:1 imports test module tests.http.test_b: {MOVE}",
         f"tests/http/test_d.py:2 imports test module tests.unit.test_a: {MOVE}",
         f"tests/support/fakes.py:2 imports test module tests.unit.test_a: {MOVE}",
     ]
-    assert allowed == {("tests.http.test_metrics", "tests.unit.test_connection")}
 
 # --- the product ------------------------------------------------------------------------------
 
@@ -371,7 +359,5 @@ def test_no_product_file_over_800_lines() -> None:
 
 
 def test_no_test_module_imports_another() -> None:
-    found, allowed = imports_of_test_modules(ROOT)
+    found = imports_of_test_modules(ROOT)
     assert not found, "\n".join(found)
-    stale = ALLOWED_TEST_IMPORTS - allowed
-    assert not stale, f"ALLOWED_TEST_IMPORTS names edges that are gone, delete them: {stale}"
