@@ -180,32 +180,47 @@ class ProxyProcess:
     # ---- the main loop ------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Start, notify, serve until SIGTERM/SIGINT (or ``stop_event``), shut down."""
+        """Start, notify, serve until SIGTERM/SIGINT (or ``stop_event``), shut down.
+
+        The signal handlers are in place before start-up logs anything, so a signal sent as
+        soon as the proxy says it listens is never the default action (which would kill
+        it): SIGTERM/SIGINT during start-up stop it once started, a SIGHUP then reloads.
+        """
         loop = asyncio.get_running_loop()
-        try:
-            await self.start()
-        except BaseException:
-            self.stopping = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.stop(STOP_LISTENERS_GRACE), SHUTDOWN_GRACE)
-            raise
+        early_reload: list[bool] = []
         installed: list[signal.Signals] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+            installed.append(sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: early_reload.append(True))
+        installed.append(signal.SIGHUP)
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop_event.set)
-                installed.append(sig)
+            try:
+                await self.start()
+            except BaseException:
+                self.stopping = True
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.server.stop(STOP_LISTENERS_GRACE),
+                                           SHUTDOWN_GRACE)
+                raise
             loop.add_signal_handler(signal.SIGHUP, self.reload)
-            installed.append(signal.SIGHUP)
+            await self._serve(reload_now=bool(early_reload))
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def _serve(self, *, reload_now: bool) -> None:
+        try:
             if self.heartbeat is not None:
                 self._tasks.append(asyncio.create_task(self._heartbeat()))
             if self.notifier.watchdog_interval:
                 self._tasks.append(asyncio.create_task(
                     self._watchdog(self.notifier.watchdog_interval)))
             self.notifier.ready(self._status())
+            if reload_now:  # a SIGHUP came during start-up
+                self.reload()
             await self.stop_event.wait()
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
             await self.shutdown()
 
     def _status(self) -> str:

@@ -1,0 +1,80 @@
+"""Signals that arrive while the proxy starts (before READY): never the default action.
+
+An admin's or a test's SIGHUP sent right after "listening on ..." was logged used to kill
+the process (the handlers were installed only after start-up returned)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from types import FrameType
+
+import pytest
+
+from rpcproxy import config as config_mod
+from rpcproxy.app import ProxyProcess
+
+
+@pytest.fixture
+def unhandled() -> Iterator[list[int]]:
+    """Signals that reached the process without a handler of the proxy's (recorded here
+    instead of killing the test run)."""
+    seen: list[int] = []
+
+    def record(signum: int, _frame: FrameType | None) -> None:
+        seen.append(signum)
+
+    old = {sig: signal.signal(sig, record) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    yield seen
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+
+
+def _process(monkeypatch: pytest.MonkeyPatch, sig: signal.Signals) -> ProxyProcess:
+    cfg = config_mod.load(None, {"listen": "127.0.0.1:0", "backend": "127.0.0.1:9"})
+    process = ProxyProcess(cfg)
+    started = process.start
+
+    async def start_then_signal() -> None:
+        await started()
+        os.kill(os.getpid(), sig)  # as if sent the moment "listening on" was logged
+        await asyncio.sleep(0.05)
+
+    monkeypatch.setattr(process, "start", start_then_signal)
+    return process
+
+
+async def test_sighup_during_start_up_reloads_once_started(
+        monkeypatch: pytest.MonkeyPatch, unhandled: list[int]) -> None:
+    process = _process(monkeypatch, signal.SIGHUP)
+    reloads: list[bool] = []
+
+    def reload() -> bool:
+        reloads.append(True)
+        return True
+
+    monkeypatch.setattr(process, "reload", reload)
+    task = asyncio.create_task(process.run())
+    for _ in range(100):
+        if reloads or unhandled:
+            break
+        await asyncio.sleep(0.02)
+    process.stop_event.set()
+    await asyncio.wait_for(task, 10)
+    assert unhandled == [] and reloads == [True]
+
+
+async def test_sigterm_during_start_up_stops_once_started(
+        monkeypatch: pytest.MonkeyPatch, unhandled: list[int]) -> None:
+    process = _process(monkeypatch, signal.SIGTERM)
+    task = asyncio.create_task(process.run())
+    for _ in range(100):
+        if task.done() or unhandled:
+            break
+        await asyncio.sleep(0.02)
+    if not task.done():
+        process.stop_event.set()
+    await asyncio.wait_for(task, 10)
+    assert unhandled == []
