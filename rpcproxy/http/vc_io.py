@@ -130,9 +130,11 @@ class ChannelProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Body bytes, from aiohttp's buffer at hand-over or from the socket."""
         rt = self.runtime
-        if rt is None:  # an adopted socket can speak before _attach ran: keep it
-            if len(self._early) + len(data) <= self.body.left:
-                self._early += data
+        if rt is None:  # an adopted socket can speak before _attach ran: keep it, bounded;
+            # one byte past the budget is kept so that the overrun is refused once it joins
+            room = self.body.left + 1 - len(self._early)
+            if room > 0:
+                self._early += data[:room]
             return
         if self.closed or not data:
             return
