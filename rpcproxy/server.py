@@ -112,21 +112,12 @@ class ProxyServer:
         self.settings: VcSettings = config.vc_settings()
         self.allow_list: AllowList = config.allow_list()
         self.verifier = WinbindVerifier(helper_pool(config))
-        self.authenticator: Authenticator = authenticator or HttpAuthenticator(
-            self.verifier,
-            allow_basic=config.allow_basic,
-            basic_requires_tls=not config.basic_over_http,
-            max_pending=config.max_pending_handshakes,
-            max_pending_per_source=config.max_pending_handshakes_per_source,
-            handshake_timeout=config.handshake_timeout,
-            challenge_timeout=config.ntlm_challenge_timeout,
-        )
+        self.authenticator: Authenticator = authenticator or HttpAuthenticator(self.verifier)
         self.guard = ConnectionGuard(config.max_unauthenticated_connections,
-                                     config.handshake_timeout,
-                                     config.max_unauthenticated_per_source,
-                                     Exemptions(config.per_source_exempt))
+                                     config.handshake_timeout)
         self.guard.on_refused = self.refuse
-        self.refusals = RefusalLog(config.refusal_log_interval)
+        self.refusals = RefusalLog()
+        self._follow_bounds(config)
         self._refusal_timer: asyncio.TimerHandle | None = None
         # NTLM state is per TCP connection: drop it (and give back its helper) on close.
         self.guard.on_lost = self.authenticator.forget
@@ -229,6 +220,11 @@ class ProxyServer:
             self.verifier.pool.size = config.ntlm_helpers
             self.verifier.pool.per_source = config.ntlm_helpers_per_source
             self.verifier.pool.queue_timeout = config.auth_queue_timeout
+        self._follow_bounds(config)
+
+    def _follow_bounds(self, config: Config) -> None:
+        """The authentication and unauthenticated-connection bounds of ``config`` (at start
+        and at each reload: the one place they are mapped)."""
         auth = self.authenticator
         if isinstance(auth, HttpAuthenticator):  # a plugged-in one keeps its own settings
             auth.allow_basic = config.allow_basic
