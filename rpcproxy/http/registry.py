@@ -40,12 +40,6 @@ class VcRegistry:
         self.freeze_mark = FREEZE_FIRST  # VC count at which the next gc.freeze() runs
         self._freeze_pending = False
 
-    def __len__(self) -> int:
-        return len(self.vcs)
-
-    def get(self, cookie: bytes) -> VcRuntime | None:
-        return self.vcs.get(cookie)
-
     def runtime_for(self, cookie: bytes, identity: Identity, target: Target,
                     endpoint: Endpoint, peer: str, settings: VcSettings) -> VcRuntime:
         """The open VC of this cookie, or a new one."""
