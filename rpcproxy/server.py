@@ -64,6 +64,7 @@ from rpcproxy.http.aiohttp_glue import (
     host_of,
     no_expect_handler,
     server_header,
+    source_of_peer,
     take_over,
 )
 from rpcproxy.http.aiohttp_glue import peer_of as _peer
@@ -80,7 +81,7 @@ from rpcproxy.http.wire import (
     rpc_error_response,
 )
 from rpcproxy.metrics import ServerMetrics
-from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, source_key
+from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog
 from rpcproxy.rpch import channels, rts
 from rpcproxy.rpch.channels import VcSettings
 from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
@@ -445,7 +446,7 @@ class ProxyServer:
                     f"{identity.principal} already holds {self.vcs_per_user[identity]} "
                     "virtual connections (max_connections_per_user)",
                     rpc_error=RPC_S_SERVER_TOO_BUSY)
-                self.refuse(Refusal.CHANNEL_REFUSED, source_key(peer.rpartition(":")[0]), peer,
+                self.refuse(Refusal.CHANNEL_REFUSED, source_of_peer(peer), peer,
                             f"{channel.kind} channel: {error.reason}")
                 channel.close(error)
                 return
@@ -456,7 +457,7 @@ class ProxyServer:
             if found is None or found.closed:
                 error = ProtocolError(f"{opening.kind.value} for an unknown virtual connection "
                                       "(R1 recycling to another proxy is not supported)")
-                self.refuse(Refusal.CHANNEL_REFUSED, source_key(peer.rpartition(":")[0]), peer,
+                self.refuse(Refusal.CHANNEL_REFUSED, source_of_peer(peer), peer,
                             f"{channel.kind} channel user={identity.principal}: {error.reason}")
                 channel.close(error)
                 return

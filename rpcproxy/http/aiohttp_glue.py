@@ -370,7 +370,7 @@ class ConnectionGuard:
             return False
         peer = getattr(protocol, "peer", None) or "?"
         if self.on_refused is not None:
-            self.on_refused(reason, source_key(peer.rpartition(":")[0] or peer), peer, detail)
+            self.on_refused(reason, source_of_peer(peer), peer, detail)
         return True
 
     def _remove(self, protocol: asyncio.BaseProtocol) -> bool:
@@ -531,14 +531,22 @@ async def read_proxy_header(sock: socket.socket) -> ProxyHeader:
         return header
 
 
-def host_of(request: web.Request) -> str:
-    peer = peer_of(request)
+def _host_of_peer(peer: str) -> str:
     return peer.rpartition(":")[0] or peer
+
+
+def host_of(request: web.Request) -> str:
+    return _host_of_peer(peer_of(request))
+
+
+def source_of_peer(peer: str) -> str:
+    """The key per-source bounds count a client named ``host:port`` against."""
+    return source_key(_host_of_peer(peer))
 
 
 def source_of(request: web.Request) -> str:
     """The key per-source bounds count the request's client against."""
-    return source_key(host_of(request))
+    return source_of_peer(peer_of(request))
 
 
 def peer_name(transport: asyncio.BaseTransport | None) -> str:
