@@ -52,7 +52,6 @@ from bench.protocol import IntegrityError
 from bench.proxyproc import LOCAL_NTLM_PASSWORD, LOCAL_NTLM_USER
 from bench.relay import RelayProcess, find_haproxy, relay_maxconn
 from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, Bench, ProxyTarget
-from bench.scenarios.storm import samba_logins_per_s
 from bench.session import RpcFault
 from rpcproxy.rpch.rts import MAX_RECEIVE_WINDOW, MIN_RECEIVE_WINDOW
 
@@ -560,13 +559,6 @@ async def amain(args: argparse.Namespace) -> int:
                     if msg not in doc["errors"]:
                         doc["errors"].append(msg)
                         doc["ok"] = False
-            if name == "setup" and bench.ntlm_helper and result.get("proxy"):
-                # With real NTLM: what the same Samba verifies alone, for comparison.
-                assert isinstance(bench.proxy.auth, (BasicAuth, NtlmAuth))
-                a = bench.proxy.auth
-                result["samba"] = await samba_logins_per_s(
-                    bench.ntlm_helper, f"{a.domain}\\{a.user}" if a.domain else a.user,
-                    a.password, logins=500, helpers=bench.ntlm_helpers)
             if result.get("failures"):
                 doc["errors"].append(f"{name}: {result['failures']} of {result['vcs']} VCs "
                                      f"failed: {result.get('failure_kinds')}")

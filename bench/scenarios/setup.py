@@ -7,8 +7,10 @@ import time
 from typing import Any
 
 from bench import dcerpc
+from bench.client import BasicAuth, NtlmAuth
 from bench.measure import CpuFigures, RelayFigures, add_relay_figures, bottleneck, percentile, ratio
 from bench.scenarios.base import Bench, Figures, bench_syntax, rounds_of
+from bench.scenarios.storm import samba_baseline
 
 
 class SetupResult(Figures, RelayFigures, total=False):
@@ -16,7 +18,7 @@ class SetupResult(Figures, RelayFigures, total=False):
     workers: int
     cpu: dict[str, CpuFigures]
     bottleneck: str
-    samba: dict[str, Any]  # with real NTLM: the same Samba's logins/s alone (added by the CLI)
+    samba: dict[str, Any]  # with real NTLM: the same Samba's logins/s alone
 
 
 async def run_setup(bench: Bench) -> SetupResult:
@@ -70,4 +72,8 @@ async def run_setup(bench: Bench) -> SetupResult:
         add_relay_figures(result, proxy, direct, out["relay"]["per_s"])
     result.update({"details": out, "workers": bench.setup_workers, "cpu": cpu,
                    "bottleneck": bottleneck(cpu)})
+    auth = bench.proxy.auth
+    if bench.ntlm_helper and proxy and isinstance(auth, (BasicAuth, NtlmAuth)):
+        # With real NTLM: what the same Samba verifies alone, for comparison.
+        result["samba"] = await samba_baseline(bench, auth, logins=500)
     return result

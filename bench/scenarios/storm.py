@@ -24,10 +24,10 @@ import time
 from typing import Any
 
 from bench import dcerpc
-from bench.client import NtlmAuth
+from bench.client import BasicAuth, NtlmAuth
 from bench.measure import ratio
 from bench.scenarios.base import Bench, Figures, ProxyTarget, bench_syntax
-from ntlm import HelperPool, WinbindVerifier, verify_password
+from ntlm import HelperPool, NtlmError, WinbindVerifier, verify_password
 
 
 class StormResult(Figures):
@@ -45,7 +45,10 @@ async def samba_logins_per_s(argv: list[str], user: str, password: str, *, login
     """Logins per second through ``helpers`` ntlm_auth helpers, no proxy in between."""
     verifier = WinbindVerifier(HelperPool(argv, size=helpers, queue_timeout=300))
     try:
-        await verify_password(verifier, user, password)  # start one helper, prove it works
+        try:  # start one helper, prove it works
+            await verify_password(verifier, user, password)
+        except NtlmError as exc:  # a scenario failure the CLI reports, not a traceback
+            raise RuntimeError(f"the Samba baseline login failed: {exc}") from None
         t0 = time.perf_counter()
         results = await asyncio.gather(
             *(verify_password(verifier, user, password) for _ in range(logins)),
@@ -56,6 +59,15 @@ async def samba_logins_per_s(argv: list[str], user: str, password: str, *, login
     failed = sum(isinstance(r, BaseException) for r in results)
     return {"logins": logins, "failed": failed, "seconds": round(seconds, 3),
             "per_s": round((logins - failed) / seconds, 1), "helpers": helpers}
+
+
+async def samba_baseline(bench: Bench, auth: BasicAuth | NtlmAuth, *,
+                         logins: int) -> dict[str, Any]:
+    """``samba_logins_per_s`` for the bench's account through its helper command."""
+    assert bench.ntlm_helper
+    account = f"{auth.domain}\\{auth.user}" if auth.domain else auth.user
+    return await samba_logins_per_s(bench.ntlm_helper, account, auth.password,
+                                    logins=logins, helpers=bench.ntlm_helpers)
 
 
 async def run_storm(bench: Bench) -> StormResult:
@@ -100,9 +112,7 @@ async def run_storm(bench: Bench) -> StormResult:
     vcs_per_s = round(len(opened) / seconds, 1)
     bench.progress(f"storm: {len(opened)}/{n} VCs open after {seconds:.2f} s "
                    f"({vcs_per_s} VCs/s), {failures} failed")
-    baseline = await samba_logins_per_s(bench.ntlm_helper, auth.user if not auth.domain
-                                        else f"{auth.domain}\\{auth.user}", auth.password,
-                                        logins=min(2 * n, 2000), helpers=bench.ntlm_helpers)
+    baseline = await samba_baseline(bench, auth, logins=min(2 * n, 2000))
     bench.progress(f"storm: the same Samba alone: {baseline['per_s']} NTLM logins/s "
                    f"({baseline['helpers']} helpers)")
     direct = baseline["per_s"]

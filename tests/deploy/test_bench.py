@@ -797,3 +797,14 @@ def test_cli_throughput_at_the_least_out_content_length_recycles_and_completes(
     proc = _run_cli("--out-content-length", "65536", "--scenarios", "throughput", timeout=30)
     assert proc.returncode == 2 and "at least 70655" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+async def test_samba_baseline_that_cannot_log_in_is_a_scenario_failure() -> None:
+    """A helper that gives no verdict makes the baseline raise RuntimeError, which the CLI
+    reports as a FAILED scenario (its JSON still written), never a traceback."""
+    from bench.scenarios.storm import samba_logins_per_s
+
+    broken = [sys.executable, "-c",
+              "import sys\nfor line in sys.stdin:\n    print('BH no winbind', flush=True)"]
+    with pytest.raises(RuntimeError, match="the Samba baseline login failed"):
+        await samba_logins_per_s(broken, "EXAMPLE\\u", "p", logins=3, helpers=1)
