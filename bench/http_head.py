@@ -72,10 +72,10 @@ class HttpHead:
         value = self.get("content-length")
         if value is None:
             return None
-        try:
-            return int(value.strip())
-        except ValueError:
-            raise RpchProtocolError(f"bad Content-Length {value!r}") from None
+        digits = value.strip()
+        if not digits.isascii() or not digits.isdigit():  # int() would take "-5", "1_0", "٣"
+            raise RpchProtocolError(f"bad Content-Length {value!r}")
+        return int(digits)
 
 
 def parse_head(raw: bytes, where: str) -> HttpHead:

@@ -808,3 +808,12 @@ async def test_samba_baseline_that_cannot_log_in_is_a_scenario_failure() -> None
               "import sys\nfor line in sys.stdin:\n    print('BH no winbind', flush=True)"]
     with pytest.raises(RuntimeError, match="the Samba baseline login failed"):
         await samba_logins_per_s(broken, "EXAMPLE\\u", "p", logins=3, helpers=1)
+
+
+@pytest.mark.parametrize("value", ["-5", "1_0", "+7", "\u0663", "12 3"])
+def test_head_reader_refuses_a_content_length_int_would_take(value: str) -> None:
+    from bench.http_head import RpchProtocolError, parse_head
+
+    head = parse_head(f"HTTP/1.1 200 OK\r\nContent-Length: {value}\r\n\r\n".encode(), "t")
+    with pytest.raises(RpchProtocolError, match="bad Content-Length"):
+        _ = head.content_length

@@ -59,9 +59,9 @@ class RawConnection:
     def read_response(self, *, body_limit: int = 1 << 16) -> RawResponse:
         head = parse_head(self._read_until(b"\r\n\r\n") + b"\r\n\r\n", "test request")
         resp = RawResponse(head.status, head.reason, head.headers, b"")
-        cl = resp.header("Content-Length")
-        if cl and head.status != 100:
-            resp.body = self._read_exact(min(int(cl[0]), body_limit))
+        length = head.content_length
+        if length and head.status != 100:
+            resp.body = self._read_exact(min(length, body_limit))
         return resp
 
     def is_closed(self, timeout: float = 5.0) -> bool:
