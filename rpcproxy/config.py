@@ -222,7 +222,10 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
     for name, value in values.items():
         default = getattr(config, name)
         if name == "ntlm_helper" and isinstance(value, str):
-            value = shlex.split(value)
+            try:
+                value = shlex.split(value)
+            except ValueError as exc:  # e.g. an unclosed quote: a config error, not a crash
+                raise ConfigError(f"ntlm_helper {value!r}: {exc}") from None
         if default is not None and not isinstance(value, type(default)):
             if isinstance(default, float) and isinstance(value, int):
                 value = float(value)

@@ -200,3 +200,9 @@ def test_flags_to_config_live_in_config_and_check_shares_them() -> None:
                                               "--server-name", "mail"])
         cfg = config_mod.config_from_args(args)
         assert cfg.listen == "127.0.0.1:0" and cfg.server_names == ["mail"]
+
+
+def test_an_ntlm_helper_that_does_not_split_is_a_config_error() -> None:
+    """An unclosed quote is the admin's error (exit 78, one line), not a ValueError traceback."""
+    with pytest.raises(ConfigError, match="ntlm_helper"):
+        config_mod.load(None, {"ntlm_helper": 'ntlm_auth "--helper-protocol=squid-2.5-ntlmssp'})
