@@ -66,7 +66,8 @@ SHUTDOWN_GRACE = 10.0  # seconds for closing live channels on SIGTERM before exi
 STOP_LISTENERS_GRACE = 5.0  # of which: waiting for the listening sockets to close
 
 # Settings that need new listening sockets: a reload keeps the running values.
-RESTART_ONLY = ("listen", "http_listen", "metrics_listen", "workers")
+RESTART_ONLY = ("listen", "http_listen", "metrics_listen", "workers", "tls_transport",
+                "proxy_protocol_from")
 
 
 class StartupError(Exception):
