@@ -483,7 +483,7 @@ def run(args: argparse.Namespace) -> int:
         print("1 check failed")
         return 1
     emit(Result(OK, "configuration", _describe(config, args.config)))
-    flags = ("listen", "backend", "target", "server_names", "tls_cert", "ntlm_server")
+    flags = ("listen", "backend", "target", "server_names", "tls_cert", "ntlm_helper")
     if (args.config is None and not any(getattr(args, f, None) for f in flags)
             and any(k.startswith("RPCPROXY_") for k in os.environ)):
         emit(Result(WARN, "configuration", "these are rpcproxy's built-in defaults, not the "
