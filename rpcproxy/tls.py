@@ -301,14 +301,3 @@ class TlsConnection(asyncio.Protocol, asyncio.Transport):
         if self._raw is None:
             return (0, 0)
         return self._raw.get_write_buffer_limits()
-
-
-def tls_protocol_factory(context: ssl.SSLContext,
-                         app_factory: Callable[[], asyncio.BaseProtocol],
-                         handshake_timeout: float) -> Callable[[], asyncio.Protocol]:
-    """For ``loop.create_server`` (with ``ssl=None``): TLS on every accepted connection."""
-
-    def make() -> asyncio.Protocol:
-        return TlsConnection(context, app_factory, handshake_timeout)
-
-    return make
