@@ -93,7 +93,6 @@ class ServerMetrics:
         self.loop_lag = FixedHistogram(LOOP_LAG_BUCKETS)
         self.vcs_opened = 0  # first channel arrived, a VirtualConnection made
         self.backend_connect_failures = 0  # after all retries
-        self.auth_denied = 0
         self.targets_refused = 0
         self.gc_freezes = 0  # gc.freeze() at a new high of open VCs
 

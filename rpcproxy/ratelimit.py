@@ -24,6 +24,8 @@ import collections
 import enum
 import ipaddress
 
+from ntlm.errors import Unreachable
+
 
 class Refusal(enum.StrEnum):
     """Why a client was refused or dropped (metric label ``reason``)."""
@@ -42,6 +44,18 @@ class Refusal(enum.StrEnum):
     CLIENT_GONE = "client_disconnected"  # the client went away mid-request
     TARGET_REFUSED = "target_refused"  # server:port not on the allow-list
     CHANNEL_REFUSED = "channel_refused"  # a bad channel opening or a VC bound
+
+
+# Why no verdict could be had (ntlm.errors.Unreachable) -> the refusal it is counted as
+_UNAVAILABLE: dict[Unreachable, Refusal] = {
+    Unreachable.BUSY: Refusal.PENDING_LIMIT,
+    Unreachable.BUSY_PER_SOURCE: Refusal.PENDING_PER_SOURCE,
+}
+
+
+def unavailable_refusal(code: Unreachable) -> Refusal:
+    """The refusal an authentication that got no verdict counts as."""
+    return _UNAVAILABLE.get(code, Refusal.AUTH_UNAVAILABLE)
 
 
 MAX_SOURCES = 1024  # distinct sources remembered per window; the rest count as "other"

@@ -37,7 +37,6 @@ from collections.abc import Callable, Hashable
 from aiohttp import web
 
 from dcerpc.pdu import HEADER_LEN
-from ntlm.errors import Unreachable
 from ntlm.http_auth import (
     Authenticated,
     Authenticator,
@@ -81,7 +80,7 @@ from rpcproxy.http.wire import (
     rpc_error_response,
 )
 from rpcproxy.metrics import ServerMetrics
-from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog
+from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, unavailable_refusal
 from rpcproxy.rpch import channels, rts
 from rpcproxy.rpch.channels import VcSettings
 from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
@@ -90,10 +89,6 @@ log = logging.getLogger("rpcproxy")
 
 
 # How an authentication that could not be judged is counted among refusals.
-_UNAVAILABLE_REFUSALS = {Unreachable.BUSY: Refusal.PENDING_LIMIT,
-                         Unreachable.BUSY_PER_SOURCE: Refusal.PENDING_PER_SOURCE}
-
-
 def helper_pool(config: Config) -> HelperPool:
     """The pool of ntlm_auth helpers the configuration asks for."""
     return HelperPool(config.ntlm_helper, size=config.ntlm_helpers,
@@ -272,7 +267,8 @@ class ProxyServer:
         if due is not None and self._refusal_timer is None:
             self._refusal_timer = loop.call_at(due + 0.001, self._flush_refusals)
 
-    def _refuse_request(self, reason: Refusal, request: web.Request, detail: str) -> None:
+    def refuse_request(self, reason: Refusal, request: web.Request, detail: str) -> None:
+        """``refuse`` for a request's client (Autodiscover's too)."""
         self.refuse(reason, _source(request), _peer(request), detail)
 
     def _flush_refusals(self, final: bool = False) -> None:
@@ -307,7 +303,7 @@ class ProxyServer:
         try:
             return await self._handle_rpc(request)
         except ConnectionError as exc:  # the client went away while we read or wrote
-            self._refuse_request(Refusal.CLIENT_GONE, request,
+            self.refuse_request(Refusal.CLIENT_GONE, request,
                                  f"{method}: client went away mid-request ({type(exc).__name__})")
             resp = web.Response(status=400)
             resp.force_close()
@@ -329,7 +325,7 @@ class ProxyServer:
             endpoint = self.allow_list.resolve(target)
         except TargetRefused as exc:
             self.metrics.targets_refused += 1
-            self._refuse_request(Refusal.TARGET_REFUSED, request,
+            self.refuse_request(Refusal.TARGET_REFUSED, request,
                                  f"target refused, user={identity.principal}: {exc.reason}")
             return rpc_error_response(exc)
 
@@ -339,7 +335,7 @@ class ProxyServer:
         try:
             return await self._channel(request, identity, target, endpoint, length)
         except RpcProxyError as exc:
-            self._refuse_request(Refusal.CHANNEL_REFUSED, request,
+            self.refuse_request(Refusal.CHANNEL_REFUSED, request,
                                  f"{method} user={identity.principal}: {exc.reason}")
             return rpc_error_response(exc)
 
@@ -361,9 +357,8 @@ class ProxyServer:
             self.guard.authenticated(request.protocol)
             return outcome.identity
         if isinstance(outcome, Unavailable):
-            self._refuse_request(_UNAVAILABLE_REFUSALS.get(outcome.code,
-                                                           Refusal.AUTH_UNAVAILABLE),
-                                 request, f"authentication unavailable: {outcome.reason}")
+            self.refuse_request(unavailable_refusal(outcome.code), request,
+                                f"authentication unavailable: {outcome.reason}")
             return rpc_error_response(
                 RpcProxyError(outcome.reason, rpc_error=RPC_S_SERVER_TOO_BUSY
                               if outcome.code.our_bound else RPC_S_SERVER_UNAVAILABLE)
@@ -371,8 +366,7 @@ class ProxyServer:
         headers: list[tuple[str, str]] = [("WWW-Authenticate", v)
                                           for v in outcome.www_authenticate]
         if isinstance(outcome, Denied):
-            self.metrics.auth_denied += 1
-            self._refuse_request(Refusal.AUTH_DENIED, request,
+            self.refuse_request(Refusal.AUTH_DENIED, request,
                                  f"authentication failed: {outcome.reason}")
             body = "authentication failed\r\n"
         else:

@@ -48,6 +48,7 @@ from rpcproxy.autodiscover.settings import (
 )
 from rpcproxy.http.aiohttp_glue import ConnectionGuard, peer_of
 from rpcproxy.metrics import ServerMetrics
+from rpcproxy.ratelimit import Refusal, unavailable_refusal
 
 if TYPE_CHECKING:
     from rpcproxy.config import Config
@@ -94,6 +95,9 @@ class AutodiscoverHost(Protocol):
     def metrics(self) -> ServerMetrics: ...
 
     def auth_source(self, request: web.Request) -> str | None: ...
+
+    def refuse_request(self, reason: Refusal, request: web.Request, detail: str) -> None:
+        """Count a refused client and log it through the rate-limited refusal log."""
 
 
 class AutodiscoverService:
@@ -147,14 +151,16 @@ class AutodiscoverService:
                 async with asyncio.timeout(table.body_timeout):
                     body = await request.content.readexactly(length)
             except TimeoutError:
-                log.warning("autodiscover from %s: request body not received within %gs",
-                            peer, table.body_timeout)
+                self.server.refuse_request(
+                    Refusal.BAD_REQUEST, request,
+                    f"autodiscover: request body not received within {table.body_timeout:g}s")
                 return self._error(pox.ErrorCode.INVALID_REQUEST, close=True)
             except asyncio.IncompleteReadError:
-                log.warning("autodiscover from %s: request body ended early", peer)
+                self.server.refuse_request(Refusal.CLIENT_GONE, request,
+                                           "autodiscover: request body ended early")
                 return self._error(pox.ErrorCode.INVALID_REQUEST, close=True)
 
-        identity_or_response = await self._authenticate(request, peer, close=oversized)
+        identity_or_response = await self._authenticate(request, close=oversized)
         if isinstance(identity_or_response, web.StreamResponse):
             return identity_or_response
         identity = identity_or_response
@@ -217,8 +223,8 @@ class AutodiscoverService:
             resp.force_close()
         return resp
 
-    async def _authenticate(self, request: web.Request, peer: str,
-                            *, close: bool) -> Identity | web.StreamResponse:
+    async def _authenticate(self, request: web.Request, *,
+                            close: bool) -> Identity | web.StreamResponse:
         server = self.server
         tls = request.transport is not None and request.transport.get_extra_info(
             "sslcontext") is not None
@@ -233,14 +239,14 @@ class AutodiscoverService:
         if isinstance(outcome, Authenticated):
             return outcome.identity
         if isinstance(outcome, Unavailable):
-            log.warning("autodiscover from %s: authentication unavailable: %s", peer,
-                        outcome.reason)
+            server.refuse_request(unavailable_refusal(outcome.code), request,
+                                  f"autodiscover: authentication unavailable: {outcome.reason}")
             resp = web.Response(status=503, text="authentication is unavailable\r\n")
             resp.force_close()
             return resp
         if isinstance(outcome, Denied):
-            server.metrics.auth_denied += 1
-            log.warning("autodiscover from %s: authentication failed: %s", peer, outcome.reason)
+            server.refuse_request(Refusal.AUTH_DENIED, request,
+                                  f"autodiscover: authentication failed: {outcome.reason}")
             text = "authentication failed\r\n"
         else:
             assert isinstance(outcome, Challenge)
