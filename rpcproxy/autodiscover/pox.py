@@ -37,6 +37,8 @@ import xml.parsers.expat
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
+from ntlm.verifier import has_control_characters
+
 REQUEST_NS = "http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006"
 RESPONSE_NS = "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006"
 OUTLOOK_RESPONSE_NS = (
@@ -168,7 +170,10 @@ def parse_request(body: bytes) -> PoxRequest | PoxError:
     email = collector.fields.get("EMailAddress", "").strip()
     if not email:
         return PoxError(ErrorCode.INVALID_REQUEST, "no EMailAddress in the request")
-    if len(email) > MAX_ADDRESS or not _ADDRESS.fullmatch(email):
+    # Character references get DEL, C1 controls (CSI), bidi overrides and zero-width
+    # characters past the pattern: none of them may reach a log line or an LDAP filter.
+    if (len(email) > MAX_ADDRESS or not _ADDRESS.fullmatch(email)
+            or has_control_characters(email)):
         return PoxError(ErrorCode.INVALID_REQUEST,
                         f"EMailAddress {email[:80]!r} is not an email address")
     return PoxRequest(email=email, schema=schema)

@@ -21,7 +21,7 @@ from rpcproxy.autodiscover.settings import (
     parse_table,
 )
 from rpcproxy.errors import ConfigError
-from tests.support.pox_requests import BAD, BILLION_LAUGHS, SCHEMA
+from tests.support.pox_requests import BAD, BILLION_LAUGHS, SCHEMA, body
 
 DATA = Path(__file__).parents[1] / "data" / "autodiscover"
 
@@ -188,3 +188,12 @@ def test_service_settings_follow_a_reloaded_config() -> None:
     server.config = dataclasses.replace(server.config,
                                         autodiscover={"proxy_server": "owa.example.com"})
     assert service.resolved().response.proxy_server == "owa.example.com"
+
+
+@pytest.mark.parametrize("ref", ["&#x7f;", "&#x9b;", "&#x202e;", "&#x200b;", "&#x85;"])
+def test_control_and_format_characters_in_the_address_are_refused(ref: str) -> None:
+    """Character references put them past the address pattern; they must not reach the
+    log lines or the LDAP filter that the address goes to."""
+    parsed = pox.parse_request(body(f"jane{ref}doe@example.com"))
+    assert isinstance(parsed, pox.PoxError)
+    assert parsed.code == pox.ErrorCode.INVALID_REQUEST
