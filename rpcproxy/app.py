@@ -134,8 +134,7 @@ class ProxyProcess:
         except CertificateError as exc:
             raise StartupError(f"TLS certificate: {exc.reason}", config=True) from None
         except OSError as exc:
-            raise StartupError(f"cannot listen on {config.listen}: {exc.strerror or exc}"
-                               + _bind_hint(exc), config=_is_config_errno(exc)) from None
+            raise _listen_error(config.listen, exc) from None
         tls = "TLS" if config.tls_cert else "HTTP"
         for host, port in self.bound:
             log.info("listening on %s:%d (%s)", host, port, tls)
@@ -154,8 +153,7 @@ class ProxyProcess:
         except RuntimeError as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:
-            raise StartupError(f"cannot listen on {address} for metrics: "
-                               f"{exc.strerror or exc}") from None
+            raise _listen_error(address, exc, what=" for metrics") from None
         self.metrics_listener = listener
         who = "" if self.worker_index is None else f"worker {self.worker_index}: "
         for host, port in self.metrics_bound:
@@ -346,8 +344,7 @@ def _bind_listeners(config: Config) -> list[socket.socket]:
             try:
                 sock = socket.create_server((ep.host, ep.port), family=family, backlog=4096)
             except OSError as exc:
-                raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}"
-                                   + _bind_hint(exc), config=_is_config_errno(exc)) from None
+                raise _listen_error(address, exc) from None
             socks.append(sock)
             host, port = sock.getsockname()[:2]
             log.info("listening on %s:%d (%s)", host, port, "TLS" if tls else "HTTP")
@@ -356,6 +353,13 @@ def _bind_listeners(config: Config) -> list[socket.socket]:
             sock.close()
         raise
     return socks
+
+
+def _listen_error(address: str, exc: OSError, what: str = "") -> StartupError:
+    """A listener that could not be opened: with a hint, and as a configuration error
+    (exit 78, no restart loop) when no restart can cure it."""
+    return StartupError(f"cannot listen on {address}{what}: {exc.strerror or exc}"
+                        + _bind_hint(exc), config=_is_config_errno(exc))
 
 
 def _is_config_errno(exc: OSError) -> bool:

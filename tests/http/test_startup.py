@@ -1,4 +1,5 @@
-"""Signals that arrive while the proxy starts (before READY): never the default action.
+"""The proxy's start-up: signals that arrive before READY are never the default action,
+and a listener that cannot be opened says how it can be.
 
 An admin's or a test's SIGHUP sent right after "listening on ..." was logged used to kill
 the process (the handlers were installed only after start-up returned)."""
@@ -78,3 +79,17 @@ async def test_sigterm_during_start_up_stops_once_started(
         process.stop_event.set()
     await asyncio.wait_for(task, 10)
     assert unhandled == []
+
+
+async def test_a_metrics_address_that_is_not_ours_is_a_config_error() -> None:
+    """Like the main listener: no restart binds an address the host does not have, so it
+    exits 78 (no restart loop) with the address named."""
+    from rpcproxy.app import StartupError
+
+    cfg = config_mod.load(None, {"listen": "127.0.0.1:0", "backend": "127.0.0.1:9",
+                                 "metrics_listen": "192.0.2.1:0"})
+    process = ProxyProcess(cfg)
+    with pytest.raises(StartupError) as caught:
+        await process.start()
+    await process.server.stop()
+    assert caught.value.config and "192.0.2.1:0 for metrics" in str(caught.value)
