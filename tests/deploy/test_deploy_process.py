@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from dcerpc.pdu import PType
 from rpcproxy import certs
 from tests.support.deploy_support import (
-    BIND_ACK_PTYPE,
     NotifySocket,
     ServeProcess,
     basic_auth,
@@ -125,7 +125,7 @@ def test_sigterm_closes_live_vc_and_exits(samba_dc: SambaDC, tmp_path: Path,
     async def scenario() -> bytes:
         vc = await open_vc("127.0.0.1", port, "mail.example.com:6001", _auth(samba_dc))
         try:
-            assert (await vc.bind_mgmt())[2] == BIND_ACK_PTYPE
+            assert (await vc.bind_mgmt())[2] == PType.BIND_ACK
             out = await vc.out_stream()
             p.signal(signal.SIGTERM)
             # The proxy ends the OUT response: the client sees end of stream.
@@ -182,11 +182,11 @@ def test_sighup_adds_target_keeps_live_vc_and_cli_overrides(
             # The new rule works (and authentication still goes to --ntlm-helper).
             fresh = await open_vc("127.0.0.1", port, "new.example.com:6001", auth)
             try:
-                assert (await fresh.bind_mgmt())[2] == BIND_ACK_PTYPE
+                assert (await fresh.bind_mgmt())[2] == PType.BIND_ACK
             finally:
                 fresh.close()
             # The VC opened before the reload still carries RPC both ways.
-            assert (await live.bind_mgmt())[2] == BIND_ACK_PTYPE
+            assert (await live.bind_mgmt())[2] == PType.BIND_ACK
         finally:
             live.close()
 
@@ -216,7 +216,7 @@ def test_sighup_with_broken_config_keeps_running_config(
     async def scenario() -> None:
         vc = await open_vc("127.0.0.1", port, "mail.example.com:6001", auth)
         try:
-            assert (await vc.bind_mgmt())[2] == BIND_ACK_PTYPE
+            assert (await vc.bind_mgmt())[2] == PType.BIND_ACK
         finally:
             vc.close()
 
@@ -326,7 +326,7 @@ def test_tls_vc_with_basic_auth_and_certificate_reload(
         live = await open_vc("127.0.0.1", port, "mail.example.com:6001", _auth(samba_dc),
                              tls=ctx, server_hostname="mail.example.com")
         try:
-            assert (await live.bind_mgmt())[2] == BIND_ACK_PTYPE
+            assert (await live.bind_mgmt())[2] == PType.BIND_ACK
             certs.create_self_signed("mail.example.com", tls_dir, overwrite=True)
             mark = p.line_count()
             p.signal(signal.SIGHUP)
@@ -337,14 +337,14 @@ def test_tls_vc_with_basic_auth_and_certificate_reload(
                                   _auth(samba_dc), tls=fresh_ctx,
                                   server_hostname="mail.example.com")
             try:
-                assert (await fresh.bind_mgmt())[2] == BIND_ACK_PTYPE
+                assert (await fresh.bind_mgmt())[2] == PType.BIND_ACK
             finally:
                 fresh.close()
             with pytest.raises(ssl.SSLCertVerificationError):
                 await open_vc("127.0.0.1", port, "mail.example.com:6001", _auth(samba_dc),
                               tls=ctx, server_hostname="mail.example.com")
             # A second BIND on the live VC: Samba answers (BIND_ACK or BIND_NAK), through.
-            assert (await live.bind_mgmt())[2] in (BIND_ACK_PTYPE, 13)
+            assert (await live.bind_mgmt())[2] in (PType.BIND_ACK, PType.BIND_NAK)
         finally:
             live.close()
 
@@ -399,7 +399,7 @@ def test_metrics_follow_traffic(samba_dc: SambaDC, tmp_path: Path,
     async def scenario() -> None:
         vc = await open_vc("127.0.0.1", port, "mail.example.com:6001", auth)
         try:
-            assert (await vc.bind_mgmt())[2] == BIND_ACK_PTYPE
+            assert (await vc.bind_mgmt())[2] == PType.BIND_ACK
             text = await asyncio.to_thread(scrape)
             assert metric_value(text, "rpcproxy_virtual_connections", 'phase="opened"') == 1
             assert metric_value(text, "rpcproxy_channels", 'direction="in"') == 1
@@ -473,7 +473,7 @@ def test_workers_supervisor_notify_reload_and_stop(samba_dc: SambaDC, tmp_path: 
         vcs = [await open_vc("127.0.0.1", port, target, auth) for _ in range(6)]
         try:
             for vc in vcs:
-                assert (await vc.bind_mgmt())[2] == BIND_ACK_PTYPE
+                assert (await vc.bind_mgmt())[2] == PType.BIND_ACK
         finally:
             for vc in vcs:
                 vc.close()

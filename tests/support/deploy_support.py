@@ -11,7 +11,6 @@ Every wait is bounded; every server binds to loopback; processes are signalled b
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import importlib.util
 import os
@@ -32,11 +31,11 @@ from types import ModuleType
 
 from bench import dcerpc
 from bench.client import OUT_NEW_CONTENT_LENGTH, RpchClient
+from bench.client_auth import BasicAuth
 from bench.http_head import RpchClosed, read_body, read_head
 from rpcproxy.rpch import rts
 
 REPO = Path(__file__).resolve().parents[2]
-BIND_ACK_PTYPE = 12
 # The mgmt interface (C706 appendix Q), which every DCE/RPC server answers a BIND for.
 MGMT_SYNTAX = dcerpc.syntax(uuid.UUID("afa8bd80-7d8a-11c9-bef4-08002b102989"), 1)
 ENTRYPOINT = REPO / "deploy" / "container" / "entrypoint.py"
@@ -246,7 +245,7 @@ class RpchVc:
 
 
 def basic_auth(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return BasicAuth(user, password).header()
 
 
 async def open_vc(host: str, port: int, target: str, auth: str, *, timeout: float = 20.0,

@@ -7,12 +7,10 @@ Never the only proof: the same paths run against real Samba in test_e2e_samba.py
 
 from __future__ import annotations
 
-import base64
-import struct
-
 from bench.auth import BenchAuthenticator
 from bench.backend import BenchBackend
-from dcerpc.pdu import PType
+from bench.client_auth import BasicAuth
+from bench.dcerpc import build_request
 
 
 class TableAuthenticator(BenchAuthenticator):
@@ -25,7 +23,8 @@ class TableAuthenticator(BenchAuthenticator):
 
 
 def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    """The Basic Authorization header value (bench's client writes it)."""
+    return BasicAuth(user, password).header()
 
 
 class EchoBackend:
@@ -65,6 +64,4 @@ class EchoBackend:
 
 def request_pdu(call_id: int, stub: bytes, opnum: int = 0) -> bytes:
     """A connection-oriented REQUEST PDU (C706 12.6.4.9) with the given stub."""
-    frag = 24 + len(stub)
-    return struct.pack("<BBBB4sHHIIHH", 5, 0, PType.REQUEST, 0x03, b"\x10\x00\x00\x00",
-                       frag, 0, call_id, len(stub), 0, opnum) + stub
+    return build_request(call_id, opnum, stub)

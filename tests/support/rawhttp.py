@@ -9,6 +9,7 @@ import socket
 
 import spnego
 
+from bench.client_auth import BasicAuth
 from bench.http_head import parse_head
 
 
@@ -108,5 +109,4 @@ def ntlm_request(
 
 
 def basic_header(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
+    return {"Authorization": BasicAuth(user, password).header()}

@@ -189,7 +189,7 @@ class Tally:
 
 def recycle_to_a2(s: VcSettings = SMALL) -> tuple[VirtualConnection, Tally]:
     """Fill OUT with 500-byte PDUs until OUT_R2/A2; the PDU that did not fit and one more
-    wait in the queue (R500[n], R500[n + 1]) where n is returned as ``vc.sent_before_a2``."""
+    wait in the queue (R500[n], R500[n + 1]); with SMALL settings n is 7."""
     vc = opened(s)
     t = Tally(s.out_content_length)
     t.started.add(OUT)
