@@ -771,7 +771,7 @@ class RpchClient:
     async def detach_out(self) -> asyncio.StreamReader:
         """Stop the client's own work (the OUT reader, the IN watcher, pings) and hand over
         the OUT channel's stream: for a test that watches how the proxy ends it. Afterwards
-        only ``close`` or ``abort`` are of use."""
+        only ``abort`` is of use (``close`` sees the client already closing)."""
         self._check()
         self._closing = True
         if self._ping_handle is not None:

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 from typing import Any
 
 from bench import dcerpc
 from bench.client import BasicAuth, NtlmAuth
 from bench.measure import ratio
-from bench.scenarios.base import Bench, Figures, ProxyTarget, bench_syntax
+from bench.scenarios.base import Bench, Figures, bench_syntax
 from ntlm import HelperPool, NtlmError, WinbindVerifier, verify_password
 
 
@@ -76,10 +77,8 @@ async def run_storm(bench: Bench) -> StormResult:
                            "(real NTLM through winbind)")
     auth = bench.proxy.auth
     n = bench.storm_vcs
-    wrong = ProxyTarget(bench.proxy.host, bench.proxy.port, bench.proxy.target,
-                        bench.proxy.path, NtlmAuth(auth.user, auth.password + "-wrong",
-                                                   auth.domain),
-                        bench.proxy.ssl, bench.proxy.server_hostname, bench.proxy.insecure)
+    wrong = dataclasses.replace(bench.proxy, auth=NtlmAuth(auth.user, auth.password + "-wrong",
+                                                           auth.domain))
     opened: list[Any] = []
     errors: collections.Counter[str] = collections.Counter()
     last_open = 0.0
