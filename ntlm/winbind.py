@@ -195,12 +195,31 @@ class HelperPool:
     def _may_hold(self, source: str | None) -> bool:
         return source is None or self.per_source is None or self._held[source] < self.per_source
 
-    def _held_by(self, helper: _Helper, source: str | None) -> _Helper:
-        self._busy += 1
-        helper.source = source
+    def _claim(self, source: str | None) -> None:
+        """``source`` is granted a helper (or a slot to start one) now: it counts against
+        its share from this moment, so grants made before the helper is in its hands
+        (a spawn under way, a hand-off to a waiter) cannot take it past ``per_source``."""
         if source is not None:
             self._held[source] += 1
+
+    def _unclaim(self, source: str | None) -> None:
+        if source is not None:
+            self._held[source] -= 1
+            if self._held[source] <= 0:
+                del self._held[source]
+
+    def _held_by(self, helper: _Helper, source: str | None) -> _Helper:
+        """The claimed helper is in the hands of ``source``'s handshake."""
+        self._busy += 1
+        helper.source = source
         return helper
+
+    async def _start_claimed(self, source: str | None) -> _Helper:
+        try:
+            return self._held_by(await self._start_one(), source)
+        except BaseException:
+            self._unclaim(source)
+            raise
 
     async def acquire(self, source: str | None = None) -> _Helper:
         """A helper for one handshake; NtlmServerUnavailable when none can be had in time.
@@ -213,10 +232,12 @@ class HelperPool:
             while self._idle:
                 helper = self._idle.pop()
                 if helper.alive:
+                    self._claim(source)
                     return self._held_by(helper, source)
                 self._forget(helper)
             if self._count < self.size:
-                return self._held_by(await self._start_one(), source)
+                self._claim(source)
+                return await self._start_claimed(source)
         self.queued += 1
         waiter: asyncio.Future[_Helper | None] = asyncio.get_running_loop().create_future()
         entry = (waiter, source)
@@ -225,7 +246,7 @@ class HelperPool:
             async with asyncio.timeout(self.queue_timeout):
                 handed = await waiter
         except BaseException as exc:
-            self._return_unclaimed(waiter)
+            self._return_unclaimed(waiter, source)
             if not isinstance(exc, TimeoutError):
                 raise  # cancelled: the client went away while waiting
             self.queue_timeouts += 1
@@ -240,14 +261,16 @@ class HelperPool:
                 self._waiters.remove(entry)
         if handed is None:  # a slot was freed by a dead helper: start a new one in it
             self._count -= 1
-            handed = await self._start_one()
+            return await self._start_claimed(source)
         return self._held_by(handed, source)
 
-    def _return_unclaimed(self, waiter: asyncio.Future[_Helper | None]) -> None:
+    def _return_unclaimed(self, waiter: asyncio.Future[_Helper | None],
+                          source: str | None) -> None:
         """A waiter gave up (timeout, cancellation) just as it was handed a helper or a
-        slot: pass it on, so that nothing handed over is lost."""
+        slot: give back its claim and pass what it was handed on, so nothing is lost."""
         if not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
             return
+        self._unclaim(source)
         handed = waiter.result()
         if handed is None:
             self._count -= 1  # the reserved slot
@@ -274,6 +297,7 @@ class HelperPool:
                 self._waiters.remove(entry)
             elif self._may_hold(source):
                 self._waiters.remove(entry)
+                self._claim(source)  # the caller hands it a helper or a slot at once
                 return waiter
         return None
 
@@ -281,10 +305,7 @@ class HelperPool:
         """Give a helper back; a broken one is killed and its slot offered to a waiter."""
         self._busy -= 1
         source, helper.source = helper.source, None
-        if source is not None:
-            self._held[source] -= 1
-            if self._held[source] <= 0:
-                del self._held[source]
+        self._unclaim(source)
         if not helper.alive or self.closed:
             self._forget(helper)
             return

@@ -516,3 +516,25 @@ async def test_request_cancelled_mid_answer_replaces_the_helper(tmp_path: Path) 
         assert pool.started == 2
     finally:
         await verifier.aclose()
+
+
+async def test_concurrent_logins_from_one_source_take_only_its_share(tmp_path: Path) -> None:
+    """Logins from one address arriving together, while the pool is still starting its
+    helpers, take no more than ``per_source`` (the share counts from the grant, not from
+    when the helper is up); the rest wait and then get 503 BUSY."""
+    pool = HelperPool(fake_helper(tmp_path, "AF EXAMPLE\\alice"), size=8, per_source=2,
+                      queue_timeout=0.5)
+    try:
+        results = await asyncio.gather(*(pool.acquire("198.51.100.7") for _ in range(6)),
+                                       return_exceptions=True)
+        got = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, NtlmServerUnavailable)]
+        assert len(got) == 2 and len(refused) == 4
+        assert all(r.code is Unreachable.HELPERS_BUSY for r in refused)
+        for helper in got:
+            pool.release(helper)
+        assert pool.busy == 0
+        again = await asyncio.wait_for(pool.acquire("198.51.100.7"), 5)  # its share is back
+        pool.release(again)
+    finally:
+        await pool.aclose()
