@@ -240,12 +240,14 @@ async def check_directory(config: Config) -> tuple[Result, str]:
     try:
         base, realm, netbios = await directory.naming()
     except DirectoryUnavailable as exc:
+        directory.close()
         configured = bool(config.autodiscover)
         hint = ("" if configured else " (no [autodiscover] table: the default is Samba's "
                 "privileged ldapi socket; set autodiscover.ldap_url)")
         return Result(FAIL if configured else WARN, what,
                       f"{directory.describe()}: {exc.reason}{hint}. Autodiscover answers "
                       "603 until this works"), ""
+    directory.close()
     return Result(OK, what, f"{directory.describe()}: naming context {base}, realm {realm}, "
                   f"domain {netbios}"), realm
 

@@ -24,6 +24,7 @@ that failed authentication never reached the directory.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 import ssl
 import threading
@@ -111,6 +112,15 @@ class LdapDirectory:
         self._lock = threading.Lock()
         self._naming: tuple[str, str, str] | None = None  # base DN, realm, NetBIOS domain
         self._sem: asyncio.Semaphore | None = None
+        # Its own threads: a slow directory holds at most max_concurrent_lookups of them,
+        # never the event loop's default pool (which resolves backend host names), and a
+        # lookup that timed out still occupies its thread, so the bound stays real.
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=table.max_concurrent_lookups, thread_name_prefix="ldap")
+
+    def close(self) -> None:
+        """No new lookups; threads still in one end with it (bounded by ldap_timeout)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     def describe(self) -> str:
         t = self.table
@@ -129,7 +139,8 @@ class LdapDirectory:
         async with self._sem:
             try:
                 async with asyncio.timeout(self.table.ldap_timeout * 3):
-                    return await asyncio.to_thread(self._find_sync, address)
+                    return await asyncio.get_running_loop().run_in_executor(
+                        self._threads, self._find_sync, address)
             except TimeoutError:
                 raise DirectoryUnavailable(
                     f"no answer from {self.table.ldap_url} within "
@@ -153,7 +164,7 @@ class LdapDirectory:
 
         try:
             async with asyncio.timeout(self.table.ldap_timeout * 3):
-                return await asyncio.to_thread(run)
+                return await asyncio.get_running_loop().run_in_executor(self._threads, run)
         except TimeoutError:
             raise DirectoryUnavailable(f"no answer from {self.table.ldap_url}") from None
         except DirectoryUnavailable:

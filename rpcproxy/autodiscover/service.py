@@ -127,6 +127,8 @@ class AutodiscoverService:
         old = self._directory_table
         if self._directory is None or old is None or any(
                 getattr(old, k) != getattr(table, k) for k in ldap_keys):
+            if isinstance(self._directory, LdapDirectory):
+                self._directory.close()  # a reload changed it: its threads go
             self._directory = LdapDirectory(table)
             self._directory_table = table
         return self._directory
@@ -301,6 +303,8 @@ class AutodiscoverService:
         return resp
 
     async def stop(self) -> None:
+        if isinstance(self._directory, LdapDirectory):
+            self._directory.close()
         for srv in self._redirect_servers:
             srv.close()
         if self._redirect_http is not None:
