@@ -36,7 +36,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from dcerpc.pdu import MAX_FRAG_LENGTH, FramingError, PduFramer, PType, parse_header
 from rpcproxy import provision_winbind
+from rpcproxy.errors import ConfigError
+from rpcproxy.targets import parse_endpoint
 
 MAPIPROXY_INTERFACES = ("exchange_emsmdb", "exchange_nsp", "exchange_ds_rfr")
 PLAIN_INTERFACES = ("lsarpc", "samr", "drsuapi", "dssetup")
@@ -294,13 +297,15 @@ def _bind_pdu(syntax: tuple[uuid.UUID, int, int]) -> bytes:
 
 
 def _bind_result(answer: bytes) -> str | None:
-    """None when the answer is a BIND_ACK accepting the interface, else why not."""
-    if len(answer) < 16 or answer[0] != 5:
+    """None when the answer (one whole PDU) is a BIND_ACK accepting the interface, else
+    why not."""
+    try:
+        ptype = parse_header(answer).ptype
+    except FramingError:
         return "the answer is not DCE/RPC"
-    ptype = answer[2]
-    if ptype == 13:
+    if ptype == PType.BIND_NAK:
         return "BIND_NAK"
-    if ptype != 12 or len(answer) < 26:
+    if ptype != PType.BIND_ACK or len(answer) < 26:
         return f"DCE/RPC packet type {ptype} instead of BIND_ACK"
     sec_len = struct.unpack_from("<H", answer, 24)[0]
     at = 26 + sec_len
@@ -313,6 +318,25 @@ def _bind_result(answer: bytes) -> str | None:
     return None if result == 0 else "the interface is not served (BIND_ACK rejected it)"
 
 
+def _read_pdu(sock: socket.socket) -> bytes:
+    """The first whole PDU the endpoint sends (what it sent if it closes or breaks
+    DCE/RPC framing first); the socket's timeout bounds each read."""
+    framer = PduFramer()
+    seen = b""
+    while len(seen) < MAX_FRAG_LENGTH:
+        data = sock.recv(4096)
+        if not data:
+            return seen
+        seen += data
+        try:
+            pdus = framer.feed(data)
+        except FramingError:
+            return seen
+        if pdus:
+            return bytes(pdus[0].data)
+    return seen
+
+
 def probe_endpoint(host: str, port: int, plain: bool, timeout: float = PROBE_TIMEOUT
                    ) -> tuple[bool, str]:
     """Does Samba serve what rpcproxy needs at host:port? (ok, what to tell the admin)"""
@@ -321,7 +345,7 @@ def probe_endpoint(host: str, port: int, plain: bool, timeout: float = PROBE_TIM
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.settimeout(timeout)
             sock.sendall(_bind_pdu(MGMT_SYNTAX if plain else EMSMDB_SYNTAX))
-            answer = sock.recv(4096)
+            answer = _read_pdu(sock)
     except socket.gaierror as exc:
         return False, f"cannot resolve {host}: {exc.strerror or exc}"
     except TimeoutError:
@@ -348,7 +372,11 @@ def provision_samba(args: argparse.Namespace) -> int:
     if not 0 < port < 65536:
         print("rpcproxy provision samba: --port must be 1..65535", file=sys.stderr)
         return 2
-    host, port = _where(args, port)
+    try:
+        host, port = _where(args, port)
+    except ConfigError as exc:
+        print(f"rpcproxy provision samba: {exc.reason}", file=sys.stderr)
+        return 2
     if args.verify:
         return _verify(args, host, port)
     settings = plain_settings(port) if args.plain else mapiproxy_settings(port)
@@ -410,13 +438,12 @@ def provision_samba(args: argparse.Namespace) -> int:
 
 
 def _where(args: argparse.Namespace, port: int) -> tuple[str, int]:
-    """Where rpcproxy will connect: --backend HOST:PORT, else 127.0.0.1:--port."""
+    """Where rpcproxy will connect: --backend HOST:PORT (ConfigError if it is not one),
+    else 127.0.0.1:--port."""
     if not args.backend:
         return "127.0.0.1", port
-    host, _, num = args.backend.rpartition(":")
-    if not num.isdigit() or not host:
-        return args.backend, port
-    return host.strip("[]"), int(num)
+    ep = parse_endpoint(args.backend, "--backend")
+    return ep.host, ep.port
 
 
 def _after_apply(args: argparse.Namespace, host: str, port: int) -> int:

@@ -7,13 +7,17 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from bench.dcerpc import build_bind_ack
 from ntlm import HelperPool, WinbindVerifier, verify_password
 from rpcproxy import provision
 from rpcproxy.cli import main
@@ -292,3 +296,32 @@ def test_provision_winbind_without_winbind(capsys: pytest.CaptureFixture[str]) -
                  "--configfile=/nonexistent/smb.conf"]) == 1
     out = capsys.readouterr().out
     assert "[FAIL] winbind gives no verdicts" in out
+
+
+def test_verify_refuses_a_backend_that_is_not_host_port(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--backend is parsed as the proxy parses it: a port past 65535 is the admin's error
+    (exit 2), not 'nothing listens on 127.0.0.1:70000'."""
+    assert main(["provision", "samba", "--verify", "--backend", "127.0.0.1:70000"]) == 2
+    assert "--backend '127.0.0.1:70000' is not HOST:PORT" in capsys.readouterr().err
+
+
+def test_verify_reads_a_bind_ack_that_arrives_in_pieces() -> None:
+    """The answer is read until its whole PDU is there (frag_length), not one recv()."""
+    ack = build_bind_ack(1, 5840, 5840, 0x1234, [(0, 0, bytes(20))])
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                for i in range(0, len(ack), 7):
+                    conn.sendall(ack[i:i + 7])
+                    time.sleep(0.02)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        ok, verdict = provision.probe_endpoint("127.0.0.1", port, plain=True, timeout=5)
+        thread.join(5)
+    assert ok, verdict
