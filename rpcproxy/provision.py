@@ -211,7 +211,7 @@ def merge_smb_conf(text: str, port: int, plain: bool = False) -> MergeResult:
 
 def _testparm(path: Path, plain: bool = False) -> tuple[bool, str]:
     """Run Samba's testparm on ``path``: (usable, what to tell the admin)."""
-    tool = shutil.which("testparm", path=TOOL_PATH + os.pathsep + os.environ.get("PATH", ""))
+    tool = _which("testparm")
     if tool is None:
         return True, "testparm not installed: the merged file was not checked by Samba"
     done = subprocess.run([tool, "--suppress-prompt", "-s", str(path)], capture_output=True,
@@ -253,7 +253,7 @@ def _replace_file(path: Path, text: str) -> None:
 
 def samba_modules_dir() -> Path | None:
     """Samba's MODULESDIR (``smbd -b``), or None when smbd is not installed here."""
-    smbd = shutil.which("smbd", path=TOOL_PATH + os.pathsep + os.environ.get("PATH", ""))
+    smbd = _which("smbd")
     if smbd is None:
         return None
     try:
