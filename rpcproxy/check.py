@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 from rpcproxy.config import Config, config_from_args
 from rpcproxy.errors import ConfigError
@@ -276,10 +277,10 @@ async def check_autodiscover(config: Config, user: str, password: str, email: st
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE  # our own listener on loopback
         body = (f'<?xml version="1.0" encoding="utf-8"?><Autodiscover xmlns="{pox.REQUEST_NS}">'
-                f"<Request><EMailAddress>{email}</EMailAddress><AcceptableResponseSchema>"
+                f"<Request><EMailAddress>{escape(email)}</EMailAddress><AcceptableResponseSchema>"
                 f"{pox.OUTLOOK_RESPONSE_NS}</AcceptableResponseSchema></Request></Autodiscover>"
                 ).encode()
-        client = spnego.client(user.rpartition("\\")[2], password, protocol="ntlm")
+        client = spnego.client(user, password, protocol="ntlm")  # as check_login logs in
         async with asyncio.timeout(30):
             reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
             try:
@@ -289,8 +290,9 @@ async def check_autodiscover(config: Config, user: str, password: str, email: st
                     status, data = await _post(reader, writer, body, client.step(data))
             finally:
                 writer.close()
-    except (OSError, TimeoutError, spnego.exceptions.SpnegoError) as exc:
-        return Result(FAIL, what, f"the test request failed: {exc}")
+    except (OSError, TimeoutError, EOFError, asyncio.LimitOverrunError, ValueError,
+            IndexError, spnego.exceptions.SpnegoError) as exc:  # EOFError: IncompleteReadError
+        return Result(FAIL, what, f"the test request failed: {type(exc).__name__}: {exc}")
     finally:
         await server.stop()
     if status != 200:
