@@ -381,6 +381,9 @@ def _worker_metrics_address(address: str | None, index: int) -> str | None:
         return None
     ep = parse_endpoint(address, "metrics_listen", listen=True)
     port = ep.port + index if ep.port else 0
+    if port > 65535:
+        raise ConfigError(f"metrics_listen {address!r}: worker {index} would need port {port} "
+                          "(each worker serves metrics on the port + its index)")
     host = f"[{ep.host}]" if ":" in ep.host else ep.host
     return f"{host}:{port}"
 
@@ -397,6 +400,12 @@ def _serve_workers(config: Config, *, config_path: str | None,
     not talk to systemd (NotifyAccess=main).
     """
     notifier = sdnotify.Notifier()
+    try:  # every worker's metrics address is known before any worker starts
+        metrics_addresses = [_worker_metrics_address(config.metrics_listen, i)
+                             for i in range(config.workers)]
+    except ConfigError as exc:
+        log.error("rpcproxy cannot start: %s", exc.reason)
+        return EXIT_CONFIG
     try:
         socks = _bind_listeners(config)
     except StartupError as exc:
@@ -408,7 +417,7 @@ def _serve_workers(config: Config, *, config_path: str | None,
         process = ProxyProcess(
             config, config_path=config_path, arg_overrides=arg_overrides, notifier=silent,
             workers=ws, listen_sockets=socks,
-            metrics_listen=_worker_metrics_address(config.metrics_listen, ws.index),
+            metrics_listen=metrics_addresses[ws.index],
         )
         try:
             _run_loop(config, process.run())

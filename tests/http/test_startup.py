@@ -7,6 +7,7 @@ the process (the handlers were installed only after start-up returned)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from collections.abc import Iterator
@@ -93,3 +94,18 @@ async def test_a_metrics_address_that_is_not_ours_is_a_config_error() -> None:
         await process.start()
     await process.server.stop()
     assert caught.value.config and "192.0.2.1:0 for metrics" in str(caught.value)
+
+
+def test_worker_metrics_ports_past_65535_stop_the_start_not_the_workers(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Worker i serves metrics on the port + i: when that runs past 65535 the supervisor
+    says so and exits 78 before it binds or forks anything (a worker used to die of a
+    ConfigError traceback, again at each respawn)."""
+    from rpcproxy.app import _serve_workers
+    from rpcproxy.workers import EXIT_CONFIG
+
+    cfg = config_mod.load(None, {"listen": "127.0.0.1:0", "backend": "127.0.0.1:9",
+                                 "metrics_listen": "127.0.0.1:65535", "workers": 2})
+    with caplog.at_level(logging.ERROR, logger="rpcproxy"):
+        assert _serve_workers(cfg, config_path=None, arg_overrides=None) == EXIT_CONFIG
+    assert "worker 1 would need port 65536" in caplog.text
