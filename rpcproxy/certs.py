@@ -202,7 +202,6 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
 
 
 DEFAULT_SESSION_TICKETS = 2  # OpenSSL's own default
-MAX_SESSION_TICKETS = 16
 
 
 def server_ssl_context(cert_file: str, key_file: str, *,
