@@ -53,6 +53,7 @@ from bench.proxyproc import LOCAL_NTLM_PASSWORD, LOCAL_NTLM_USER
 from bench.relay import RelayProcess, find_haproxy, relay_maxconn
 from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, Bench, ProxyTarget
 from bench.session import RpcFault
+from dcerpc.pdu import FramingError
 from rpcproxy.rpch.rts import MAX_RECEIVE_WINDOW, MIN_RECEIVE_WINDOW
 
 
@@ -542,7 +543,7 @@ async def amain(args: argparse.Namespace) -> int:
                 async with asyncio.timeout(scenario_limit(name, args,
                                                           relay=bench.relay is not None)):
                     result = dict(await SCENARIOS[name](bench))
-            except (IntegrityError, RpchError, RpcFault, TimeoutError, OSError,
+            except (IntegrityError, RpchError, RpcFault, FramingError, TimeoutError, OSError,
                     RuntimeError) as exc:
                 kind = type(exc).__name__
                 msg = f"{name}: {kind}: {exc}" if str(exc) else f"{name}: {kind} (time limit)"

@@ -115,19 +115,24 @@ class BenchSession:
         first = True
         while True:
             data = await self.t.recv_pdu(self.timeout)
-            h = parse_header(data)
-            if h.call_id != call.call_id:
-                raise IntegrityError(
-                    f"PDU for call_id {h.call_id} while waiting for {call.call_id} "
-                    "(lost or reordered)")
-            if h.ptype == PType.FAULT:
+            if len(data) > 2 and data[2] == PType.FAULT:
                 status = dcerpc.parse_fault(data)
+                fault_call = parse_header(data).call_id
+                if fault_call != call.call_id:
+                    raise IntegrityError(
+                        f"PDU for call_id {fault_call} while waiting for {call.call_id} "
+                        "(lost or reordered)")
                 self._outstanding.popleft()
                 if status in (bp.FAULT_BAD_CRC, bp.FAULT_BAD_SEQ, bp.FAULT_BAD_STUB):
                     raise IntegrityError(
                         f"call {call.seq}: backend reports a damaged request (0x{status:08x})")
                 raise RpcFault(call.call_id, status)
-            resp = dcerpc.parse_response(data)
+            resp = dcerpc.parse_response(data)  # the one header parse of a response
+            h = resp.header
+            if h.call_id != call.call_id:
+                raise IntegrityError(
+                    f"PDU for call_id {h.call_id} while waiting for {call.call_id} "
+                    "(lost or reordered)")
             if bool(h.pfc_flags & PFC_FIRST_FRAG) != first:
                 raise IntegrityError(f"call {call.seq}: fragment FIRST flag out of place")
             first = False
