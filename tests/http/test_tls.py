@@ -82,6 +82,31 @@ async def test_vc_over_tls(backend: EchoBackend, pair: certs.CreatedCertificate,
         await server.stop()
 
 
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+@pytest.mark.parametrize(("offered", "chosen"), [
+    ("X25519:P-256", "X25519"),  # what current clients offer first is taken
+    ("P-256", "ECDH, prime256v1"),  # clients without X25519 (older Windows) still connect
+    ("P-384", "ECDH, secp384r1"),
+])
+async def test_key_exchange_groups(backend: EchoBackend, pair: certs.CreatedCertificate,
+                                   version: str, offered: str, chosen: str) -> None:
+    """The proxy's TLS takes the key exchange group a client offers from OpenSSL's default
+    list instead of one fixed curve (a real TLS client, openssl s_client, shows the group)."""
+    server, port = await start(backend, pair)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-brief",
+            "-groups", offered, "-tls" + version.replace(".", "_"),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(b"Q\n"), 20)
+        text = out.decode(errors="replace")
+        assert f"Protocol version: TLSv{version}" in text, text
+        assert f"Server Temp Key: {chosen}," in text, text
+    finally:
+        await server.stop()
+
+
 async def test_silent_tls_client_closed_after_handshake_timeout(
         backend: EchoBackend, pair: certs.CreatedCertificate) -> None:
     """A connection that never finishes its TLS handshake is closed after
