@@ -136,10 +136,13 @@ async def _child(spec: HolderSpec) -> int:
     code = 0
     while True:
         line = (await reader.readline()).decode().strip()
-        if line == "CHECK":
-            async def check(s: BenchSession) -> None:
+        if line == "CHECK" or line.startswith("CHECK "):
+            # One call per session: 16 bytes each way, or "CHECK N": N bytes each way.
+            size = int(line[6:]) if line.startswith("CHECK ") and line[6:].isdigit() else 16
+
+            async def check(s: BenchSession, size: int = size) -> None:
                 async with sem:
-                    await s.call(16, 16)
+                    await s.call(size, size)
 
             try:
                 await asyncio.gather(*(check(s) for s in sessions))
@@ -278,9 +281,10 @@ class Holder:
             elif word == "ERROR":
                 raise RuntimeError(f"holder ({self.spec.path}): {rest}")
 
-    async def check(self, timeout: float) -> None:
+    async def check(self, timeout: float, size: int = 16) -> None:
+        """One call on every session, ``size`` bytes each way; raises if one fails."""
         assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(b"CHECK\n")
+        self.proc.stdin.write(f"CHECK {size}\n".encode())
         line = await self._line(timeout)
         if not line.startswith("CHECKED"):
             raise RuntimeError(f"holder ({self.spec.path}): {line}")

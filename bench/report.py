@@ -113,6 +113,9 @@ def rows(doc: dict[str, Any]) -> list[list[str]]:
                         _fmt(det.get("rss_mib")), "", "", "MiB"])
             out.append(["", "  proxy RSS per VC", _fmt(det.get("rss_per_vc_kib")), "", "",
                         "KiB"])
+            if det.get("rss_per_used_vc_kib") is not None:
+                out.append(["", "  proxy RSS per VC once it carried 64 KiB each way",
+                            _fmt(det.get("rss_per_used_vc_kib")), "", "", "KiB"])
             out.append(["", "  proxy fds", _fmt(det.get("fds")), "", "", ""])
             if r["details"].get("relay_skipped"):
                 out.append(["", f"  note: C relay skipped: {r['details']['relay_skipped']}",

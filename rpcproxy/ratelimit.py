@@ -35,6 +35,7 @@ class Refusal(enum.StrEnum):
     HANDSHAKE_TIMEOUT = "handshake_timeout"  # unauthenticated past handshake_timeout
     TLS_TIMEOUT = "tls_handshake_timeout"  # TLS handshake not done within handshake_timeout
     TLS_FAILED = "tls_handshake_failed"  # TLS handshake failed or was abandoned
+    TLS_ERROR = "tls_error"  # a TLS error after the handshake (bad record, alert)
     PROXY_HEADER = "proxy_header"  # bad or late PROXY protocol header from a front proxy
     PENDING_LIMIT = "pending_handshakes_limit"  # max_pending_handshakes reached
     PENDING_PER_SOURCE = "pending_handshakes_per_source"

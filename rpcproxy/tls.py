@@ -1,123 +1,103 @@
 """A lean server-side TLS transport: what a held TLS channel costs beyond a plain one.
 
-Theory of operation. The listener accepts plain TCP; each connection gets one
-``TlsConnection``, which is at once the protocol of the TCP transport and the transport
-its application protocol (aiohttp's request handler, later a ``ChannelProtocol``) sees.
-It runs OpenSSL through ``ssl.SSLObject`` over two ``ssl.MemoryBIO`` objects:
+Theory of operation. The listener accepts plain TCP and takes the accepted socket from
+its first transport before a byte is read; each connection then gets one
+``TlsConnection``, an ``asyncio.Transport`` that runs OpenSSL directly on the socket (an
+``ssl.SSLSocket`` in non-blocking mode, watched with ``add_reader`` / ``add_writer``):
 
-* handshake: ciphertext from the socket goes into the incoming BIO, ``do_handshake``
-  runs, whatever OpenSSL wrote to the outgoing BIO goes to the socket. Only once the
-  handshake has completed is the application protocol made and given this transport
-  (``connection_made``), as asyncio's own TLS transports do. A handshake that is not done
-  within ``handshake_timeout`` or fails closes the connection with one log line;
-* reading: ciphertext is fed to the incoming BIO in pieces of at most one TLS record, and
-  each piece is decrypted into one buffer shared by every connection of the process, so
-  neither BIO ever grows beyond about two records; the plaintext of one socket read goes
-  to the application in one ``data_received``. A TLS close_notify is ``eof_received``;
-* writing: plaintext is encrypted one record at a time, each record taken out of the
-  outgoing BIO at once; the records of one ``write`` go to the TCP transport together (one
-  ``writelines``), which does the buffering and the write flow control (``pause_writing``
-  / ``resume_writing`` are passed through);
-* ``close`` sends close_notify and closes the TCP transport once its buffer is written.
+* handshake: ``do_handshake`` runs whenever the socket is readable (or writable, if
+  OpenSSL asked to write). Only once it has completed is the application protocol made
+  and given this transport (``connection_made``), as asyncio's own TLS transports do. A
+  handshake that is not done within ``handshake_timeout`` or fails closes the connection
+  with one report (``handshake_timed_out`` / ``handshake_failed``);
+* reading: OpenSSL reads the records from the socket itself and decrypts each into a new
+  bytes object; what one readable event brought (at most ``READ_BATCH``) goes to the
+  application in one ``data_received``. A TLS close_notify, or a TCP end without it, is
+  ``eof_received``. ``pause_reading`` stops watching the socket;
+* writing: ``write`` hands the plaintext to OpenSSL, which encrypts and sends it record by
+  record. When the socket is full, OpenSSL wants the same write again once it is
+  writable (it keeps the records it made): that write is kept, later ones queue behind it,
+  and the queue drives the application's ``pause_writing`` / ``resume_writing`` at the
+  write buffer limits;
+* ``close`` sends close_notify once the queue is written and closes the socket;
+  ``abort`` closes it at once. ``connection_lost`` reaches the application exactly once.
 
-Why not the event loop's TLS transport (``create_server(ssl=...)``): uvloop's keeps a
-256 KiB read buffer per connection, and its memory BIOs grow to the largest burst a
-channel ever carried and stay that size; asyncio's allocates a 256 KiB bytearray per
-connection. A proxy holding thousands of mostly idle long-lived channels pays that per
-channel. What is left here per connection is OpenSSL's own state (about 20 KiB with
-OpenSSL 3.0, buffers released while idle: Python sets ``SSL_MODE_RELEASE_BUFFERS``).
+Why the socket and not memory BIOs (``ssl.MemoryBIO``, as the event loop's TLS transports
+use): a memory BIO keeps the largest burst it ever held, so a channel that once carried a
+64 KiB PDU keeps about 40 KiB of BIO buffers for the rest of its life, and uvloop's and
+asyncio's transports add a 256 KiB read buffer per connection. Here nothing grows with
+traffic: OpenSSL's own record buffers are released while idle (Python sets
+``SSL_MODE_RELEASE_BUFFERS``), and what is left per connection is OpenSSL's session state
+(about 14 KiB with OpenSSL 3.0, heaptrack) whatever the channel carried. The plaintext
+also skips two copies on the way in and one on the way out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 log = logging.getLogger("rpcproxy")
 
-RECORD = 16384  # the largest TLS plaintext record
-PIECE = RECORD + 512  # ciphertext fed to OpenSSL at a time: one full record and its framing
-_PLAIN = bytearray(RECORD + 1024)  # decrypted records land here (one event loop a process)
-_PLAIN_VIEW = memoryview(_PLAIN)
+RECORD = 16384  # the largest TLS plaintext record: what one SSL_read returns at most
+READ_BATCH = 256 * 1024  # plaintext taken per readable event before other connections run
+HIGH_WATER = 64 * 1024  # write queue limits (as asyncio's transports default to)
+LOW_WATER = 16 * 1024
 
 
-class TlsConnection(asyncio.Protocol, asyncio.Transport):
-    """One server-side TLS connection (see the module docstring)."""
+class TlsConnection(asyncio.Transport):
+    """One server-side TLS connection on its own socket (see the module docstring)."""
 
-    __slots__ = ("_ctx", "_factory", "_raw", "_app", "_incoming", "_outgoing", "_sslobj",
-                 "_timer", "_closing", "_reading", "_handshake_timeout")
+    __slots__ = ("_loop", "_ctx", "_factory", "_sock", "_fd", "_app", "_timer",
+                 "_handshake_timeout", "_peername", "_sockname", "_state", "_reading",
+                 "_reader_on", "_writer_on", "_pending", "_queue", "_queued", "_paused",
+                 "_high", "_low", "_read_wants_write", "_lost_called", "_closing")
 
-    def __init__(self, context: ssl.SSLContext, app_factory: Callable[[], asyncio.BaseProtocol],
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext,
+                 app_factory: Callable[[], asyncio.BaseProtocol],
                  handshake_timeout: float) -> None:
         super().__init__()
+        self._loop = asyncio.get_running_loop()
         self._ctx = context
         self._factory: Callable[[], asyncio.BaseProtocol] | None = app_factory
         self._handshake_timeout = handshake_timeout
-        self._raw: asyncio.Transport | None = None
         self._app: asyncio.Protocol | None = None
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._sslobj: ssl.SSLObject | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        try:
+            self._peername: Any = sock.getpeername()
+            self._sockname: Any = sock.getsockname()
+        except OSError:
+            self._peername = self._sockname = None
+        sock.setblocking(False)
+        self._sock: ssl.SSLSocket | None = context.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False)
+        self._fd = self._sock.fileno()
         self._closing = False
         self._reading = True
+        self._reader_on = False
+        self._writer_on = False
+        self._read_wants_write = False
+        self._lost_called = False
+        self._pending: bytes | memoryview | None = None  # the write OpenSSL must be given again
+        self._queue: list[bytes] = []  # writes behind it
+        self._queued = 0
+        self._paused = False
+        self._high, self._low = HIGH_WATER, LOW_WATER
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(
+            handshake_timeout, self._handshake_expired)
+        self._watch_reading(True)  # the ClientHello wakes _handshake
 
-    # ---- as the TCP transport's protocol -------------------------------------------------
+    def closed(self) -> None:
+        """The socket was closed (handshake done or not): a hook for the owner."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._raw = transport  # type: ignore[assignment]
-        self._sslobj = self._ctx.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        self._timer = asyncio.get_running_loop().call_later(
-            self._handshake_timeout, self._handshake_expired)
-
-    def data_received(self, data: bytes) -> None:
-        if self._factory is not None:
-            self._handshake(data)
-        elif self._app is not None and self._sslobj is not None:
-            self._decrypt(data)
-
-    def eof_received(self) -> bool | None:
-        app = self._app
-        if app is None:  # a client that left during the handshake
-            self.abort()
-            return True
-        if not app.eof_received():
-            self.close()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._closing = True
-        app, self._app = self._app, None
-        self._factory = None
-        self._sslobj = None
-        if app is not None:
-            app.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self._app is not None:
-            self._app.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._app is not None:
-            self._app.resume_writing()
-
-    # ---- TLS -----------------------------------------------------------------------------
+    # ---- reports (the guard overrides them) ----------------------------------------------
 
     def _peer(self) -> str:
-        peer = self._raw.get_extra_info("peername") if self._raw is not None else None
+        peer = self._peername
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
-
-    def _handshake_expired(self) -> None:
-        self._timer = None
-        if self._factory is not None:
-            self.handshake_timed_out()
-            self.abort()
 
     def handshake_timed_out(self) -> None:
         """The handshake was not done in time (the connection is then aborted)."""
@@ -128,27 +108,70 @@ class TlsConnection(asyncio.Protocol, asyncio.Transport):
         """The handshake failed (the connection is then aborted)."""
         log.info("TLS handshake from %s failed: %s", self._peer(), reason)
 
-    def _handshake(self, data: bytes) -> None:
-        sslobj = self._sslobj
-        assert sslobj is not None
-        pos, end = 0, len(data)
+    def tls_failed(self, what: str, reason: str) -> None:
+        """A TLS error after the handshake (the connection is then aborted)."""
+        log.info("TLS %s %s: %s; closed", what, self._peer(), reason)
+
+    # ---- the socket ----------------------------------------------------------------------
+
+    def _watch_reading(self, on: bool) -> None:
+        if on and not self._reader_on and self._sock is not None:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reader_on = True
+        elif not on and self._reader_on:
+            self._loop.remove_reader(self._fd)
+            self._reader_on = False
+
+    def _watch_writing(self, on: bool) -> None:
+        if on and not self._writer_on and self._sock is not None:
+            self._loop.add_writer(self._fd, self._on_writable)
+            self._writer_on = True
+        elif not on and self._writer_on:
+            self._loop.remove_writer(self._fd)
+            self._writer_on = False
+
+    def _on_readable(self) -> None:
+        if self._factory is not None:
+            self._handshake()
+        else:
+            self._read()
+
+    def _on_writable(self) -> None:
+        if self._factory is not None:
+            self._handshake()
+            return
+        if self._read_wants_write:
+            self._read_wants_write = False
+            self._read()
+        if self._sock is not None:
+            self._flush()
+
+    # ---- handshake -----------------------------------------------------------------------
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self._factory is not None:
+            self.handshake_timed_out()
+            self.abort()
+
+    def _handshake(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
         try:
-            while True:  # a record at a time here too: the BIO stays small
-                self._incoming.write(data[pos:pos + PIECE])
-                pos += PIECE
-                try:
-                    sslobj.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    if pos >= end:
-                        self._flush()
-                        return
-        except (ssl.SSLError, ValueError) as exc:
-            self._flush()  # OpenSSL's alert, if it wrote one
-            self.handshake_failed(str(getattr(exc, "reason", None) or exc))
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch_writing(False)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch_writing(True)
+            return
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            self.handshake_failed(_reason(exc))
+            _discard_input(sock)  # so that the close is a FIN after OpenSSL's alert, not a RST
             self.abort()
             return
-        self._flush()
+        self._watch_writing(False)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -157,78 +180,128 @@ class TlsConnection(asyncio.Protocol, asyncio.Transport):
         app = factory()
         self._app = app  # type: ignore[assignment]
         app.connection_made(self)
-        if (pos < end or self._incoming.pending) and self._app is not None:
-            self._decrypt(data[pos:])  # application data that came with the client's Finished
+        if self._sock is not None and self._reading:
+            self._read()  # application data that came with the client's Finished
 
-    def _decrypt(self, data: bytes) -> None:
-        """Feed ``data`` to OpenSSL a record at a time; deliver the plaintext at once."""
-        sslobj, incoming = self._sslobj, self._incoming
-        assert sslobj is not None
+    # ---- reading -------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        sock = self._sock
+        if sock is None or not self._reading:
+            return
         chunks: list[bytes] = []
-        view = memoryview(data)
-        pos, end = 0, len(data)
+        size = 0
         eof = False
         try:
-            while True:
-                if pos < end:
-                    incoming.write(view[pos:pos + PIECE])
-                    pos += PIECE
-                while True:
-                    try:
-                        n = cast(int, sslobj.read(len(_PLAIN), _PLAIN))  # with a buffer: a count
-                    except ssl.SSLWantReadError:
-                        break
-                    if not n:  # close_notify
-                        eof = True
-                        break
-                    chunks.append(bytes(_PLAIN_VIEW[:n]))
-                if eof or pos >= end:
+            while size < READ_BATCH:
+                chunk = sock.recv(RECORD)
+                if not chunk:
+                    eof = True
                     break
-        except ssl.SSLZeroReturnError:
+                chunks.append(chunk)
+                size += len(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLWantWriteError:  # e.g. answering a KeyUpdate into a full socket
+            self._read_wants_write = True
+            self._watch_writing(True)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             eof = True
         except ssl.SSLError as exc:
-            log.info("TLS error from %s: %s; closed", self._peer(),
-                     getattr(exc, "reason", None) or exc)
+            self._deliver(chunks)
+            self.tls_failed("error from", _reason(exc))
             self.abort()
             return
-        finally:
-            view.release()
-        if self._outgoing.pending:  # e.g. a TLS 1.3 KeyUpdate answer
-            self._flush()
+        except OSError as exc:  # reset by the peer
+            self._deliver(chunks)
+            self._lose(exc)
+            return
+        self._deliver(chunks)
+        if size >= READ_BATCH and self._sock is not None and self._reading:
+            self._loop.call_soon(self._read)  # more may sit inside OpenSSL: go on soon
+        if eof and self._sock is not None:
+            app = self._app
+            if app is None or not app.eof_received():
+                self.close()
+
+    def _deliver(self, chunks: list[bytes]) -> None:
         if chunks and self._app is not None:
             self._app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        if eof:
-            self.eof_received()
 
-    def _flush(self) -> None:
-        if self._outgoing.pending and self._raw is not None:
-            self._raw.write(self._outgoing.read())
-
-    # ---- as the application's transport --------------------------------------------------
+    # ---- writing -------------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing or self._sslobj is None:
+        if self._closing or self._sock is None or not data:
             return
-        sslobj, outgoing = self._sslobj, self._outgoing
-        view = memoryview(data)
-        records: list[bytes] = []
-        try:
-            for pos in range(0, len(view), RECORD):
-                sslobj.write(view[pos:pos + RECORD])
-                records.append(outgoing.read())  # the BIO never holds more than a record
-        except ssl.SSLError as exc:
-            log.info("TLS write to %s failed: %s; closed", self._peer(),
-                     getattr(exc, "reason", None) or exc)
-            self.abort()
+        if self._pending is not None:
+            self._queue.append(bytes(data))
+            self._queued += len(data)
+            self._check_high()
             return
-        finally:
-            view.release()
-        if self._raw is not None:
-            self._raw.writelines(records)  # one writev for them all
+        self._send(data)
 
     def writelines(self, list_of_data: Any) -> None:
         chunks = list(list_of_data)
-        self.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if chunks:
+            self.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _send(self, data: bytes | bytearray | memoryview) -> bool:
+        """Give ``data`` to OpenSSL; False if it must be given again (socket full)."""
+        sock = self._sock
+        assert sock is not None
+        try:
+            sock.send(data)  # all of it, or nothing yet (no partial writes)
+        except ssl.SSLWantWriteError:
+            self._pending = data if isinstance(data, bytes) else bytes(data)
+            self._watch_writing(True)
+            self._check_high()
+            return False
+        except ssl.SSLWantReadError:  # (no renegotiation: not expected, treated alike)
+            self._pending = data if isinstance(data, bytes) else bytes(data)
+            self._watch_writing(True)
+            return False
+        except ssl.SSLError as exc:
+            self.tls_failed("write to", _reason(exc))
+            self.abort()
+            return False
+        except OSError as exc:
+            self._lose(exc)
+            return False
+        return True
+
+    def _flush(self) -> None:
+        """The socket is writable: the kept write again, then the queue."""
+        while self._sock is not None:
+            data = self._pending
+            if data is None:
+                if not self._queue:
+                    break
+                data = self._queue[0] if len(self._queue) == 1 else b"".join(self._queue)
+                self._queue.clear()
+                self._queued = 0
+            self._pending = None
+            if not self._send(data):
+                return
+        if self._sock is None:
+            return
+        self._watch_writing(self._read_wants_write)
+        self._check_low()
+        if self._closing:
+            self._finish_close()
+
+    def _buffered(self) -> int:
+        pending = self._pending
+        return self._queued + (len(pending) if pending is not None else 0)
+
+    def _check_high(self) -> None:
+        if not self._paused and self._buffered() > self._high and self._app is not None:
+            self._paused = True
+            self._app.pause_writing()
+
+    def _check_low(self) -> None:
+        if self._paused and self._buffered() <= self._low and self._app is not None:
+            self._paused = False
+            self._app.resume_writing()
 
     def can_write_eof(self) -> bool:
         return False
@@ -236,40 +309,94 @@ class TlsConnection(asyncio.Protocol, asyncio.Transport):
     def write_eof(self) -> None:
         raise NotImplementedError("TLS has no half-close")
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = HIGH_WATER if high is None else high
+        self._low = (self._high // 4 if high is not None else LOW_WATER) if low is None else low
+        self._check_high()
+
+    def get_write_buffer_size(self) -> int:
+        return self._buffered()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low, self._high)
+
+    # ---- closing -------------------------------------------------------------------------
+
     def close(self) -> None:
         if self._closing:
             return
         self._closing = True
-        if self._sslobj is not None and self._factory is None:
+        self._watch_reading(False)
+        if self._pending is None:
+            self._finish_close()
+        # else: _flush finishes it once the queue is written
+
+    def _finish_close(self) -> None:
+        sock = self._sock
+        if sock is not None and self._factory is None:
             try:
-                self._sslobj.unwrap()  # close_notify; the peer's is not waited for
-            except (ssl.SSLError, ValueError):
+                sock.unwrap()  # close_notify; the peer's is not waited for
+            except (ssl.SSLError, OSError, ValueError):
                 pass
-            self._flush()
-        if self._raw is not None:
-            self._raw.close()
+        self._lose(None)
 
     def abort(self) -> None:
         self._closing = True
-        if self._raw is not None:
-            self._raw.abort()
+        self._lose(None)
+
+    def _lose(self, exc: Exception | None) -> None:
+        """Close the socket now; the application hears of it once, soon."""
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        self._watch_reading(False)
+        if self._writer_on:
+            self._loop.remove_writer(self._fd)
+            self._writer_on = False
+        self._reader_on = False
+        self._pending = None
+        self._queue.clear()
+        self._queued = 0
+        sock.close()
+        self._factory = None
+        self.closed()
+        if self._app is not None:
+            self._loop.call_soon(self._call_lost, exc)
+
+    def _call_lost(self, exc: Exception | None) -> None:
+        app, self._app = self._app, None
+        if app is not None and not self._lost_called:
+            self._lost_called = True
+            app.connection_lost(exc)
 
     def is_closing(self) -> bool:
-        return self._closing or self._raw is None or self._raw.is_closing()
+        return self._closing
+
+    # ---- the rest of asyncio.Transport ---------------------------------------------------
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        sslobj = self._sslobj
+        sock = self._sock
+        if name == "peername":
+            return self._peername
+        if name == "sockname":
+            return self._sockname
         if name == "sslcontext":
             return self._ctx
-        if name == "ssl_object":
-            return sslobj
+        if name in ("ssl_object", "socket"):
+            return sock if sock is not None else default
+        if sock is None:
+            return default
         if name == "peercert":
-            return sslobj.getpeercert() if sslobj is not None else default
+            return sock.getpeercert()
         if name == "cipher":
-            return sslobj.cipher() if sslobj is not None else default
+            return sock.cipher()
         if name == "compression":
-            return sslobj.compression() if sslobj is not None else default
-        return self._raw.get_extra_info(name, default) if self._raw is not None else default
+            return sock.compression()
+        return default
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._app = protocol  # type: ignore[assignment]
@@ -279,25 +406,26 @@ class TlsConnection(asyncio.Protocol, asyncio.Transport):
 
     def pause_reading(self) -> None:
         self._reading = False
-        if self._raw is not None:
-            self._raw.pause_reading()
+        self._watch_reading(False)
 
     def resume_reading(self) -> None:
+        if self._reading or self._closing:
+            return
         self._reading = True
-        if self._raw is not None:
-            self._raw.resume_reading()
+        self._watch_reading(True)
+        self._loop.call_soon(self._read)  # OpenSSL may hold a record already read
 
     def is_reading(self) -> bool:
-        return self._reading and not self.is_closing()
+        return self._reading and not self._closing
 
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if self._raw is not None:
-            self._raw.set_write_buffer_limits(high, low)
 
-    def get_write_buffer_size(self) -> int:
-        return self._raw.get_write_buffer_size() if self._raw is not None else 0
+def _discard_input(sock: socket.socket) -> None:
+    """Read and drop what the client already sent (bounded), below TLS."""
+    try:
+        socket.socket.recv(sock, READ_BATCH)
+    except OSError:
+        pass
 
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        if self._raw is None:
-            return (0, 0)
-        return self._raw.get_write_buffer_limits()
+
+def _reason(exc: BaseException) -> str:
+    return str(getattr(exc, "reason", None) or exc) or type(exc).__name__

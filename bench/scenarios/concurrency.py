@@ -25,11 +25,14 @@ from bench.scenarios.base import Bench, Figures, close_all, holder_specs, phase_
 from bench.scenarios.latency import closed_loop
 from bench.session import BenchSession
 
+USED_CALL = 65536  # bytes each way of the one call every idle VC carries before the second sample
+
 
 class ConcurrencyResult(Figures, RelayFigures, total=False):
     rss_mib: float | None  # the proxy's, with every VC open
     fds: int | None
     rss_per_vc_kib: float | None  # what one idle VC (2 channels + 1 backend socket) adds
+    rss_per_used_vc_kib: float | None  # the same once each VC carried one 64 KiB call
     relay_rss_per_conn_kib: float | None  # the relay's, per connection (client + backend)
     rss_curve: list[dict[str, float]]  # the proxy's RSS and fds as the VCs opened
     details: dict[str, Any]  # connections, active, streams, per path: latency, RSS, ramp
@@ -111,6 +114,7 @@ async def run_concurrency(bench: Bench) -> ConcurrencyResult:
     out.update({
         "rss_mib": result["proxy"].get("rss_mib"), "fds": result["proxy"].get("fds"),
         "rss_per_vc_kib": result["proxy"].get("rss_per_vc_kib"),
+        "rss_per_used_vc_kib": result["proxy"].get("rss_per_used_vc_kib"),
         "relay_rss_per_conn_kib": (result["relay"].get("rss_per_vc_kib")
                                    if "relay" in result else None),
         "rss_curve": rss_curve, "details": result, "cpu": cpu, "bottleneck": bottleneck(cpu),
@@ -155,6 +159,10 @@ async def _one_path(bench: Bench, path: str, n: int, streams: int, per: float,
                 rss_curve.append({"vcs": n, "rss_mib": round(smp.rss / 2**20, 1),
                                   "fds": smp.fds})
         at_n = bench.proc_sample(measured) if measured else None
+        # Then every idle VC carries one 64 KiB call each way, as a real client's channels
+        # do, and is idle again: what a VC holds once it has carried traffic.
+        await asyncio.gather(*(h.check(bench.timeout + n / 100, USED_CALL) for h in holders))
+        after_use = bench.proc_sample(measured) if measured else None
         # The streaming VCs live in holder processes too, so that the process measuring
         # the active VCs' round trips is not also busy with 100 streams.
         stream_holders = [Holder(spec) for spec in holder_specs(
@@ -204,6 +212,8 @@ async def _one_path(bench: Bench, path: str, n: int, streams: int, per: float,
             entry["rss_peak_mib"] = round(max(at_n.rss, peak.rss if peak else 0) / 2**20, 1)
             entry["rss_base_mib"] = round(base.rss / 2**20, 1)
             entry["rss_per_vc_kib"] = round((at_n.rss - base.rss) / n / 1024, 1)
+            if after_use is not None:
+                entry["rss_per_used_vc_kib"] = round((after_use.rss - base.rss) / n / 1024, 1)
             entry["fds"] = at_n.fds
         bench.progress(
             f"concurrency {path:>6}: {n} idle + {streams} streaming "

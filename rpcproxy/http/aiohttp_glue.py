@@ -162,47 +162,61 @@ class ConnectionGuard:
 
     def lean_tls_protocol_factory(self, server: web.Server,
                                   ctx: ssl.SSLContext) -> Callable[[], asyncio.Protocol]:
-        """``tls_protocol_factory`` with rpcproxy.tls's lean transport: the TLS connection is
-        counted here from accept (the request handler is made at once and handed to it when
-        the handshake is done); a handshake that fails or times out is forgotten at once."""
+        """``tls_protocol_factory`` with rpcproxy.tls's lean transport: the accepted socket
+        is taken from its first transport (counted here from accept, as for the loop's TLS)
+        and runs TLS in a ``TlsConnection``, which makes the request handler's connection
+        once the handshake is done; one that fails or times out is forgotten at once."""
         make_handler = self.protocol_factory(server)
+        guard = self
+
+        class LeanTlsAccept(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                handler = make_handler()
+                sock = guard.take_socket(handler, transport)
+                if sock is not None:
+                    guard.lean_tls(handler, sock, ctx)
+
+        return LeanTlsAccept
+
+    def lean_tls(self, handler: asyncio.BaseProtocol, sock: socket.socket,
+                 ctx: ssl.SSLContext) -> None:
+        """Run TLS on ``sock`` (already counted under ``handler``) in a ``TlsConnection``."""
         guard = self
         backstop = self.timeout + 5.0  # the guard's own timer ends a late handshake first
 
         class GuardedTls(TlsConnection):
-            __slots__ = ("handler",)
-
-            def __init__(self) -> None:
-                self.handler = make_handler()
-                self.handler.admitted = True  # type: ignore[attr-defined]
-                super().__init__(ctx, self._handshake_done, backstop)
-
-            def _handshake_done(self) -> asyncio.BaseProtocol:
-                guard.handshakes.pop(self.handler, None)
-                return self.handler
-
-            def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                if guard.admit(self.handler, transport):
-                    super().connection_made(transport)
-                    # Late: the guard ends it like a loop TLS handshake (cancel = abort).
-                    guard.handshakes[self.handler] = (
-                        cast("asyncio.Task[None]", _Abort(self)),
-                        cast(socket.socket, _NoSocket), Refusal.TLS_TIMEOUT)
+            __slots__ = ()
 
             def handshake_timed_out(self) -> None:
-                guard.tls_gave_up(self.handler, Refusal.TLS_TIMEOUT, "TLS handshake not done "
-                                  f"within {backstop:g}s")
+                guard.tls_gave_up(handler, Refusal.TLS_TIMEOUT,
+                                  f"TLS handshake not done within {backstop:g}s")
 
             def handshake_failed(self, reason: str) -> None:
-                guard.tls_gave_up(self.handler, Refusal.TLS_FAILED,
-                                  f"TLS handshake failed: {reason}")
+                guard.tls_gave_up(handler, Refusal.TLS_FAILED, f"TLS handshake failed: {reason}")
 
-            def connection_lost(self, exc: Exception | None) -> None:
-                super().connection_lost(exc)
-                guard.handshakes.pop(self.handler, None)
-                guard.lost(self.handler)  # (already gone if the handler saw the connection)
+            def tls_failed(self, what: str, reason: str) -> None:
+                peer = getattr(handler, "peer", None) or self._peer()
+                if guard.on_refused is not None:  # one aggregated line, rate-limited
+                    guard.on_refused(Refusal.TLS_ERROR, source_of_peer(peer), peer,
+                                     f"TLS {what} the client: {reason}")
 
-        return GuardedTls
+            def closed(self) -> None:
+                guard.handshakes.pop(handler, None)
+                guard.lost(handler)  # (already gone if the handler saw the connection)
+
+        def handshake_done() -> asyncio.BaseProtocol:
+            guard.handshakes.pop(handler, None)
+            return handler
+
+        try:
+            conn = GuardedTls(sock, ctx, handshake_done, backstop)
+        except (OSError, ValueError):  # the client left before it could be wrapped
+            self.lost(handler)
+            sock.close()
+            return
+        # Late: the guard ends it like a loop TLS handshake (cancel = abort).
+        self.handshakes[handler] = (cast("asyncio.Task[None]", _Abort(conn)),
+                                    cast(socket.socket, _NoSocket), Refusal.TLS_TIMEOUT)
 
     def tls_gave_up(self, handler: asyncio.BaseProtocol, reason: Refusal, detail: str) -> None:
         """A lean TLS handshake failed or ran out of time: one refusal, counted."""

@@ -344,6 +344,8 @@ def test_cli_short_run_writes_json_with_ratios(tmp_path: Path) -> None:
     assert doc["scenarios"]["throughput"]["unit"] == "MB/s"
     assert doc["scenarios"]["concurrency"]["details"]["connections"] == 120
     assert doc["scenarios"]["concurrency"]["rss_per_vc_kib"] is not None
+    assert doc["scenarios"]["concurrency"]["rss_per_used_vc_kib"] is not None
+    assert "once it carried 64 KiB each way" in proc.stdout
     assert doc["config"]["tls"] is False and doc["tls"]["proxy"] == ["plain"]
     assert doc["machine"]["cores"] >= 1
     page = html.read_text()
@@ -387,6 +389,8 @@ def test_cli_tls_runs_every_path_over_tls(tmp_path: Path, version: str) -> None:
     conc = doc["scenarios"]["concurrency"]
     assert conc["rss_per_vc_kib"] == conc["details"]["proxy"]["rss_per_vc_kib"]
     assert conc["rss_per_vc_kib"] is not None
+    assert conc["rss_per_used_vc_kib"] == conc["details"]["proxy"]["rss_per_used_vc_kib"]
+    assert conc["rss_per_used_vc_kib"] is not None
     if relay:
         assert conc["relay_rss_per_conn_kib"] is not None
 

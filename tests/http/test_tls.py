@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator
@@ -144,3 +145,125 @@ def test_tls_transport_setting_checked() -> None:
 
     with pytest.raises(ConfigError, match="tls_transport"):
         config_mod.load(None, {"tls_transport": "fast"})
+
+
+class _Writer(asyncio.Protocol):
+    """Writes ``total`` bytes of a counting pattern as fast as it is let, noting flow control."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.sent = 0
+        self.paused = 0
+        self.resumed = 0
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._more()
+
+    def _more(self) -> None:
+        assert self.transport is not None
+        while self.sent < self.total and not self.paused > self.resumed:
+            chunk = bytes((self.sent // 65536 + i) % 251 for i in range(65536))
+            self.sent += len(chunk)
+            self.transport.write(chunk)
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+
+    def resume_writing(self) -> None:
+        self.resumed += 1
+        self._more()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+async def test_lean_transport_write_flow_control(pair: certs.CreatedCertificate) -> None:
+    """A client that does not read: the lean transport's writes wait in its queue (OpenSSL is
+    given the same write again once the socket drains), the application is paused above the
+    high-water mark and resumed below it, and every byte arrives in order."""
+    ctx = certs.server_ssl_context(str(pair.cert_path), str(pair.key_path))
+    total = 8 * 1024 * 1024
+    apps: list[_Writer] = []
+    conns: list[TlsConnection] = []
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    lsock.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def accept() -> None:
+        sock, _ = await loop.sock_accept(lsock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+
+        def make() -> asyncio.BaseProtocol:
+            apps.append(_Writer(total))
+            return apps[-1]
+
+        conns.append(TlsConnection(sock, ctx, make, 5.0))
+
+    acceptor = asyncio.create_task(accept())
+    csock = socket.socket()
+    csock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    csock.connect(lsock.getsockname())
+    csock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=csock, ssl=client_context(pair, "1.3"),
+                                                   server_hostname="localhost")
+    await acceptor
+    try:
+        for _ in range(100):  # the client reads nothing until the server stays paused
+            await asyncio.sleep(0.02)
+            if apps and apps[0].paused > apps[0].resumed:
+                break
+        (app,) = apps
+        assert app.paused == app.resumed + 1 and app.sent < total  # paused now
+        assert conns[0].get_write_buffer_size() > 0
+        got = 0
+        while got < total:
+            data = await asyncio.wait_for(reader.read(1 << 20), 10)
+            assert data, f"connection ended after {got} bytes"
+            want = bytes((p // 65536 + p % 65536) % 251 for p in range(got, got + len(data)))
+            assert data == want, f"bytes differ at {got}"
+            got += len(data)
+        assert app.resumed >= 1 and app.sent == total
+        assert conns[0].get_write_buffer_size() == 0
+    finally:
+        writer.close()
+        for conn in conns:
+            conn.abort()
+        lsock.close()
+
+
+async def test_bad_record_after_handshake_is_one_refusal(
+        backend: EchoBackend, pair: certs.CreatedCertificate,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A record that fails to decrypt after the handshake: the channel is closed and the
+    proxy says so in one refusal line (counted, rate-limited), without a traceback."""
+    server, port = await start(backend, pair)
+    try:
+        def client() -> None:  # blocking, in a thread: the proxy runs on this loop
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            tls = client_context(pair, "1.3").wrap_socket(raw, server_hostname="localhost")
+            # An application-data record of garbage, below TLS: its tag cannot verify.
+            socket.socket.sendall(tls, b"\x17\x03\x03\x00\x20" + b"\x55" * 32)
+            try:
+                assert tls.recv(100) == b""
+            except (ssl.SSLError, OSError):
+                pass  # the proxy's alert, or its close
+            tls.close()
+
+        with caplog.at_level(logging.INFO, logger="rpcproxy"):
+            await asyncio.wait_for(asyncio.to_thread(client), 20)
+            for _ in range(100):
+                if server.metrics.refused.get("tls_error"):
+                    break
+                await asyncio.sleep(0.02)
+        lines = [rec.getMessage() for rec in caplog.records if "tls_error" in rec.getMessage()]
+        assert len(lines) == 1, [rec.getMessage() for rec in caplog.records]
+        assert "127.0.0.1:" in lines[0]
+        assert all(rec.exc_info is None for rec in caplog.records)
+    finally:
+        await server.stop()
