@@ -25,8 +25,10 @@ from rpcproxy import config as config_mod
 from rpcproxy.http.handoff import Handoff, WorkerSet, owner_of
 from rpcproxy.server import ProxyServer
 from rpcproxy.workers import make_inboxes
-from tests.support.fakes import EchoBackend, TableAuthenticator, request_pdu
-from tests.support.rpch_raw import RawChannel, open_split_vc
+from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
+from tests.support.rpch_raw import RawChannel, open_vc
+
+ALICE = basic("alice", "pw-alice")
 
 
 def test_owner_is_stable_and_spread() -> None:
@@ -93,7 +95,8 @@ async def test_channels_split_across_workers_meet(backend: EchoBackend) -> None:
     pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
     try:
         for in_port, out_port in ((pa, pb), (pb, pa), (pa, pa), (pb, pb)) * 3:
-            inp, out = await open_split_vc(in_port, out_port)
+            vc = await open_vc(in_port, ALICE, out_port=out_port)
+            inp, out = vc.inp, vc.out
             await exercise(inp, out)
             inp.close()
             out.close()
@@ -145,7 +148,8 @@ async def test_tls_channels_relayed_to_owner(backend: EchoBackend, tmp_path: Pat
     pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
     try:
         for in_port, out_port in ((pa, pb), (pb, pa)) * 3:
-            inp, out = await open_split_vc(in_port, out_port, client_ctx)
+            vc = await open_vc(in_port, ALICE, out_port=out_port, ssl_ctx=client_ctx)
+            inp, out = vc.inp, vc.out
             await exercise(inp, out, calls=10)
             inp.close()
             out.close()
@@ -180,7 +184,9 @@ async def test_tls_relay_keeps_an_answer_that_comes_before_it_is_wired(
     pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
     try:
         for in_port, out_port in ((pa, pb), (pb, pa)):
-            inp, out = await asyncio.wait_for(open_split_vc(in_port, out_port, client_ctx), 10)
+            vc = await asyncio.wait_for(
+                open_vc(in_port, ALICE, out_port=out_port, ssl_ctx=client_ctx), 10)
+            inp, out = vc.inp, vc.out
             await asyncio.wait_for(exercise(inp, out, calls=3), 10)
             inp.close()
             out.close()
