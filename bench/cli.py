@@ -37,7 +37,6 @@ import asyncio
 import datetime
 import os
 import shlex
-import ssl
 import sys
 import time
 import urllib.parse
@@ -53,6 +52,7 @@ from bench.proxyproc import LOCAL_NTLM_PASSWORD, LOCAL_NTLM_USER
 from bench.relay import RelayProcess, find_haproxy, relay_maxconn
 from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, Bench, ProxyTarget
 from bench.session import RpcFault
+from bench.tls_client import client_context
 from dcerpc.pdu import FramingError
 from rpcproxy.rpch.rts import MAX_RECEIVE_WINDOW, MIN_RECEIVE_WINDOW
 
@@ -233,13 +233,7 @@ class BenchTls:
                 with open(part) as fh:
                     out.write(fh.read())
         os.chmod(self.pem, 0o600)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.maximum_version = (ssl.TLSVersion.TLSv1_2 if max_version == "1.2"
-                               else ssl.TLSVersion.TLSv1_3)
-        self.client = ctx
+        self.client = client_context(verify=False, max_version=max_version)
 
     def close(self) -> None:
         self._dir.cleanup()
@@ -429,10 +423,7 @@ async def amain(args: argparse.Namespace) -> int:
                 return 2
             ctx = None
             if u.scheme == "https":
-                ctx = ssl.create_default_context()
-                if args.insecure:
-                    ctx.check_hostname = False
-                    ctx.verify_mode = ssl.CERT_NONE
+                ctx = client_context(verify=not args.insecure)
             proxy = ProxyTarget(u.hostname, u.port or (443 if ctx else 80), args.target,
                                 u.path or "/rpc/rpcproxy.dll", _auth(args), ctx, u.hostname,
                                 insecure=args.insecure)

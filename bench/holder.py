@@ -66,11 +66,10 @@ class HolderSpec:
 
 
 async def _child(spec: HolderSpec) -> int:
-    import ssl
-
     from bench.client import BasicAuth, NtlmAuth, RpchClient
     from bench.direct import DirectClient
     from bench.session import BenchSession, PduTransport, StreamResult
+    from bench.tls_client import client_context
 
     raise_nofile(2 * spec.count + 256)
     auth: BasicAuth | NtlmAuth | None = None
@@ -80,12 +79,7 @@ async def _child(spec: HolderSpec) -> int:
         auth = NtlmAuth(spec.user, spec.password, spec.domain)
     ctx = None
     if spec.tls:
-        ctx = ssl.create_default_context()
-        if spec.insecure:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if spec.tls_max == "1.2":
-            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx = client_context(verify=not spec.insecure, max_version=spec.tls_max)
     sessions: list[BenchSession] = []
     tls_seen: set[str] = set()  # the TLS versions the connections negotiated
     sem = asyncio.Semaphore(spec.concurrency)

@@ -464,7 +464,7 @@ class PasswordUnavailable(Exception):
     pass
 
 
-def _config_path(args: argparse.Namespace) -> str | None:
+def config_path(args: argparse.Namespace) -> str | None:
     """--config, else the unit's file when it exists (what ``rpcproxy serve`` runs with)."""
     if args.config is None and Path(SERVICE_CONFIG).is_file():
         args.config = SERVICE_CONFIG
@@ -475,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
     def emit(result: Result) -> None:
         print(result.line(), flush=True)
 
-    _config_path(args)
+    config_path(args)
     try:
         config = config_from_args(args)
         config.allow_list()

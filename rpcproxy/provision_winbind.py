@@ -13,6 +13,10 @@ runs it needs:
 Each is reported as one line; ``--apply`` adds the user to the group.  Last, a logon of an
 account that does not exist is sent through the helper: only a *rejection* proves that winbind
 gives verdicts (the same probe as ``rpcproxy check``).
+
+The helper is the one ``rpcproxy serve`` would run: ``--ntlm-helper``, else ``ntlm_helper`` of
+the configuration file (``--config``, else the unit's file as ``rpcproxy check`` finds it), else
+the default; ``rpcproxy.config.load`` merges them, as it does for the server.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import asyncio
 import grp
 import os
 import pwd
-import shlex
 import shutil
 import subprocess
 
 from ntlm import NtlmServerUnavailable, WinbindVerifier
-from ntlm.winbind import DEFAULT_HELPER, HelperPool
+from ntlm.winbind import HelperPool
+from rpcproxy import config
+from rpcproxy.check import config_path
 
 PRIVILEGED_DIRS = ("/var/lib/samba/winbindd_privileged", "/run/samba/winbindd_privileged")
 DEFAULT_GROUP = "winbindd_priv"
@@ -63,7 +68,7 @@ async def _probe(argv: list[str]) -> str | None:
 
 
 def provision_winbind(args: argparse.Namespace) -> int:
-    argv = list(args.ntlm_helper or DEFAULT_HELPER)
+    argv = list(config.load(config_path(args), {"ntlm_helper": args.ntlm_helper}).ntlm_helper)
     failed = 0
     helper = shutil.which(argv[0])
     if helper is None:
@@ -118,8 +123,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        "use winbindd's privileged pipe, and that winbind gives verdicts.")
     w.add_argument("--user", default="rpcproxy", help="the user rpcproxy runs as (default "
                    "rpcproxy)")
-    w.add_argument("--ntlm-helper", type=shlex.split, metavar="COMMAND",
-                   help="the helper command (default: ntlm_auth "
-                   "--helper-protocol=squid-2.5-ntlmssp)")
+    w.add_argument("--config", metavar="PATH", help="the proxy's TOML configuration file, for "
+                   "its ntlm_helper (default: the unit's file when it exists)")
+    w.add_argument("--ntlm-helper", metavar="COMMAND",
+                   help="the helper command (default: ntlm_helper of the configuration file, "
+                   "else ntlm_auth --helper-protocol=squid-2.5-ntlmssp)")
     w.add_argument("--apply", action="store_true", help="add the user to the group")
     w.set_defaults(provision=provision_winbind)

@@ -40,7 +40,7 @@ from dcerpc.pdu import HEADER_LEN
 from ntlm.http_auth import (
     Authenticated,
     Authenticator,
-    Challenge,
+    AuthOutcome,
     Denied,
     HttpAuthenticator,
     Unavailable,
@@ -78,6 +78,7 @@ from rpcproxy.http.wire import (
     RPC_IN_DATA,
     RPC_OUT_DATA,
     rpc_error_response,
+    unauthorized_response,
 )
 from rpcproxy.metrics import ServerMetrics
 from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, unavailable_refusal
@@ -343,38 +344,37 @@ class ProxyServer:
         """What a request's authentication counts against per source (None: exempt)."""
         return None if host_of(request) in self.guard.exempt else _source(request)
 
-    async def _authenticate(self, request: web.Request) -> Identity | web.StreamResponse:
+    async def judge_login(self, request: web.Request, what: str = "") -> AuthOutcome:
+        """The request's Authorization judged (over TLS or not, counted per source), timed and
+        counted in the metrics; a refusal (unavailable, denied) goes to the refusal log as
+        ``<what>authentication ...: reason``. Channel requests and Autodiscover are judged here."""
+        authorization = request.headers.get("Authorization")
         tls = request.transport is not None and request.transport.get_extra_info(
             "sslcontext") is not None
         started = time.monotonic()
         outcome = await self.authenticator.authenticate(
-            request.protocol, request.headers.get("Authorization"), tls=tls,
-            source=self.auth_source(request),
-        )
+            request.protocol, authorization, tls=tls, source=self.auth_source(request))
         self.metrics.auth_outcome(outcome, time.monotonic() - started,
-                                  had_credentials=bool(request.headers.get("Authorization")))
+                                  had_credentials=bool(authorization))
+        if isinstance(outcome, Unavailable):
+            self.refuse_request(unavailable_refusal(outcome.code), request,
+                                f"{what}authentication unavailable: {outcome.reason}")
+        elif isinstance(outcome, Denied):
+            self.refuse_request(Refusal.AUTH_DENIED, request,
+                                f"{what}authentication failed: {outcome.reason}")
+        return outcome
+
+    async def _authenticate(self, request: web.Request) -> Identity | web.StreamResponse:
+        outcome = await self.judge_login(request)
         if isinstance(outcome, Authenticated):
             self.guard.authenticated(request.protocol)
             return outcome.identity
         if isinstance(outcome, Unavailable):
-            self.refuse_request(unavailable_refusal(outcome.code), request,
-                                f"authentication unavailable: {outcome.reason}")
             return rpc_error_response(
                 RpcProxyError(outcome.reason, rpc_error=RPC_S_SERVER_TOO_BUSY
                               if outcome.code.our_bound else RPC_S_SERVER_UNAVAILABLE)
             )
-        headers: list[tuple[str, str]] = [("WWW-Authenticate", v)
-                                          for v in outcome.www_authenticate]
-        if isinstance(outcome, Denied):
-            self.refuse_request(Refusal.AUTH_DENIED, request,
-                                 f"authentication failed: {outcome.reason}")
-            body = "authentication failed\r\n"
-        else:
-            assert isinstance(outcome, Challenge)
-            body = "authentication required\r\n"
-        resp = web.Response(status=401, text=body)
-        for name, value in headers:
-            resp.headers.add(name, value)
+        resp = unauthorized_response(outcome)
         length = request.content_length or 0
         if length > ECHO_MAX_BODY or isinstance(outcome, Denied) and length:
             # A channel-sized body cannot be drained: answer and close (protocol notes 3).

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from ntlm.http_auth import Authenticated, Authenticator, Challenge, Denied, Unavailable
+from ntlm.http_auth import Authenticated, AuthOutcome, Unavailable
 from ntlm.verifier import Identity
 from rpcproxy.autodiscover import pox
 from rpcproxy.autodiscover.directory import (
@@ -47,8 +47,8 @@ from rpcproxy.autodiscover.settings import (
     parse_table,
 )
 from rpcproxy.http.aiohttp_glue import ConnectionGuard, peer_of
-from rpcproxy.metrics import ServerMetrics
-from rpcproxy.ratelimit import Refusal, unavailable_refusal
+from rpcproxy.http.wire import unauthorized_response
+from rpcproxy.ratelimit import Refusal
 
 if TYPE_CHECKING:
     from rpcproxy.config import Config
@@ -88,13 +88,8 @@ class AutodiscoverHost(Protocol):
     @property
     def config(self) -> Config: ...
 
-    @property
-    def authenticator(self) -> Authenticator: ...
-
-    @property
-    def metrics(self) -> ServerMetrics: ...
-
-    def auth_source(self, request: web.Request) -> str | None: ...
+    async def judge_login(self, request: web.Request, what: str = "") -> AuthOutcome:
+        """Judge the request's Authorization, count it, log a refusal prefixed ``what``."""
 
     def refuse_request(self, reason: Refusal, request: web.Request, detail: str) -> None:
         """Count a refused client and log it through the rate-limited refusal log."""
@@ -227,35 +222,14 @@ class AutodiscoverService:
 
     async def _authenticate(self, request: web.Request, *,
                             close: bool) -> Identity | web.StreamResponse:
-        server = self.server
-        tls = request.transport is not None and request.transport.get_extra_info(
-            "sslcontext") is not None
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        authorization = request.headers.get("Authorization")
-        outcome = await server.authenticator.authenticate(request.protocol, authorization,
-                                                          tls=tls,
-                                                          source=server.auth_source(request))
-        server.metrics.auth_outcome(outcome, loop.time() - started,
-                                    had_credentials=bool(authorization))
+        outcome = await self.server.judge_login(request, "autodiscover: ")
         if isinstance(outcome, Authenticated):
             return outcome.identity
         if isinstance(outcome, Unavailable):
-            server.refuse_request(unavailable_refusal(outcome.code), request,
-                                  f"autodiscover: authentication unavailable: {outcome.reason}")
             resp = web.Response(status=503, text="authentication is unavailable\r\n")
             resp.force_close()
             return resp
-        if isinstance(outcome, Denied):
-            server.refuse_request(Refusal.AUTH_DENIED, request,
-                                  f"autodiscover: authentication failed: {outcome.reason}")
-            text = "authentication failed\r\n"
-        else:
-            assert isinstance(outcome, Challenge)
-            text = "authentication required\r\n"
-        resp = web.Response(status=401, text=text)
-        for value in outcome.www_authenticate:
-            resp.headers.add("WWW-Authenticate", value)
+        resp = unauthorized_response(outcome)
         if close:
             resp.force_close()
         return resp

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ntlm.http_auth import Challenge, Denied
 from rpcproxy.errors import RpcProxyError
 
 RPC_IN_DATA = "RPC_IN_DATA"
@@ -51,3 +52,14 @@ def success_head(content_length: int) -> bytes:
     """The head of an OUT channel's response; its RTS and RPC PDUs are the body."""
     return (b"HTTP/1.1 200 Success\r\nContent-Type: application/rpc\r\n"
             b"Content-Length: %d\r\nCache-Control: private\r\n\r\n" % content_length)
+
+
+def unauthorized_response(outcome: Challenge | Denied) -> web.Response:
+    """The ``401`` of a login that is not (yet) accepted, with the authenticator's offers
+    (``WWW-Authenticate``): the same for a channel request and for Autodiscover."""
+    text = ("authentication failed\r\n" if isinstance(outcome, Denied)
+            else "authentication required\r\n")
+    resp = web.Response(status=401, text=text)
+    for value in outcome.www_authenticate:
+        resp.headers.add("WWW-Authenticate", value)
+    return resp

@@ -19,7 +19,7 @@ import pytest
 
 from bench.dcerpc import build_bind_ack
 from ntlm import HelperPool, WinbindVerifier, verify_password
-from rpcproxy import provision
+from rpcproxy import check, provision
 from rpcproxy.cli import main
 from tests.support.samba_dc import SambaDC
 
@@ -296,6 +296,30 @@ def test_provision_winbind_without_winbind(capsys: pytest.CaptureFixture[str]) -
                  "--configfile=/nonexistent/smb.conf"]) == 1
     out = capsys.readouterr().out
     assert "[FAIL] winbind gives no verdicts" in out
+
+
+def test_provision_winbind_takes_the_helper_of_the_configuration_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The helper is chosen as ``rpcproxy serve`` chooses it: the flag, else ``ntlm_helper`` of
+    the file (--config, else the unit's file), else the default; not the default alone."""
+    conf = tmp_path / "rpcproxy.toml"
+    conf.write_text('ntlm_helper = "/nonexistent/from-file/ntlm_auth --helper-protocol=x"\n')
+    assert main(["provision", "winbind", "--config", str(conf)]) == 1
+    assert "[FAIL] /nonexistent/from-file/ntlm_auth is not installed" in capsys.readouterr().out
+    # Without --config: the file the unit runs with, as `rpcproxy check` reads it.
+    monkeypatch.setattr(check, "SERVICE_CONFIG", str(conf))
+    assert main(["provision", "winbind"]) == 1
+    assert "[FAIL] /nonexistent/from-file/ntlm_auth is not installed" in capsys.readouterr().out
+    # The flag beats the file.
+    assert main(["provision", "winbind", "--config", str(conf),
+                 "--ntlm-helper", "/nonexistent/from-flag/ntlm_auth"]) == 1
+    assert "[FAIL] /nonexistent/from-flag/ntlm_auth is not installed" in capsys.readouterr().out
+    # A file the server would refuse is refused here too, in words.
+    conf.write_text("ntlm_helper = []\n")
+    assert main(["provision", "winbind", "--config", str(conf)]) == 2
+    assert "configuration error: ntlm_helper must be a non-empty command" in (
+        capsys.readouterr().err)
 
 
 def test_verify_refuses_a_backend_that_is_not_host_port(

@@ -13,6 +13,7 @@ import resource
 import shlex
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from bench.direct import DirectClient
 from bench.http_head import HttpStatusError, RpchTimeout
 from bench.protocol import IntegrityError
 from bench.session import BenchSession
+from bench.tls_client import client_context
 from dcerpc.pdu import PType
 from ntlm.http_auth import Authenticated, Denied
 from ntlm.verifier import Identity
@@ -398,6 +400,20 @@ def test_cli_tls_runs_every_path_over_tls(tmp_path: Path, version: str) -> None:
 def test_cli_tls_needs_the_self_contained_mode() -> None:
     proc = _run_cli("--tls", "--url", "https://127.0.0.1:1/rpc/rpcproxy.dll")
     assert proc.returncode == 2 and "--tls" in proc.stderr
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("max_version", ["", "1.2", "1.3"])
+def test_tls_client_context(verify: bool, max_version: str) -> None:
+    """The one context of the CLI, the --url path and the holders: TLS 1.2 or later, at most
+    --tls-version; verifying (host name and chain) unless told not to."""
+    ctx = client_context(verify=verify, max_version=max_version)
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.maximum_version == {"": ssl.TLSVersion.MAXIMUM_SUPPORTED,
+                                   "1.2": ssl.TLSVersion.TLSv1_2,
+                                   "1.3": ssl.TLSVersion.TLSv1_3}[max_version]
+    assert ctx.check_hostname is verify
+    assert ctx.verify_mode == (ssl.CERT_REQUIRED if verify else ssl.CERT_NONE)
 
 
 def _check_relay(doc: dict[str, Any], table: str) -> None:

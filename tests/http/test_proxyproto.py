@@ -165,8 +165,9 @@ async def test_virtual_connection_through_a_header(backend: EchoBackend,
         original = RawChannel.connect
         count = iter(range(2))
 
-        async def connect(cls_port: int, source: str | None = None) -> RawChannel:
-            ch = await original(cls_port, source)
+        async def connect(cls_port: int, source: str | None = None,
+                          ssl_ctx: ssl.SSLContext | None = None) -> RawChannel:
+            ch = await original(cls_port, source, ssl_ctx)
             ch.send(v2("192.0.2.50", 6000 + next(count)))
             return ch
 

@@ -18,8 +18,8 @@ from rpcproxy import config as config_mod
 from rpcproxy.http.vc_io import ChannelProtocol
 from rpcproxy.server import ProxyServer
 from rpcproxy.tls import TlsConnection
-from tests.support.fakes import EchoBackend, TableAuthenticator, request_pdu
-from tests.support.rpch_raw import open_split_vc
+from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
+from tests.support.rpch_raw import open_vc
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -60,7 +60,9 @@ async def test_vc_over_tls(backend: EchoBackend, pair: certs.CreatedCertificate,
     byte; with the default transport both channels run on rpcproxy.tls once handed over."""
     server, port = await start(backend, pair, tls_transport=transport)
     try:
-        inp, out = await open_split_vc(port, port, client_context(pair, version))
+        vc = await open_vc(port, basic("alice", "pw-alice"),
+                           ssl_ctx=client_context(pair, version))
+        inp, out = vc.inp, vc.out
         assert inp.writer.get_extra_info("ssl_object").version() == f"TLSv{version}"
         for call_id, size in enumerate((16, 16_000, 16_385, 40_000, 65_000, 7), start=1):
             stub = struct.pack("<I", call_id) * (size // 4)

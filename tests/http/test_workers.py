@@ -9,6 +9,7 @@ to its owner. The supervisor's fork/respawn path is exercised by running
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import os
@@ -25,8 +26,10 @@ from rpcproxy import config as config_mod
 from rpcproxy.http.handoff import Handoff, WorkerSet, owner_of
 from rpcproxy.server import ProxyServer
 from rpcproxy.workers import make_inboxes
-from tests.support.fakes import EchoBackend, TableAuthenticator, request_pdu
-from tests.support.rpch_raw import RawChannel, open_split_vc
+from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
+from tests.support.rpch_raw import RawChannel, open_vc
+
+ALICE = basic("alice", "pw-alice")
 
 
 def test_owner_is_stable_and_spread() -> None:
@@ -88,15 +91,23 @@ async def exercise(inp: RawChannel, out: RawChannel, calls: int = 30) -> None:
         assert pdu[2] == 2 and pdu[3:] == request_pdu(call_id, stub)[3:]
 
 
+async def split_vcs(port_pairs: tuple[tuple[int, int], ...], *, calls: int = 30,
+                    ssl_ctx: ssl.SSLContext | None = None, timeout: float | None = None
+                    ) -> None:
+    """One VC after another, IN on the first port of a pair and OUT on the second, each
+    ``exercise``d and closed (opening and exercising each within ``timeout``, if given)."""
+    for in_port, out_port in port_pairs:
+        vc = await asyncio.wait_for(
+            open_vc(in_port, ALICE, out_port=out_port, ssl_ctx=ssl_ctx), timeout)
+        await asyncio.wait_for(exercise(vc.inp, vc.out, calls=calls), timeout)
+        vc.close()
+
+
 async def test_channels_split_across_workers_meet(backend: EchoBackend) -> None:
     a, b = await make_pair(backend)
     pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
     try:
-        for in_port, out_port in ((pa, pb), (pb, pa), (pa, pa), (pb, pb)) * 3:
-            inp, out = await open_split_vc(in_port, out_port)
-            await exercise(inp, out)
-            inp.close()
-            out.close()
+        await split_vcs(((pa, pb), (pb, pa), (pa, pa), (pb, pb)) * 3)
         assert a.workers is not None and b.workers is not None
         assert a.workers.sent + b.workers.sent > 0, "some channels must have been handed off"
         assert a.workers.received + b.workers.received == a.workers.sent + b.workers.sent
@@ -144,11 +155,7 @@ async def test_tls_channels_relayed_to_owner(backend: EchoBackend, tmp_path: Pat
     a, b, client_ctx = await make_tls_pair(backend, tmp_path)
     pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
     try:
-        for in_port, out_port in ((pa, pb), (pb, pa)) * 3:
-            inp, out = await open_split_vc(in_port, out_port, client_ctx)
-            await exercise(inp, out, calls=10)
-            inp.close()
-            out.close()
+        await split_vcs(((pa, pb), (pb, pa)) * 3, calls=10, ssl_ctx=client_ctx)
         assert a.workers is not None and b.workers is not None
         assert a.workers.sent + b.workers.sent > 0
     finally:
@@ -162,8 +169,6 @@ async def test_tls_relay_keeps_an_answer_that_comes_before_it_is_wired(
     before the worker that holds the TLS connection has finished setting up its relay:
     those bytes must still reach the client (they were once dropped under load, and the
     VC never opened)."""
-    import asyncio
-
     from rpcproxy.http import handoff
 
     loop_type = type(asyncio.get_running_loop())
@@ -179,11 +184,7 @@ async def test_tls_relay_keeps_an_answer_that_comes_before_it_is_wired(
     a, b, client_ctx = await make_tls_pair(backend, tmp_path)
     pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
     try:
-        for in_port, out_port in ((pa, pb), (pb, pa)):
-            inp, out = await asyncio.wait_for(open_split_vc(in_port, out_port, client_ctx), 10)
-            await asyncio.wait_for(exercise(inp, out, calls=3), 10)
-            inp.close()
-            out.close()
+        await split_vcs(((pa, pb), (pb, pa)), calls=3, ssl_ctx=client_ctx, timeout=10)
         assert a.workers is not None and b.workers is not None
         assert a.workers.sent + b.workers.sent > 0
     finally:

@@ -138,6 +138,20 @@ def ntlm_once(proxy: ProxyThread, tls_pair: Any, user: str, password: str, body:
         conn.close()
 
 
+def basic_once(proxy: ProxyThread, tls_pair: Any, user: str = "testuser",
+               password: str = "Test1234", body: bytes | None = None,
+               head: list[str] | None = None) -> RawResponse:
+    """A Basic request (by default testuser's for its own settings) on a TLS connection of its
+    own, closed afterwards."""
+    conn = TlsConnection(proxy.port, tls_pair.cert_path)
+    try:
+        return send(conn, head or outlook_head(),
+                    request_body("test.user@example.com") if body is None else body,
+                    basic(user, password))
+    finally:
+        conn.close()
+
+
 def ntlm(conn: RawConnection, user: str, password: str, body: bytes,
          head: list[str] | None = None, domain: str = "EXAMPLE") -> RawResponse:
     """Outlook's way: the whole request with the NEGOTIATE, again with the AUTHENTICATE."""
@@ -237,25 +251,15 @@ def test_login_by_upn_discovers_its_own_mailbox(proxy: ProxyThread, tls_pair: An
 
 
 def test_legacy_dn_from_the_directory(proxy: ProxyThread, tls_pair: Any) -> None:
-    conn = TlsConnection(proxy.port, tls_pair.cert_path)
-    try:
-        resp = send(conn, outlook_head(), request_body("other.user@example.com"),
-                    basic("otheruser", "Other1234"))
-    finally:
-        conn.close()
+    resp = basic_once(proxy, tls_pair, "otheruser", "Other1234",
+                      request_body("other.user@example.com"))
     response, _ = settings_of(resp)
     assert response.user.legacy_dn == OTHER_LEGACY_DN
 
 
 def test_lower_and_upper_case_paths(proxy: ProxyThread, tls_pair: Any) -> None:
     for path in ("/autodiscover/autodiscover.xml", "/AUTODISCOVER/AUTODISCOVER.XML"):
-        conn = TlsConnection(proxy.port, tls_pair.cert_path)
-        try:
-            resp = send(conn, outlook_head(path), request_body("test.user@example.com"),
-                        basic("testuser", "Test1234"))
-        finally:
-            conn.close()
-        settings_of(resp)
+        settings_of(basic_once(proxy, tls_pair, head=outlook_head(path)))
 
 
 # --- refused before the directory ----------------------------------------------------------
@@ -397,13 +401,7 @@ def test_ldaps_simple_bind_service_account(samba_dc: SambaDC, tls_pair: Any,
                    ldap_user="Administrator@example.com", ldap_password=samba_dc.admin_password,
                    ldap_ca_file=str(samba_dc.tls_ca), ldap_tls_name="DC1.example.com")
     try:
-        conn = TlsConnection(p.port, tls_pair.cert_path)
-        try:
-            resp = send(conn, outlook_head(), request_body("test.user@example.com"),
-                        basic("testuser", "Test1234"))
-        finally:
-            conn.close()
-        response, _ = settings_of(resp)
+        response, _ = settings_of(basic_once(p, tls_pair))
         assert response.user.display_name == "Test User"
     finally:
         p.stop()
@@ -412,13 +410,7 @@ def test_ldaps_simple_bind_service_account(samba_dc: SambaDC, tls_pair: Any,
 def test_directory_down_is_error_603(samba_dc: SambaDC, tls_pair: Any) -> None:
     p = make_proxy(samba_dc, tls_pair, ldap_url="ldapi:///nonexistent/ldapi")
     try:
-        conn = TlsConnection(p.port, tls_pair.cert_path)
-        try:
-            resp = send(conn, outlook_head(), request_body("test.user@example.com"),
-                        basic("testuser", "Test1234"))
-        finally:
-            conn.close()
-        assert error_code(resp) == "603"
+        assert error_code(basic_once(p, tls_pair)) == "603"
     finally:
         p.stop()
 
@@ -465,12 +457,8 @@ def test_tcp_spy_sees_no_ldap_connection_for_refused_logins(
                 conn.close()
         time.sleep(0.3)
         assert spy.connections == 0 and spy.received == b""
-        conn = TlsConnection(p.port, tls_pair.cert_path)
-        try:  # the right password does reach it (and a directory that never answers is 603)
-            resp = send(conn, outlook_head(), body, basic("testuser", "Test1234"))
-        finally:
-            conn.close()
-        assert error_code(resp) == "603"
+        # The right password does reach it (and a directory that never answers is 603).
+        assert error_code(basic_once(p, tls_pair, body=body)) == "603"
         assert spy.connections >= 1
     finally:
         p.stop()

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from bench.http_head import HttpHead, read_head
 from dcerpc.pdu import HEADER_LEN, parse_header
 from rpcproxy.rpch import rts
-from tests.support.fakes import basic
 
 GIB = 1 << 30
 TIMEOUT = 10.0
@@ -41,11 +40,13 @@ class RawChannel:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, source: str | None = None) -> RawChannel:
-        """Connect to the proxy on 127.0.0.1, from ``source`` (another 127/8 address) if given."""
+    async def connect(cls, port: int, source: str | None = None,
+                      ssl_ctx: ssl.SSLContext | None = None) -> RawChannel:
+        """Connect to the proxy on 127.0.0.1, from ``source`` (another 127/8 address) if given,
+        over TLS if ``ssl_ctx``."""
         local = (source, 0) if source else None
         r, w = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port, local_addr=local), TIMEOUT)
+            asyncio.open_connection("127.0.0.1", port, local_addr=local, ssl=ssl_ctx), TIMEOUT)
         return cls(r, w)
 
     def request(self, method: str, path: str, *, content_length: int,
@@ -114,11 +115,14 @@ class RawVc:
 
 async def open_vc(port: int, auth: str, *, path: str = "/rpc/rpcproxy.dll?srv:6001",
                   window: int = 0x40000, in_first: bool = True,
-                  source: str | None = None) -> RawVc:
+                  source: str | None = None, out_port: int | None = None,
+                  ssl_ctx: ssl.SSLContext | None = None) -> RawVc:
+    """A VC with ``auth`` on both channels, returned once CONN/C2 arrived. IN goes to ``port``,
+    OUT to ``out_port`` if given (a VC split across workers), both over TLS if ``ssl_ctx``."""
     vc, in_c, out_c, group = (os.urandom(16) for _ in range(4))
     hdr = {"Authorization": auth}
-    inp = await RawChannel.connect(port, source)
-    out = await RawChannel.connect(port, source)
+    inp = await RawChannel.connect(port, source, ssl_ctx)
+    out = await RawChannel.connect(port if out_port is None else out_port, source, ssl_ctx)
     raw = RawVc(inp, out, vc, in_c, out_c)
     def in_req() -> None:
         inp.request("RPC_IN_DATA", path, content_length=GIB, headers=hdr,
@@ -139,28 +143,3 @@ async def open_vc(port: int, auth: str, *, path: str = "/rpc/rpcproxy.dll?srv:60
     assert rts.identify(c2) is rts.Kind.CONN_C2
     raw.c2 = c2
     return raw
-
-
-async def open_split_vc(in_port: int, out_port: int, ssl_ctx: ssl.SSLContext | None = None,
-                        ) -> tuple[RawChannel, RawChannel]:
-    """A VC whose IN channel goes to ``in_port`` and OUT to ``out_port`` (TLS if ``ssl_ctx``),
-    as alice on srv:6001; returns the two channels once CONN/C2 arrived."""
-    vc, in_c, out_c, grp = (os.urandom(16) for _ in range(4))
-    path = "/rpc/rpcproxy.dll?srv:6001"
-    alice = basic("alice", "pw-alice")
-
-    async def conn(port: int) -> RawChannel:
-        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_ctx)
-        return RawChannel(r, w)
-
-    inp = await conn(in_port)
-    out = await conn(out_port)
-    inp.request("RPC_IN_DATA", path, content_length=GIB, headers={"Authorization": alice},
-                body=rts.conn_b1(vc, in_c, grp))
-    out.request("RPC_OUT_DATA", path, content_length=76, headers={"Authorization": alice},
-                body=rts.conn_a1(vc, out_c, 0x40000))
-    head = await out.head()
-    assert head.status == 200, (head.status, head.reason)
-    assert rts.identify(rts.decode_rts(await out.pdu())) is rts.Kind.CONN_A3
-    assert rts.identify(rts.decode_rts(await out.pdu())) is rts.Kind.CONN_C2
-    return inp, out
