@@ -202,9 +202,9 @@ class ProxyProcess:
         installed.append(signal.SIGHUP)
         respawn = self.respawn_config
         if respawn is not None:  # before listening: it never serves the start-up one
-            self._reload(lambda: respawn,
-                         why=f"worker {self.worker_index} respawned after a reload, applying "
-                             "the last configuration that loaded: ")
+            who = "" if self.worker_index is None else f"worker {self.worker_index} "
+            self._reload(lambda: respawn, why=f"{who}respawned after a reload, applying the "
+                                              "last configuration that loaded: ")
         try:
             try:
                 await self.start()
