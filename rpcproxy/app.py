@@ -30,7 +30,11 @@ for it, so a wedged loop gets the service restarted.
 With ``workers > 1`` the process above runs once per worker under a supervisor
 (``rpcproxy.workers.supervise``) that binds the sockets before forking and is the only
 process talking to systemd; see ``_serve_workers``. Worker i serves metrics on the
-configured metrics port + i, since each worker only knows its own connections.
+configured metrics port + i, since each worker only knows its own connections. On SIGHUP
+the supervisor loads and checks the file too, before passing the signal on; a worker it
+respawns afterwards applies the last configuration that loaded, through the reload path,
+before it serves (``respawn_config``), so it serves what its siblings serve even when the
+file has since become invalid.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from typing import Any
 import uvloop
 
 from rpcproxy import sdnotify
-from rpcproxy.certs import CertificateError
+from rpcproxy.certs import CertificateError, server_ssl_context
 from rpcproxy.config import Config, config_from_args, load
 from rpcproxy.errors import ConfigError
 from rpcproxy.http.handoff import WorkerSet
@@ -101,8 +105,11 @@ class ProxyProcess:
         workers: WorkerSet | None = None,
         listen_sockets: list[socket.socket] | None = None,
         metrics_listen: str | None = None,
+        respawn_config: Config | None = None,
     ) -> None:
         self.config = config
+        # A respawned worker: the configuration its siblings reloaded, applied before serving.
+        self.respawn_config = respawn_config
         self.config_path = config_path
         self.arg_overrides = arg_overrides
         self.notifier = notifier or sdnotify.Notifier()
@@ -193,6 +200,11 @@ class ProxyProcess:
             installed.append(sig)
         loop.add_signal_handler(signal.SIGHUP, lambda: early_reload.append(True))
         installed.append(signal.SIGHUP)
+        respawn = self.respawn_config
+        if respawn is not None:  # before listening: it never serves the start-up one
+            who = "" if self.worker_index is None else f"worker {self.worker_index} "
+            self._reload(lambda: respawn, why=f"{who}respawned after a reload, applying the "
+                                              "last configuration that loaded: ")
         try:
             try:
                 await self.start()
@@ -258,48 +270,60 @@ class ProxyProcess:
         self.server.metrics.reloads["ok" if ok else "failed"] += 1
         return ok
 
-    def _reload(self) -> bool:
+    def _reload(self, load: Callable[[], Config] | None = None, why: str = "") -> bool:
+        """Load (``load``, default: the file and flags, as at start), check, apply.
+
+        ``why`` starts each line it logs (a respawned worker says so)."""
         old = self.config
         server = self.server
         try:
-            new = self._load()
+            new = (load or self._load)()
             new.allow_list()  # everything is validated before anything changes
             new.vc_settings()
         except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc.reason)
+            log.error("%sreload failed, keeping the running configuration: %s", why, exc.reason)
             return False
         except Exception as exc:  # noqa: BLE001 - a reload must never kill the server
-            log.error("reload failed, keeping the running configuration: %s", exc)
+            log.error("%sreload failed, keeping the running configuration: %s", why, exc)
             return False
 
-        for name in RESTART_ONLY:
-            if getattr(new, name) != getattr(old, name):
-                log.warning("reload: %s changed from %r to %r; restart rpcproxy to apply it",
-                            name, getattr(old, name), getattr(new, name))
-                setattr(new, name, getattr(old, name))
-        if bool(new.tls_cert) != bool(old.tls_cert):
-            log.warning("reload: turning TLS %s needs a restart; keeping it %s",
-                        "on" if new.tls_cert else "off", "on" if old.tls_cert else "off")
-            new.tls_cert, new.tls_key = old.tls_cert, old.tls_key
+        for note in keep_restart_only(new, old):
+            log.warning("%sreload: %s", why, note)
 
         try:
             server.apply(new)
         except CertificateError as exc:
-            log.error("reload failed, keeping the running configuration and certificate: "
-                      "%s", exc.reason)
+            log.error("%sreload failed, keeping the running configuration and certificate: "
+                      "%s", why, exc.reason)
             return False
         logging.getLogger().setLevel(new.log_level.upper())
         self.config = new
 
         changed = [f.name for f in dataclasses.fields(Config)
                    if getattr(new, f.name) != getattr(old, f.name)]
-        log.info("configuration reloaded (%s); %d live virtual connection(s) kept; "
-                 "%d target rule(s): %s", ", ".join(changed) or "no setting changed",
+        log.info("%sconfiguration reloaded (%s); %d live virtual connection(s) kept; "
+                 "%d target rule(s): %s", why, ", ".join(changed) or "no setting changed",
                  len(server.vcs), len(server.allow_list),
                  ", ".join(str(r) for r in server.allow_list.rules))
         if new.tls_cert:
             log.info("TLS certificate reloaded from %s (new connections use it)", new.tls_cert)
         return True
+
+
+def keep_restart_only(new: Config, old: Config) -> list[str]:
+    """Give ``new`` the running values of the settings only a restart applies (listeners
+    are built with them: RESTART_ONLY, TLS on/off); returns what to tell the admin."""
+    notes = []
+    for name in RESTART_ONLY:
+        if getattr(new, name) != getattr(old, name):
+            notes.append(f"{name} changed from {getattr(old, name)!r} to "
+                         f"{getattr(new, name)!r}; restart rpcproxy to apply it")
+            setattr(new, name, getattr(old, name))
+    if bool(new.tls_cert) != bool(old.tls_cert):
+        notes.append(f"turning TLS {'on' if new.tls_cert else 'off'} needs a restart; "
+                     f"keeping it {'on' if old.tls_cert else 'off'}")
+        new.tls_cert, new.tls_key = old.tls_cert, old.tls_key
+    return notes
 
 
 async def run_server(config: Config, stop: asyncio.Event | None = None, *,
@@ -412,12 +436,38 @@ def _serve_workers(config: Config, *, config_path: str | None,
         log.error("rpcproxy cannot start: %s", exc)
         return exc.exit_code
     silent = sdnotify.Notifier(env={})
+    reloaded: list[Config] = []  # the last configuration a SIGHUP loaded (forked workers see it)
+
+    def check_reload() -> None:
+        """SIGHUP, before the workers get it: load and check the file as a worker will."""
+        try:
+            new = (config_from_args(arg_overrides) if arg_overrides is not None
+                   else load(config_path))
+            new.allow_list()
+            new.vc_settings()
+            kept = dataclasses.replace(new)
+            keep_restart_only(kept, config)
+            if kept.tls_cert and kept.tls_key:
+                server_ssl_context(kept.tls_cert, kept.tls_key)
+        except (ConfigError, CertificateError) as exc:
+            reason = exc.reason
+        except Exception as exc:  # noqa: BLE001 - the supervisor must never die of a reload
+            reason = str(exc)
+        else:
+            reloaded[:] = [new]
+            log.info("supervisor: reload: the configuration loads; a worker respawned from "
+                     "now on starts with it")
+            return
+        log.warning("supervisor: reload: the configuration does not load (%s); a worker "
+                    "respawned from now on starts with %s", reason,
+                    "the last one that loaded" if reloaded else "the start-up one")
 
     def run_worker(ws: WorkerSet) -> int:
         process = ProxyProcess(
             config, config_path=config_path, arg_overrides=arg_overrides, notifier=silent,
             workers=ws, listen_sockets=socks,
             metrics_listen=metrics_addresses[ws.index],
+            respawn_config=reloaded[0] if reloaded else None,
         )
         try:
             _run_loop(config, process.run())
@@ -432,7 +482,7 @@ def _serve_workers(config: Config, *, config_path: str | None,
 
     try:
         return supervise(config.workers, run_worker, notify=notify,
-                         watchdog_interval=notifier.watchdog_interval)
+                         watchdog_interval=notifier.watchdog_interval, on_reload=check_reload)
     finally:
         for sock in socks:
             sock.close()

@@ -201,10 +201,11 @@ class ProxyServer:
         key pair is checked first) before anything changes."""
         allow_list = config.allow_list()
         settings = config.vc_settings()
-        if config.tls_cert and config.tls_key and self.ssl_context is not None:
+        if config.tls_cert and config.tls_key:
             server_ssl_context(config.tls_cert, config.tls_key)  # check the pair first
-            load_cert_chain(self.ssl_context, config.tls_cert, config.tls_key)
-            self.ssl_context.num_tickets = config.tls_session_tickets
+            if self.ssl_context is not None:  # else (not started yet) start() loads it
+                load_cert_chain(self.ssl_context, config.tls_cert, config.tls_key)
+                self.ssl_context.num_tickets = config.tls_session_tickets
         old, self.config = self.config, config
         self.allow_list = allow_list
         self.settings = settings

@@ -16,6 +16,13 @@ every worker has beaten within ``stall_timeout``, and kills (SIGKILL) a worker t
 has not, then respawns it like any dead worker. A worker that cannot be killed keeps
 the pings off, so systemd's own watchdog restarts the service; a wedged supervisor
 stops pinging by itself.
+
+Reload: SIGHUP runs ``on_reload`` in the supervisor first (rpcproxy.app records there the
+configuration the file now gives, when it loads), then goes to every worker, which
+reloads itself. A worker forked later inherits what ``on_reload`` recorded: a respawned
+worker starts from the configuration its siblings reloaded, not the start-up one. SIGHUP
+is blocked while a worker is forked and registered, so every worker either was forked
+after ``on_reload`` ran or gets the signal.
 """
 
 from __future__ import annotations
@@ -103,12 +110,14 @@ def make_inboxes(count: int) -> list[tuple[socket.socket, socket.socket]]:
 
 def supervise(count: int, run_worker: Callable[[WorkerSet], int],
               notify: Callable[[str], None] | None = None,
-              watchdog_interval: float | None = None) -> int:
+              watchdog_interval: float | None = None,
+              on_reload: Callable[[], None] | None = None) -> int:
     """Fork ``count`` workers running ``run_worker`` and keep them alive until signalled.
 
     Must be called before any event loop exists in this process. SIGTERM/SIGINT
     are passed to every worker (each closes its channels cleanly and exits);
-    SIGHUP is passed on for reloading. A worker that dies is replaced (its
+    SIGHUP is passed on for reloading, after ``on_reload`` ran here (a worker forked
+    afterwards sees what it recorded). A worker that dies is replaced (its
     virtual connections are lost; the others keep going), at most
     ``RESPAWN_LIMIT`` times a minute; one that stops beating for the stall
     timeout is killed first. ``WATCHDOG=1`` goes to ``notify`` every
@@ -131,7 +140,13 @@ def supervise(count: int, run_worker: Callable[[WorkerSet], int],
         if old is not None:
             old.close()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        pid = os.fork()
+        # A SIGHUP between the fork and ``children`` naming the worker would miss it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid == 0:  # worker
             code = 1
             try:
@@ -143,6 +158,7 @@ def supervise(count: int, run_worker: Callable[[WorkerSet], int],
                         recv_end.close()
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 code = run_worker(WorkerSet(index, count, senders, inboxes[index][1],
                                             heartbeat=theirs, heartbeat_interval=stall / 4))
             except BaseException:  # noqa: BLE001 - a worker must never return into the parent
@@ -154,6 +170,7 @@ def supervise(count: int, run_worker: Callable[[WorkerSet], int],
         beats[index] = mine
         children[pid] = index
         pids[index] = pid
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         watch.started(index, time.monotonic())
 
     def forward(signum: int, _frame: object) -> None:
@@ -162,6 +179,8 @@ def supervise(count: int, run_worker: Callable[[WorkerSet], int],
             stopping = True
             if notify is not None:
                 notify("STOPPING=1")
+        if signum == signal.SIGHUP and on_reload is not None:
+            on_reload()
         for pid in list(children):
             try:
                 os.kill(pid, signum)

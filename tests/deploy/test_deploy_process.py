@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import ssl
@@ -490,3 +491,96 @@ def test_workers_supervisor_notify_reload_and_stop(samba_dc: SambaDC, tmp_path: 
     assert p.wait(30) == 0
     assert notify.index_of("READY=1") < notify.index_of("STOPPING=1")
     notify.close()
+
+
+
+def _worker_pids(pid: int) -> list[int]:
+    """The supervisor's children: its workers."""
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _respawn_one(p: ServeProcess) -> int:
+    """SIGKILL one worker; the metrics port of the worker the supervisor starts instead."""
+    wait_until(lambda: len(_worker_pids(p.proc.pid)) == 2, 20, "two workers")
+    victim = _worker_pids(p.proc.pid)[0]
+    mark = p.line_count()
+    os.kill(victim, signal.SIGKILL)
+    index = p.wait_for_log(rf"worker (\d) \(pid {victim}\) exited with -9", 20, mark).group(1)
+    return int(p.wait_for_log(rf"worker {index}: metrics on http://127\.0\.0\.1:(\d+)/",
+                              20, mark).group(1))
+
+
+def _vcs_until_worker_took(port: int, metrics: int, target: str, auth: str,
+                           channels: int = 3, at_most: int = 40) -> list[tuple[float, str]]:
+    """Open VCs to ``target`` (BIND to mgmt) until the worker serving metrics on ``metrics``
+    has authenticated ``channels`` of their channels: the kernel gives each connection to
+    either worker. Each VC: (channels that worker took, what the VC got)."""
+    def logins() -> float:
+        return metric_value(http_get(metrics, "/metrics")[1], "rpcproxy_auth_results_total",
+                            'result="accepted",reason="ok"')
+
+    async def one_vc() -> str:
+        try:
+            vc = await open_vc("127.0.0.1", port, target, auth)
+        except Exception as exc:  # noqa: BLE001 - the test shows it
+            return f"refused: {exc}"
+        try:
+            return "BIND_ACK" if (await vc.bind_mgmt())[2] == PType.BIND_ACK else "no BIND_ACK"
+        finally:
+            vc.close()
+
+    answers: list[tuple[float, str]] = []
+    while len(answers) < at_most and sum(took for took, _ in answers) < channels:
+        before = logins()
+        answer = asyncio.run(one_vc())
+        answers.append((logins() - before, answer))
+    return answers
+
+
+@pytest.mark.samba
+def test_respawned_worker_serves_what_its_siblings_reloaded(
+        samba_dc: SambaDC, tmp_path: Path, procs: list[ServeProcess]) -> None:
+    """A target added by a reload is served by a worker respawned afterwards, also when the
+    file has become invalid since (its siblings keep the last good one): the respawned
+    worker once started from the start-up configuration and refused the new target
+    (503 RPC Error: 6BA) until the next SIGHUP."""
+    conf = tmp_path / "rpcproxy.toml"
+    _write_config(conf, samba_dc, ["mail.example.com:6001"])
+    p = _serve(procs, "--config", str(conf), "--workers", "2", "--metrics-listen", "127.0.0.1:0")
+    port = p.port()
+    p.wait_for_log(r"worker 0: metrics on")
+    p.wait_for_log(r"worker 1: metrics on")
+    auth = _auth(samba_dc)
+
+    def logged_since(mark: int, text: str) -> int:
+        return sum(text in line for line in p.log.splitlines()[mark:])
+
+    _write_config(conf, samba_dc, ["mail.example.com:6001", "new.example.com:6001"])
+    mark = p.line_count()
+    p.signal(signal.SIGHUP)
+    wait_until(lambda: logged_since(mark, "configuration reloaded") == 2, 20,
+               "both workers to reload")
+    metrics = _respawn_one(p)
+    answers = _vcs_until_worker_took(port, metrics, "new.example.com:6001", auth)
+    assert sum(took for took, _ in answers) >= 3, answers
+    assert all(answer == "BIND_ACK" for _, answer in answers), answers
+    p.wait_for_log(r"worker \d respawned after a reload, applying the last configuration that "
+                   r"loaded: configuration reloaded \(targets\)")
+
+    conf.write_text("targets = [\n")  # broken TOML: each worker keeps what it serves
+    mark = p.line_count()
+    p.signal(signal.SIGHUP)
+    wait_until(lambda: logged_since(mark, "reload failed") == 2, 20, "both reloads to fail")
+    p.wait_for_log(r"supervisor: reload: the configuration does not load .*; a worker "
+                   r"respawned from now on starts with the last one that loaded", 20, mark)
+    metrics = _respawn_one(p)
+    answers = _vcs_until_worker_took(port, metrics, "new.example.com:6001", auth)
+    assert sum(took for took, _ in answers) >= 3, answers
+    assert all(answer == "BIND_ACK" for _, answer in answers), answers
+    page = http_get(metrics, "/metrics")[1]
+    assert metric_value(page, "rpcproxy_targets_refused_total") == 0
+    p.signal(signal.SIGTERM)
+    assert p.wait(30) == 0
