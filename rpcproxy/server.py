@@ -166,14 +166,14 @@ class ProxyServer:
             if ctx is None:
                 factory = plain_factory
             elif self.config.tls_transport == "lean":
-                # rpcproxy.tls: TLS on plain TCP transports, about 20 KiB less per channel.
+                # rpcproxy.tls: OpenSSL on the socket, no buffers that grow with traffic.
                 factory = self.guard.lean_tls_protocol_factory(self.runner.server, ctx)
             else:
                 factory = self.guard.tls_protocol_factory(self.runner.server, ctx)
             if self.config.proxy_protocol_from:
                 factory = self.guard.proxy_protocol_factory(
                     self.runner.server, ctx, Exemptions(self.config.proxy_protocol_from),
-                    factory)
+                    factory, lean_tls=self.config.tls_transport == "lean")
             if self.listen_sockets is not None:
                 server = await loop.create_server(factory, sock=self.listen_sockets[i],
                                                   backlog=4096)

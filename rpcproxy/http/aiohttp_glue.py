@@ -231,8 +231,8 @@ class ConnectionGuard:
 
     def proxy_protocol_factory(self, server: web.Server, ctx: ssl.SSLContext | None,
                                trusted: Exemptions,
-                               otherwise: Callable[[], asyncio.Protocol]
-                               ) -> Callable[[], asyncio.Protocol]:
+                               otherwise: Callable[[], asyncio.Protocol], *,
+                               lean_tls: bool = False) -> Callable[[], asyncio.Protocol]:
         """A listener that takes a PROXY protocol header (``rpcproxy.proxyproto``) from the
         ``trusted`` addresses, and serves every other address with ``otherwise``.
 
@@ -240,7 +240,8 @@ class ConnectionGuard:
         is read (as for TLS), the header is peeked at and exactly its bytes consumed, the
         connection is counted under the client's address it names, and then the loop gets
         the socket back (with TLS on a TLS listener): the request handler, the logs and
-        the per-source bounds see the client's address, never the front proxy's.
+        the per-source bounds see the client's address, never the front proxy's. TLS after
+        the header runs in rpcproxy.tls's ``TlsConnection`` with ``lean_tls``.
         """
         make_handler = self.protocol_factory(server)
         guard = self
@@ -260,13 +261,13 @@ class ConnectionGuard:
                     return
                 sock.setblocking(False)
                 task = asyncio.get_running_loop().create_task(
-                    guard._proxied(handler, sock, ctx))
+                    guard._proxied(handler, sock, ctx, lean_tls))
                 guard.handshakes[handler] = (task, sock, Refusal.PROXY_HEADER)
 
         return ProxyAccept
 
     async def _proxied(self, handler: asyncio.BaseProtocol, sock: socket.socket,
-                       ctx: ssl.SSLContext | None) -> None:
+                       ctx: ssl.SSLContext | None, lean_tls: bool) -> None:
         loop = asyncio.get_running_loop()
         entry = self.pending.get(handler)
         try:
@@ -287,6 +288,9 @@ class ConnectionGuard:
                 sock.close()
                 return
             handler.peer = f"{host}:{port}"  # type: ignore[attr-defined]
+        if ctx is not None and lean_tls:
+            self.lean_tls(handler, sock, ctx)  # (its own entry replaces the header's)
+            return
         if ctx is not None:
             self.handshakes[handler] = (self.handshakes[handler][0], sock, Refusal.TLS_TIMEOUT)
             await self._tls_handshake(handler, sock, ctx)

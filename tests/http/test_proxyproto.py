@@ -25,6 +25,7 @@ from rpcproxy import certs
 from rpcproxy import config as config_mod
 from rpcproxy.proxyproto import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, parse
 from rpcproxy.server import ProxyServer
+from rpcproxy.tls import TlsConnection
 from tests.support.fakes import EchoBackend, TableAuthenticator, basic
 from tests.support.haproxy import haproxy_binary
 from tests.support.rpch_raw import RawChannel, open_vc
@@ -227,12 +228,15 @@ async def test_late_header_is_closed_at_handshake_timeout(backend: EchoBackend) 
         await server.stop()
 
 
-async def test_header_before_tls(backend: EchoBackend, tmp_path: Path,
+@pytest.mark.parametrize("transport", ["lean", "loop"])
+async def test_header_before_tls(backend: EchoBackend, tmp_path: Path, transport: str,
                                  caplog: pytest.LogCaptureFixture) -> None:
+    """TLS after a PROXY header runs on rpcproxy.tls's transport too (with the default
+    ``tls_transport``), and the client's address from the header is what the logs name."""
     caplog.set_level(logging.INFO)
     pair = certs.create_self_signed("mail.example.com", tmp_path)
     server, port = await start(backend, tls_cert=str(pair.cert_path),
-                               tls_key=str(pair.key_path))
+                               tls_key=str(pair.key_path), tls_transport=transport)
     try:
         sock = socket.create_connection(("127.0.0.1", port))
         sock.sendall(v2("203.0.113.77", 999))
@@ -242,6 +246,8 @@ async def test_header_before_tls(backend: EchoBackend, tmp_path: Path,
         w.write(f"RPC_IN_DATA {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
                 "Authorization: Basic eDp5\r\n\r\n".encode())
         assert (await asyncio.wait_for(r.readline(), 5)).startswith(b"HTTP/1.1 401")
+        (handler,) = server.guard.pending  # not authenticated: still counted by the guard
+        assert isinstance(handler.transport, TlsConnection) is (transport == "lean")
         w.close()
     finally:
         await server.stop()
