@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import ipaddress
 
 from ntlm.errors import Unreachable
@@ -63,6 +64,7 @@ MAX_SOURCES = 1024  # distinct sources remembered per window; the rest count as 
 MAX_DETAIL = 200  # characters of a refusal's reason in its log line
 
 
+@functools.lru_cache(maxsize=4096)  # each connection asks once or twice; addresses repeat
 def source_key(host: str) -> str:
     """The key a per-source bound counts against: IPv4 address, or IPv6 /64."""
     try:
@@ -84,10 +86,14 @@ class Exemptions:
             self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
         except ValueError as exc:
             raise ValueError(f"per_source_exempt: {exc}") from None
+        self._cached = functools.lru_cache(maxsize=4096)(self._contains)
 
     def __contains__(self, host: object) -> bool:
         if not isinstance(host, str) or not self.networks:
             return False
+        return self._cached(host)
+
+    def _contains(self, host: str) -> bool:
         try:
             addr = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:

@@ -327,10 +327,9 @@ class VcRuntime:
             if attempt:
                 await asyncio.sleep(min(0.2 * attempt, 1.0))
             try:
-                _, proto = await asyncio.wait_for(
-                    loop.create_connection(lambda: BackendProtocol(self), ep.host, ep.port),
-                    cfg.timeout,
-                )
+                async with asyncio.timeout(cfg.timeout):  # (no extra task, as wait_for makes)
+                    _, proto = await loop.create_connection(
+                        lambda: BackendProtocol(self), ep.host, ep.port)
             except (OSError, TimeoutError) as exc:
                 last = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
                 continue

@@ -247,7 +247,8 @@ async def test_header_before_tls(backend: EchoBackend, tmp_path: Path, transport
                 "Authorization: Basic eDp5\r\n\r\n".encode())
         assert (await asyncio.wait_for(r.readline(), 5)).startswith(b"HTTP/1.1 401")
         (handler,) = server.guard.pending  # not authenticated: still counted by the guard
-        assert isinstance(getattr(handler, "transport", None), TlsConnection) is (transport == "lean")
+        lean = isinstance(getattr(handler, "transport", None), TlsConnection)
+        assert lean is (transport == "lean")
         w.close()
     finally:
         await server.stop()
