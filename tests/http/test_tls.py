@@ -269,3 +269,82 @@ async def test_bad_record_after_handshake_is_one_refusal(
         assert all(rec.exc_info is None for rec in caplog.records)
     finally:
         await server.stop()
+
+
+class _Echo(asyncio.Protocol):
+    """Echoes every line back, upper-cased (a stand-in application on a TlsConnection)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.got = b""
+        self.eof = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.got += data
+        self.transport.write(data.upper())
+
+    def eof_received(self) -> bool | None:
+        if not self.eof.done():
+            self.eof.set_result(True)
+        return None
+
+
+async def test_lean_transport_key_update_and_close_notify(pair: certs.CreatedCertificate) -> None:
+    """TLS 1.3 KeyUpdate from the client, with an update requested back (as long-lived
+    Windows clients send): the channel goes on in both directions; the client's close_notify
+    is the application's end of data (a real client: openssl s_client)."""
+    ctx = certs.server_ssl_context(str(pair.cert_path), str(pair.key_path))
+    apps: list[_Echo] = []
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    lsock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    conns: list[TlsConnection] = []
+
+    async def accept() -> None:
+        sock, _ = await loop.sock_accept(lsock)
+
+        def make() -> asyncio.BaseProtocol:
+            apps.append(_Echo())
+            return apps[-1]
+
+        conns.append(TlsConnection(sock, ctx, make, 5.0))
+
+    acceptor = asyncio.create_task(accept())
+    port = lsock.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-brief",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        await asyncio.wait_for(acceptor, 10)
+        for line in (b"first\n", b"K\n", b"second\n", b"k\n", b"third\n"):
+            proc.stdin.write(line)  # "K"/"k": s_client sends a KeyUpdate (requested/not)
+            await proc.stdin.drain()
+            if line.strip() in (b"K", b"k"):
+                await asyncio.sleep(0.5)  # s_client takes a command only as a read of its own
+            else:
+                assert await asyncio.wait_for(proc.stdout.readline(), 10) == line.upper()
+        (app,) = apps
+        assert app.got == b"first\nsecond\nthird\n"
+        proc.stdin.close()  # s_client sends close_notify and leaves
+        assert await asyncio.wait_for(app.eof, 10) is True
+        await asyncio.wait_for(proc.wait(), 10)
+        for _ in range(100):
+            if conns[0].is_closing():
+                break
+            await asyncio.sleep(0.02)
+        assert conns[0].is_closing()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for conn in conns:
+            conn.abort()
+        lsock.close()
