@@ -11,8 +11,9 @@ its first transport before a byte is read; each connection then gets one
   handshake that is not done within ``handshake_timeout`` or fails closes the connection
   with one report (``handshake_timed_out`` / ``handshake_failed``);
 * reading: OpenSSL reads the records from the socket itself and decrypts each into a new
-  bytes object; what one readable event brought (at most ``READ_BATCH``) goes to the
-  application in one ``data_received``. A TLS close_notify, or a TCP end without it, is
+  bytes object; what one readable event brought (at most ``READ_BATCH`` bytes in at most
+  ``READ_RECORDS`` records, so that no client holds the loop) goes to the application in
+  one ``data_received``. A TLS close_notify, or a TCP end without it, is
   ``eof_received``. ``pause_reading`` stops watching the socket;
 * writing: ``write`` hands the plaintext to OpenSSL, which encrypts and sends it record by
   record. When the socket is full, OpenSSL wants the same write again once it is
@@ -45,6 +46,7 @@ log = logging.getLogger("rpcproxy")
 
 RECORD = 16384  # the largest TLS plaintext record: what one SSL_read returns at most
 READ_BATCH = 256 * 1024  # plaintext taken per readable event before other connections run
+READ_RECORDS = 64  # and records: a client sending tiny records gets no more loop time
 HIGH_WATER = 64 * 1024  # write queue limits (as asyncio's transports default to)
 LOW_WATER = 16 * 1024
 
@@ -192,8 +194,10 @@ class TlsConnection(asyncio.Transport):
         chunks: list[bytes] = []
         size = 0
         eof = False
+        records = 0
         try:
-            while size < READ_BATCH:
+            while size < READ_BATCH and records < READ_RECORDS:
+                records += 1
                 chunk = sock.recv(RECORD)
                 if not chunk:
                     eof = True
@@ -217,7 +221,8 @@ class TlsConnection(asyncio.Transport):
             self._lose(exc)
             return
         self._deliver(chunks)
-        if size >= READ_BATCH and self._sock is not None and self._reading:
+        if ((size >= READ_BATCH or records >= READ_RECORDS) and not eof
+                and self._sock is not None and self._reading):
             self._loop.call_soon(self._read)  # more may sit inside OpenSSL: go on soon
         if eof and self._sock is not None:
             app = self._app

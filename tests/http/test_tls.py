@@ -348,3 +348,57 @@ async def test_lean_transport_key_update_and_close_notify(pair: certs.CreatedCer
         for conn in conns:
             conn.abort()
         lsock.close()
+
+
+async def test_lean_transport_tiny_records_share_the_loop(pair: certs.CreatedCertificate) -> None:
+    """A client sending a burst of 1-byte TLS records: one readable event decrypts at most
+    READ_RECORDS of them before other connections get the loop; every byte arrives."""
+    from rpcproxy.tls import READ_RECORDS
+
+    ctx = certs.server_ssl_context(str(pair.cert_path), str(pair.key_path))
+    deliveries: list[bytes] = []
+
+    class Count(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            deliveries.append(data)
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    lsock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    count = 1000
+
+    def client() -> None:  # TLS over memory BIOs, so that all the records leave in one send
+        raw = socket.create_connection(lsock.getsockname(), timeout=10)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_context(pair, "1.3").wrap_bio(incoming, outgoing,
+                                                   server_hostname="localhost")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                incoming.write(raw.recv(65536))
+        raw.sendall(outgoing.read())
+        for i in range(count):  # one record each
+            tls.write(bytes([i % 256]))
+        raw.sendall(outgoing.read())
+        raw.recv(1)  # until the server closes
+        raw.close()
+
+    worker = asyncio.create_task(asyncio.to_thread(client))
+    sock, _ = await loop.sock_accept(lsock)
+    conn = TlsConnection(sock, ctx, Count, 5.0)
+    try:
+        for _ in range(250):
+            if sum(map(len, deliveries)) >= count:
+                break
+            await asyncio.sleep(0.02)
+        assert b"".join(deliveries) == bytes(i % 256 for i in range(count))
+        assert max(map(len, deliveries)) <= READ_RECORDS
+    finally:
+        conn.abort()
+        await asyncio.wait_for(worker, 10)
+        lsock.close()
