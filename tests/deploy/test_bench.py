@@ -837,3 +837,25 @@ def test_head_reader_refuses_a_content_length_int_would_take(value: str) -> None
     head = parse_head(f"HTTP/1.1 200 OK\r\nContent-Length: {value}\r\n\r\n".encode(), "t")
     with pytest.raises(RpchProtocolError, match="bad Content-Length"):
         _ = head.content_length
+
+
+def test_cli_proxy_workers_outlive_the_stall_timeout(tmp_path: Path) -> None:
+    """``--proxy-workers 2`` for longer than the supervisor's stall timeout: the bench's
+    workers beat like ``rpcproxy serve``'s, so none is killed as stalled mid-run."""
+    from rpcproxy.workers import stall_timeout_for
+
+    out = tmp_path / "bench.json"
+    seconds = stall_timeout_for(None) + 2
+    proc = _run_cli("--scenarios", "soak", "--proxy-workers", "2", "--duration", str(seconds),
+                    "--soak-connections", "2", "--relay", "none", "--keep-logs",
+                    "--json", str(out), timeout=seconds + 90)
+    logs = {line.split(" log: ")[0].split()[-1]: Path(line.split(" log: ")[1].strip())
+            for line in proc.stderr.splitlines() if " log: " in line}
+    try:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(out.read_text())["ok"] is True
+        assert "proxy" in logs, proc.stderr[-2000:]
+        assert "killing it" not in logs["proxy"].read_text()
+    finally:
+        for log in logs.values():
+            log.unlink(missing_ok=True)
