@@ -406,6 +406,10 @@ class ProxyServer:
                     channels.first_pdu_length(head) - HEADER_LEN)
         except asyncio.IncompleteReadError:
             raise ProtocolError("the channel body ended before its first RTS PDU") from None
+        except RuntimeError:  # aiohttp's reader once the client has closed the connection
+            if request.transport is not None and not request.transport.is_closing():
+                raise
+            raise ConnectionResetError("closed before its first RTS PDU") from None
         except TimeoutError:
             raise ProtocolError(
                 f"no RTS PDU within {timeout:g}s of the channel request") from None
@@ -419,7 +423,12 @@ class ProxyServer:
         opening = await self._read_opening_pdu(request, method, length)
         self.authenticator.forget(request.protocol)  # no more requests on this connection
         if self.workers is not None and not self.workers.is_mine(opening.vc_cookie):
-            await handoff.hand_off(self.workers, request, opening, identity, target, endpoint)
+            failed = await handoff.hand_off(self.workers, request, opening, identity, target,
+                                            endpoint)
+            if failed is not None:
+                self.refuse_request(Refusal.CHANNEL_REFUSED, request,
+                                    f"{method.value} user={identity.principal}: hand-off to the "
+                                    f"VC's worker failed: {failed}")
         else:
             kind_name = "IN" if method is channels.Method.IN else "OUT"
             channel, leftover = take_over(request, kind_name, opening.body_left)

@@ -189,8 +189,9 @@ class WorkerSet:
 
 
 async def hand_off(workers: WorkerSet, request: web.Request, opening: channels.Opening,
-                   identity: Identity, target: Target, endpoint: Endpoint) -> None:
-    """Give a channel whose VC belongs to another worker to that worker."""
+                   identity: Identity, target: Target, endpoint: Endpoint) -> str | None:
+    """Give a channel whose VC belongs to another worker to that worker; the reason if that
+    failed (the client then has its 503 and the connection is closed)."""
     transport = request.transport
     assert transport is not None
     transport.pause_reading()
@@ -210,18 +211,20 @@ async def hand_off(workers: WorkerSet, request: web.Request, opening: channels.O
         try:
             workers.send(owner, sock.fileno(), record)
         except HandoffError as exc:
-            detach_aiohttp(request, _Discard())
-            transport.write(raw_error_response(
-                RpcProxyError(f"hand-off failed: {exc}", rpc_error=RPC_S_SERVER_TOO_BUSY)))
-            transport.close()
-            return
+            return _refuse_hand_off(request, transport, str(exc))
         detach_aiohttp(request, _Discard())
         transport.abort()
-        return
+        return None
     # TLS: keep the TLS connection here and relay its plaintext over a socketpair.
-    ours, theirs = socket.socketpair()
+    try:
+        ours, theirs = socket.socketpair()
+    except OSError as exc:  # e.g. out of descriptors (EMFILE)
+        return _refuse_hand_off(request, transport, f"no socketpair: {exc.strerror or exc}")
     try:
         workers.send(owner, theirs.fileno(), record)
+    except HandoffError as exc:
+        ours.close()
+        return _refuse_hand_off(request, transport, str(exc))
     finally:
         theirs.close()
     # Both ends know each other before the socketpair is read: the owner may answer
@@ -232,6 +235,17 @@ async def hand_off(workers: WorkerSet, request: web.Request, opening: channels.O
     await loop.connect_accepted_socket(lambda: pair_side, ours)
     detach_aiohttp(request, client_side)
     transport.resume_reading()
+    return None
+
+
+def _refuse_hand_off(request: web.Request, transport: asyncio.Transport, why: str) -> str:
+    """The channel cannot reach its owner: the client gets a 503 (server too busy, so it
+    retries) and the connection is closed. Returns the reason, for the caller's log."""
+    detach_aiohttp(request, _Discard())
+    transport.write(raw_error_response(
+        RpcProxyError(f"hand-off failed: {why}", rpc_error=RPC_S_SERVER_TOO_BUSY)))
+    transport.close()
+    return why
 
 
 class _Discard(asyncio.Protocol):

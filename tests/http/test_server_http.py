@@ -392,6 +392,29 @@ async def test_authenticated_request_without_first_pdu_is_bounded() -> None:
         await e.backend.stop()
 
 
+class _ClosedBody:
+    """aiohttp's body reader once its connection is gone: it raises RuntimeError."""
+
+    async def readexactly(self, n: int) -> bytes:
+        raise RuntimeError("Connection closed.")
+
+
+class _GoneRequest:
+    content = _ClosedBody()
+    transport = None  # aiohttp drops it at connection_lost
+
+
+async def test_client_gone_before_first_pdu_is_a_connection_error(env: Env) -> None:
+    """A client that left before its channel's first RTS PDU was read: aiohttp's reader says
+    so with a RuntimeError, which the server turns into a ConnectionError (handle() makes
+    that one client_disconnected line, never an 'Error handling request' traceback)."""
+    from rpcproxy.rpch import channels
+
+    with pytest.raises(ConnectionResetError):
+        gone: Any = _GoneRequest()
+        await env.server._read_opening_pdu(gone, channels.Method.IN, GIB)
+
+
 async def test_virtual_connections_per_user_are_bounded() -> None:
     e = await make_env(max_connections_per_user=2)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
 import os
 import ssl
 import struct
@@ -24,6 +25,7 @@ import pytest
 from bench.client import BasicAuth, RpchClient
 from rpcproxy import config as config_mod
 from rpcproxy.http.handoff import Handoff, WorkerSet, owner_of
+from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
 from rpcproxy.workers import make_inboxes
 from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
@@ -187,6 +189,46 @@ async def test_tls_relay_keeps_an_answer_that_comes_before_it_is_wired(
         await split_vcs(((pa, pb), (pb, pa)), calls=3, ssl_ctx=client_ctx, timeout=10)
         assert a.workers is not None and b.workers is not None
         assert a.workers.sent + b.workers.sent > 0
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_tls_hand_off_out_of_descriptors_is_a_503(
+        backend: EchoBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A TLS channel that reaches the worker not owning its VC while that worker is out of
+    descriptors (no socketpair for the relay): the client gets a 503 (server too busy) and
+    the proxy one refusal line naming the reason, not a traceback."""
+    import errno
+
+    from rpcproxy.http import handoff
+
+    def no_pair(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    a, b, client_ctx = await make_tls_pair(backend, tmp_path)
+    pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
+    try:
+        monkeypatch.setattr(handoff.socket, "socketpair", no_pair)
+        caplog.set_level(logging.INFO, logger="rpcproxy")
+        statuses = []
+        for port in (pa, pb) * 3:  # some of these reach the worker that does not own them
+            ch = await RawChannel.connect(port, ssl_ctx=client_ctx)
+            vc = rts.conn_a1(os.urandom(16), os.urandom(16), 0x40000)
+            ch.request("RPC_OUT_DATA", "/rpc/rpcproxy.dll?srv:6001", content_length=76,
+                       headers={"Authorization": ALICE})
+            ch.send(vc)
+            try:  # a channel its own worker serves waits for its IN channel: no answer yet
+                statuses.append((await asyncio.wait_for(ch.head(), 2)).status)
+            except TimeoutError:
+                statuses.append(None)
+            ch.writer.close()
+        assert 503 in statuses, statuses
+        for server in (a, b):
+            server._flush_refusals(final=True)
+        assert all(rec.exc_info is None for rec in caplog.records), caplog.text
+        assert "Too many open files" in caplog.text and "hand-off" in caplog.text
     finally:
         await a.stop()
         await b.stop()
