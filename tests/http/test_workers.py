@@ -201,8 +201,7 @@ async def test_tls_hand_off_out_of_descriptors_is_a_503(
     descriptors (no socketpair for the relay): the client gets a 503 (server too busy) and
     the proxy one refusal line naming the reason, not a traceback."""
     import errno
-
-    from rpcproxy.http import handoff
+    import socket
 
     def no_pair(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.EMFILE, "Too many open files")
@@ -210,9 +209,9 @@ async def test_tls_hand_off_out_of_descriptors_is_a_503(
     a, b, client_ctx = await make_tls_pair(backend, tmp_path)
     pa, pb = a.bound[0][1], b.bound[0][1]  # type: ignore[attr-defined]
     try:
-        monkeypatch.setattr(handoff.socket, "socketpair", no_pair)
+        monkeypatch.setattr(socket, "socketpair", no_pair)  # (what handoff calls)
         caplog.set_level(logging.INFO, logger="rpcproxy")
-        statuses = []
+        statuses: list[int | None] = []
         for port in (pa, pb) * 3:  # some of these reach the worker that does not own them
             ch = await RawChannel.connect(port, ssl_ctx=client_ctx)
             vc = rts.conn_a1(os.urandom(16), os.urandom(16), 0x40000)
