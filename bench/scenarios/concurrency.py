@@ -62,14 +62,21 @@ async def _proxy_fd_room(bench: Bench, pid: int, n: int, streams: int) -> dict[s
         await asyncio.sleep(0.1)
         tree = process_tree(pid)
     limit = _fd_limit(tree[-1])
+    # 2 channels + 1 backend socket per VC. Over TLS with several workers, a channel that
+    # another worker accepted keeps its TLS connection there and is relayed to the owner
+    # over a socketpair: 2 more descriptors for each of the (w-1)/w such channels.
+    per_vc = 3.0
+    if bench.proxy.ssl is not None and workers > 1:
+        per_vc += 2 * 2 * (workers - 1) / workers
     # VCs are spread over workers by cookie hash: allow 20% imbalance.
-    need = int(3 * (n + bench.active + streams) / workers * (1.2 if workers > 1 else 1)) + 64
+    need = int(per_vc * (n + bench.active + streams) / workers
+               * (1.2 if workers > 1 else 1)) + 64
     if limit is not None and limit < need:
         raise RuntimeError(
             f"each proxy process may open {limit} file descriptors but {n} idle + "
             f"{bench.active + streams} busy VCs over {workers} worker(s) need about {need} "
-            "each (2 channels + 1 backend socket per VC): raise the hard RLIMIT_NOFILE or "
-            "use more workers (--proxy-workers)")
+            f"each ({per_vc:g} per VC): raise the hard RLIMIT_NOFILE or use more workers "
+            "(--proxy-workers)")
     return {"proxy_fd_limit": limit, "proxy_processes": len(tree)}
 
 
