@@ -51,6 +51,18 @@ def _fd_limit(pid: int) -> int | None:
         return None
     return None
 
+def fds_per_vc(*, tls: bool, workers: int) -> float:
+    """Descriptors one VC takes in the proxy, on average over its workers.
+
+    2 channels + 1 backend socket. Over TLS with several workers, a channel that another
+    worker accepted keeps its TLS connection there and is relayed to the owner over a
+    socketpair: 2 more descriptors for each of the (w-1)/w such channels."""
+    per_vc = 3.0
+    if tls and workers > 1:
+        per_vc += 2 * 2 * (workers - 1) / workers
+    return per_vc
+
+
 async def _proxy_fd_room(bench: Bench, pid: int, n: int, streams: int) -> dict[str, Any]:
     """Whether each proxy process may open the descriptors this needs (RuntimeError if not);
     its limit and process count."""
@@ -62,12 +74,7 @@ async def _proxy_fd_room(bench: Bench, pid: int, n: int, streams: int) -> dict[s
         await asyncio.sleep(0.1)
         tree = process_tree(pid)
     limit = _fd_limit(tree[-1])
-    # 2 channels + 1 backend socket per VC. Over TLS with several workers, a channel that
-    # another worker accepted keeps its TLS connection there and is relayed to the owner
-    # over a socketpair: 2 more descriptors for each of the (w-1)/w such channels.
-    per_vc = 3.0
-    if bench.proxy.ssl is not None and workers > 1:
-        per_vc += 2 * 2 * (workers - 1) / workers
+    per_vc = fds_per_vc(tls=bench.proxy.ssl is not None, workers=workers)
     # VCs are spread over workers by cookie hash: allow 20% imbalance.
     need = int(per_vc * (n + bench.active + streams) / workers
                * (1.2 if workers > 1 else 1)) + 64

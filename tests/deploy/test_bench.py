@@ -859,3 +859,15 @@ def test_cli_proxy_workers_outlive_the_stall_timeout(tmp_path: Path) -> None:
     finally:
         for log in logs.values():
             log.unlink(missing_ok=True)
+
+
+def test_fds_per_vc_counts_tls_relays() -> None:
+    """The concurrency scenario's descriptor check: 3 per VC, and over TLS with several
+    workers the socketpair relays of the channels another worker accepted (10,000 TLS VCs
+    over 2 workers need 50,000 descriptors, not 30,000)."""
+    from bench.scenarios.concurrency import fds_per_vc
+
+    assert fds_per_vc(tls=False, workers=1) == fds_per_vc(tls=True, workers=1) == 3
+    assert fds_per_vc(tls=False, workers=4) == 3
+    assert fds_per_vc(tls=True, workers=2) == 5
+    assert fds_per_vc(tls=True, workers=4) == 6
