@@ -350,8 +350,10 @@ class ProxyServer:
         counted in the metrics; a refusal (unavailable, denied) goes to the refusal log as
         ``<what>authentication ...: reason``. Channel requests and Autodiscover are judged here."""
         authorization = request.headers.get("Authorization")
-        tls = request.transport is not None and request.transport.get_extra_info(
-            "sslcontext") is not None
+        if request.transport is None:  # the client left before its login could be judged
+            # (not a refusal of its credentials; over TLS it would read "without TLS")
+            raise ConnectionResetError("the client closed the connection")
+        tls = request.transport.get_extra_info("sslcontext") is not None
         started = time.monotonic()
         outcome = await self.authenticator.authenticate(
             request.protocol, authorization, tls=tls, source=self.auth_source(request))

@@ -402,3 +402,36 @@ async def test_lean_transport_tiny_records_share_the_loop(pair: certs.CreatedCer
         conn.abort()
         await asyncio.wait_for(worker, 10)
         lsock.close()
+
+
+async def test_client_gone_before_its_basic_login_is_not_a_refusal_without_tls(
+        backend: EchoBackend, pair: certs.CreatedCertificate,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A TLS client that sends its request with Basic credentials and at once its
+    close_notify: one client_disconnected line, never 'Basic authentication refused without
+    TLS' (the connection was TLS; it is only gone)."""
+    server, port = await start(backend, pair)
+
+    def client() -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        tls = client_context(pair, "1.3").wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(b"RPC_OUT_DATA /rpc/rpcproxy.dll?srv:6001 HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Length: 76\r\nAuthorization: Basic YWxpY2U6d3Jvbmc=\r\n\r\n")
+        tls.unwrap()
+        raw.close()
+
+    try:
+        with caplog.at_level(logging.INFO, logger="rpcproxy"):
+            await asyncio.wait_for(asyncio.to_thread(client), 20)
+            for _ in range(100):
+                if server.metrics.refused:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)
+            server._flush_refusals(final=True)
+        assert "without TLS" not in caplog.text, caplog.text
+        assert "auth_denied" not in caplog.text
+        assert server.metrics.refused["client_disconnected"] == 1, server.metrics.refused
+        assert all(rec.exc_info is None for rec in caplog.records)
+    finally:
+        await server.stop()
