@@ -98,6 +98,7 @@ class ConnectionGuard:
         guard = self
         loop = asyncio.get_running_loop()
         kwargs = server._kwargs  # what web.Server.__call__ passes to its RequestHandler
+        limits: list[HeadLimits] = []  # the front's, within this server's aiohttp limits
 
         class GuardedRequestHandler(aiohttp.web_protocol.RequestHandler):
             """aiohttp's handler, counted by the guard; it starts as a ``FrontConnection``
@@ -119,9 +120,10 @@ class ConnectionGuard:
                     self.transport = tr
                     if self._manager is not None:  # server shutdown reaches it (shutdown)
                         self._manager.connection_made(self, tr)
-                    limits = HeadLimits.within(self.max_line_size, self.max_field_size,
-                                               self.max_headers)
-                    self.front = FrontConnection(self, tr, handler, limits,
+                    if not limits:  # (the same for every handler of this server)
+                        limits.append(HeadLimits.within(self.max_line_size, self.max_field_size,
+                                                        self.max_headers))
+                    self.front = FrontConnection(self, tr, handler, limits[0],
                                                  self._keepalive_timeout, self._to_aiohttp)
                 if not getattr(self, "peer", None):  # (set already from a PROXY header)
                     self.peer = peer_name(transport)  # still known once the transport is gone

@@ -158,7 +158,9 @@ def _incomplete(data: bytes | bytearray, limits: HeadLimits) -> Verdict:
     start = bytes(data[:13])  # "RPC_OUT_DATA " is the longest method and its space
     if not any((m + b" ").startswith(start) or start.startswith(m + b" ") for m in METHODS):
         return Verdict.NOT_OURS
-    first_end = data.find(_CRLF)
-    if first_end < 0 and len(data) > limits.max_line:
+    crlf = data.count(_CRLF)
+    if data.count(b"\n") != crlf or data.rstrip(b"\r").count(b"\r") != crlf:
+        return Verdict.NOT_OURS  # a bare LF or CR: never ours, whatever follows
+    if not crlf and len(data) > limits.max_line:
         return Verdict.NOT_OURS
     return Verdict.NEED_MORE

@@ -16,13 +16,23 @@ from typing import Any
 import aiohttp.web_protocol
 import pytest
 
+from rpcproxy import config as config_mod
 from rpcproxy.http import front
-from tests.http.test_server_http import ALICE, make_env
-from tests.support.fakes import request_pdu
+from rpcproxy.server import ProxyServer
+from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
 from tests.support.proxy_env import Env
 from tests.support.rpch_raw import GIB, open_vc
 
 TIMEOUT = 5.0
+ALICE = basic("alice", "pw-alice")
+
+
+async def make_env(**overrides: Any) -> Env:
+    backend = await EchoBackend().start()
+    cfg: dict[str, Any] = {"listen": "127.0.0.1:0", "backend": backend.endpoint,
+                           "targets": ["srv:6001"], "basic_over_http": True, **overrides}
+    server = ProxyServer(config_mod.load(None, cfg), authenticator=TableAuthenticator())
+    return Env(server, (await server.start())[0][1], backend)
 
 
 @pytest.fixture

@@ -9,11 +9,13 @@ input makes the parser raise.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 from unittest import mock
 
 import aiohttp.http_exceptions
 import aiohttp.http_parser
+import aiohttp.web_protocol
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -251,6 +253,9 @@ def test_incomplete_heads() -> None:
 
 
 def test_limits_are_aiohttps_or_smaller() -> None:
+    defaults = inspect.signature(aiohttp.web_protocol.RequestHandler.__init__).parameters
+    assert (MAX_LINE, MAX_FIELD, MAX_HEADERS) == tuple(
+        defaults[name].default for name in ("max_line_size", "max_field_size", "max_headers"))
     assert LIMITS.max_line <= 8190 and LIMITS.max_field <= 8190 and LIMITS.max_lines <= 128
     assert HeadLimits.within(100, 200, 10) == HeadLimits(100, 200, 10, LIMITS.max_head)
     line = "X-A: " + "b" * (LIMITS.max_field - 5)  # at the bound: aiohttp takes it too
