@@ -222,3 +222,32 @@ async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     while not cond():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+NOT_OURS: dict[str, bytes] = {
+    "header line over aiohttp's limit": head(extra=("X-A: " + "b" * 9000,)),
+    "too many headers": head(extra=tuple(f"X-{i}: v" for i in range(130))),
+    "duplicate Content-Length": head(length=5, extra=("Content-Length: 6",)) + b"abcdef",
+    "signed Content-Length": head(length=None, extra=("Content-Length: +5",)) + b"abcde",
+    "Content-Length and Transfer-Encoding": head(
+        length=5, extra=("Transfer-Encoding: chunked",)) + b"0\r\n\r\n",
+    "chunked": head(length=None, extra=("Transfer-Encoding: chunked",)) + b"0\r\n\r\n",
+    "obs-fold": head(extra=("X-A: b", " c")),
+    "NUL in a value": head(extra=("X-A: b\x00c",)),
+    "space before the colon": head(length=None, extra=("Content-Length : 5",)),
+    "HTTP/1.1 without Host": head().replace(b"Host: 127.0.0.1\r\n", b""),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_OURS))
+async def test_odd_channel_requests_are_aiohttps_to_answer(
+        env: Env, served: collections.Counter[str], case: str) -> None:
+    """Smuggling shapes and oversized heads never reach the front: aiohttp (or, for what it
+    accepts, the handler through aiohttp) answers 400 and closes, as before the front."""
+    conn = await Conn.open(env.port)
+    conn.send(NOT_OURS[case])
+    status, _headers, _body = await conn.response()
+    assert " 400 " in status
+    assert await conn.closed()
+    conn.close()
+    assert served["front"] == 0
