@@ -2,8 +2,10 @@
 
 ``ProxyServer`` owns the configuration, the authenticator, the VC registry and the
 listeners; the rooms it uses are in ``rpcproxy.http``: ``wire`` (the bytes we write
-ourselves), ``aiohttp_glue`` (every touch of aiohttp's internals and the guard on
-unauthenticated connections), ``vc_io`` (a VC's channel and backend I/O), ``registry``
+ourselves), ``front`` and ``request_head`` (channel requests parsed and answered without
+aiohttp's request path; ``handle`` takes a ``front.ChannelRequest``, which a
+``web.Request`` is too), ``aiohttp_glue`` (every touch of aiohttp's internals and the guard
+on unauthenticated connections), ``vc_io`` (a VC's channel and backend I/O), ``registry``
 (open VCs, the GC freeze) and ``handoff`` (channels that belong to a sibling worker).
 
 Per request (``handle``):

@@ -251,3 +251,40 @@ async def test_odd_channel_requests_are_aiohttps_to_answer(
     assert await conn.closed()
     conn.close()
     assert served["front"] == 0
+
+
+async def test_a_dribbled_head_is_bounded() -> None:
+    """Closed at keepalive_timeout (= handshake_timeout), as aiohttp closes it."""
+    e = await make_env(handshake_timeout=0.5)
+    try:
+        conn = await Conn.open(e.port)
+        started = asyncio.get_running_loop().time()
+        conn.send(b"RPC_IN_DATA /rpc/rpcproxy.dll?srv:6001 HTTP/1.1\r\n")
+        while not conn.reader.at_eof():
+            conn.send(b"X-A: b\r\n")
+            assert asyncio.get_running_loop().time() - started < 3.0
+            try:
+                await asyncio.wait_for(conn.reader.read(1), 0.1)
+            except TimeoutError:
+                pass
+        assert asyncio.get_running_loop().time() - started > 0.4
+        conn.close()
+    finally:
+        await e.server.stop()
+        await e.backend.stop()
+
+
+async def test_server_stop_closes_front_connections() -> None:
+    e = await make_env()
+    idle, partial = await Conn.open(e.port), await Conn.open(e.port)
+    try:
+        idle.send(head(extra=(f"Authorization: {ALICE}",)))
+        assert (await idle.response())[0] == "HTTP/1.1 200 Success"
+        partial.send(b"RPC_IN_DATA /rpc/rpcproxy.dll?srv:6001 HTTP/1.1\r\nHost: a\r\n")
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(e.server.stop(), TIMEOUT)
+        assert await idle.closed() and await partial.closed()
+    finally:
+        idle.close()
+        partial.close()
+        await e.backend.stop()
