@@ -2,8 +2,10 @@
 
 ``ProxyServer`` owns the configuration, the authenticator, the VC registry and the
 listeners; the rooms it uses are in ``rpcproxy.http``: ``wire`` (the bytes we write
-ourselves), ``aiohttp_glue`` (every touch of aiohttp's internals and the guard on
-unauthenticated connections), ``vc_io`` (a VC's channel and backend I/O), ``registry``
+ourselves), ``front`` and ``request_head`` (channel requests parsed and answered without
+aiohttp's request path; ``handle`` takes a ``front.ChannelRequest``, which a
+``web.Request`` is too), ``aiohttp_glue`` (every touch of aiohttp's internals and the guard
+on unauthenticated connections), ``vc_io`` (a VC's channel and backend I/O), ``registry``
 (open VCs, the GC freeze) and ``handoff`` (channels that belong to a sibling worker).
 
 Per request (``handle``):
@@ -68,6 +70,7 @@ from rpcproxy.http.aiohttp_glue import (
 )
 from rpcproxy.http.aiohttp_glue import peer_of as _peer
 from rpcproxy.http.aiohttp_glue import source_of as _source
+from rpcproxy.http.front import ChannelRequest
 from rpcproxy.http.handoff import Handoff, WorkerSet
 from rpcproxy.http.registry import VcRegistry, tune_gc
 from rpcproxy.http.vc_io import BackendConnect, ChannelProtocol, VcRuntime
@@ -113,6 +116,7 @@ class ProxyServer:
         self.guard = ConnectionGuard(config.max_unauthenticated_connections,
                                      config.handshake_timeout)
         self.guard.on_refused = self.refuse
+        self.guard.front_handler = self.handle  # channel requests: rpcproxy.http.front
         self.refusals = RefusalLog()
         self._follow_bounds(config)
         self._refusal_timer: asyncio.TimerHandle | None = None
@@ -269,7 +273,7 @@ class ProxyServer:
         if due is not None and self._refusal_timer is None:
             self._refusal_timer = loop.call_at(due + 0.001, self._flush_refusals)
 
-    def refuse_request(self, reason: Refusal, request: web.Request, detail: str) -> None:
+    def refuse_request(self, reason: Refusal, request: ChannelRequest, detail: str) -> None:
         """``refuse`` for a request's client (Autodiscover's too)."""
         self.refuse(reason, _source(request), _peer(request), detail)
 
@@ -287,7 +291,7 @@ class ProxyServer:
 
     # ---- request handling ---------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: ChannelRequest) -> web.StreamResponse:
         method = request.method
         if method == RPC_CONNECT:
             return web.Response(
@@ -311,7 +315,7 @@ class ProxyServer:
             resp.force_close()
             return resp
 
-    async def _handle_rpc(self, request: web.Request) -> web.StreamResponse:
+    async def _handle_rpc(self, request: ChannelRequest) -> web.StreamResponse:
         method = request.method
         identity_or_response = await self._authenticate(request)
         if isinstance(identity_or_response, web.StreamResponse):
@@ -341,11 +345,11 @@ class ProxyServer:
                                  f"{method} user={identity.principal}: {exc.reason}")
             return rpc_error_response(exc)
 
-    def auth_source(self, request: web.Request) -> str | None:
+    def auth_source(self, request: ChannelRequest) -> str | None:
         """What a request's authentication counts against per source (None: exempt)."""
         return None if host_of(request) in self.guard.exempt else _source(request)
 
-    async def judge_login(self, request: web.Request, what: str = "") -> AuthOutcome:
+    async def judge_login(self, request: ChannelRequest, what: str = "") -> AuthOutcome:
         """The request's Authorization judged (over TLS or not, counted per source), timed and
         counted in the metrics; a refusal (unavailable, denied) goes to the refusal log as
         ``<what>authentication ...: reason``. Channel requests and Autodiscover are judged here."""
@@ -367,7 +371,7 @@ class ProxyServer:
                                 f"{what}authentication failed: {outcome.reason}")
         return outcome
 
-    async def _authenticate(self, request: web.Request) -> Identity | web.StreamResponse:
+    async def _authenticate(self, request: ChannelRequest) -> Identity | web.StreamResponse:
         outcome = await self.judge_login(request)
         if isinstance(outcome, Authenticated):
             self.guard.authenticated(request.protocol)
@@ -386,14 +390,14 @@ class ProxyServer:
             await request.content.read(length)
         return resp
 
-    async def _echo(self, request: web.Request, length: int) -> web.Response:
+    async def _echo(self, request: ChannelRequest, length: int) -> web.Response:
         if length:
             await request.content.readexactly(length)
         resp = web.Response(status=200, reason="Success", body=rts.ECHO,
                             content_type="application/rpc")
         return resp
 
-    async def _read_opening_pdu(self, request: web.Request, method: channels.Method,
+    async def _read_opening_pdu(self, request: ChannelRequest, method: channels.Method,
                                 length: int) -> channels.Opening:
         """The channel's first RTS PDU, within ``handshake_timeout``, judged by the core.
 
@@ -417,7 +421,7 @@ class ProxyServer:
                 f"no RTS PDU within {timeout:g}s of the channel request") from None
         return channels.judge_opening(method, length, head + rest)
 
-    async def _channel(self, request: web.Request, identity: Identity, target: Target,
+    async def _channel(self, request: ChannelRequest, identity: Identity, target: Target,
                        endpoint: Endpoint, length: int) -> web.StreamResponse:
         """Open an IN or OUT channel (the core judges it), hand its transport over, serve it."""
         method = channels.Method(request.method)

@@ -1,14 +1,18 @@
 """Every touch of aiohttp's internals, and the guard on connections that have not authenticated.
 
-aiohttp serves the HTTP part of a channel (request line, headers, authentication, the
-first RTS PDU); rpcproxy then takes the connection's transport away from it. What that
-needs from aiohttp beyond its public API lives here and nowhere else:
+aiohttp (or, for a channel request, rpcproxy.http.front) serves the HTTP part of a channel
+(request line, headers, authentication, the first RTS PDU); rpcproxy then takes the
+connection's transport away from it. What that needs from aiohttp beyond its public API
+lives here and nowhere else:
 
 * the request parser swap at import (``HttpRequestParserPy``: llhttp rejects the
   RPC_IN_DATA / RPC_OUT_DATA methods);
 * a ``RequestHandler`` subclass made with ``web.Server._kwargs``, so that every accepted
   connection is counted by ``ConnectionGuard`` and a client's malformed request is one
   refusal, not a traceback;
+* the front: the handler starts each connection as a ``rpcproxy.http.front.FrontConnection``
+  (channel requests parsed and answered by rpcproxy itself) and becomes aiohttp's own at its
+  first request that is not ours;
 * the hand-over: ``take_over`` drains what aiohttp buffered, gives the transport to a
   ``ChannelProtocol`` and fakes ``connection_lost`` so that aiohttp frees the request.
 
@@ -29,10 +33,13 @@ from typing import Any, cast
 
 import aiohttp.http_exceptions
 import aiohttp.http_parser
+import aiohttp.tcp_helpers
 import aiohttp.web_protocol
 from aiohttp import web
 
 from rpcproxy import proxyproto
+from rpcproxy.http.front import ChannelHandler, ChannelRequest, FrontConnection
+from rpcproxy.http.request_head import HeadLimits
 from rpcproxy.http.vc_io import ChannelProtocol
 from rpcproxy.proxyproto import ProxyHeader, ProxyHeaderError
 from rpcproxy.ratelimit import Exemptions, Refusal, source_key
@@ -81,6 +88,9 @@ class ConnectionGuard:
         self.handshakes: dict[asyncio.BaseProtocol,
                               tuple[asyncio.Task[None], socket.socket, Refusal]] = {}
         self.on_lost: Callable[[object], None] | None = None
+        # Serves the channel requests of a connection before aiohttp (rpcproxy.http.front);
+        # None: aiohttp serves every request.
+        self.front_handler: ChannelHandler | None = None
         self.on_refused: Callable[[Refusal, str, str, str], None] | None = None
 
     def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
@@ -88,23 +98,85 @@ class ConnectionGuard:
         guard = self
         loop = asyncio.get_running_loop()
         kwargs = server._kwargs  # what web.Server.__call__ passes to its RequestHandler
+        limits: list[HeadLimits] = []  # the front's, within this server's aiohttp limits
 
         class GuardedRequestHandler(aiohttp.web_protocol.RequestHandler):
-            __slots__ = ("__weakref__", "admitted", "peer")
+            """aiohttp's handler, counted by the guard; it starts as a ``FrontConnection``
+            (``rpcproxy.http.front``) when the guard has a ``front_handler``, and becomes
+            aiohttp's own at the connection's first request that is not ours."""
+
+            __slots__ = ("__weakref__", "admitted", "front", "peer")
 
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                super().connection_made(transport)
+                handler = guard.front_handler
+                if handler is None:
+                    self.front = None
+                    super().connection_made(transport)
+                else:
+                    tr = cast(asyncio.Transport, transport)
+                    aiohttp.tcp_helpers.tcp_nodelay(tr, True)
+                    if self._tcp_keepalive:
+                        aiohttp.tcp_helpers.tcp_keepalive(tr)
+                    self.transport = tr
+                    if self._manager is not None:  # server shutdown reaches it (shutdown)
+                        self._manager.connection_made(self, tr)
+                    if not limits:  # (the same for every handler of this server)
+                        limits.append(HeadLimits.within(self.max_line_size, self.max_field_size,
+                                                        self.max_headers))
+                    self.front = FrontConnection(self, tr, handler, limits[0],
+                                                 self._keepalive_timeout, self._to_aiohttp)
                 if not getattr(self, "peer", None):  # (set already from a PROXY header)
                     self.peer = peer_name(transport)  # still known once the transport is gone
                 if not getattr(self, "admitted", False):
                     self.admitted = True
                     guard.admit(self, transport)
 
+            def _to_aiohttp(self, data: bytes, keepalive_at: float) -> None:
+                """The front met a request that is not ours: aiohttp has the connection
+                from here, with the bytes buffered so far and the same keep-alive deadline."""
+                transport = self.transport
+                self.front = None
+                if transport is None or transport.is_closing():
+                    return
+                super().connection_made(transport)
+                if self._keepalive_handle is not None and keepalive_at:
+                    self._keepalive_handle.cancel()
+                    self._next_keepalive_close_time = keepalive_at
+                    self._keepalive_handle = loop.call_at(keepalive_at, self._process_keepalive)
+                if data:
+                    super().data_received(data)
+
+            def data_received(self, data: bytes) -> None:
+                front = self.front
+                if front is not None:
+                    front.data_received(data)
+                else:
+                    super().data_received(data)
+
             def connection_lost(self, exc: BaseException | None) -> None:
-                super().connection_lost(exc)
+                front = self.front
+                if front is not None:
+                    front.connection_lost(exc)
+                    self.transport = None
+                    if self._manager is not None:
+                        self._manager.connection_lost(self, exc)
+                else:
+                    super().connection_lost(exc)
                 guard.lost(self)
                 if guard.on_lost is not None:
                     guard.on_lost(self)
+
+            def close(self) -> None:
+                if self.front is not None:
+                    self.front.close()
+                else:
+                    super().close()
+
+            async def shutdown(self, timeout: float | None = 15.0) -> None:
+                if self.front is not None:
+                    await self.front.shutdown(timeout)
+                else:
+                    await super().shutdown(timeout)
 
             def log_exception(self, *args: Any, **kw: Any) -> None:
                 exc = kw.get("exc_info")
@@ -113,7 +185,9 @@ class ConnectionGuard:
                 super().log_exception(*args, **kw)
 
         def make() -> asyncio.Protocol:
-            return GuardedRequestHandler(server, loop=loop, **kwargs)
+            handler = GuardedRequestHandler(server, loop=loop, **kwargs)
+            handler.front = None
+            return handler
 
         return make
 
@@ -465,7 +539,7 @@ class _NoSocket:
 # ---- the hand-over of a request's transport ----------------------------------------------
 
 
-def drain_body(request: web.Request) -> bytes:
+def drain_body(request: ChannelRequest) -> bytes:
     """The body bytes aiohttp has already buffered past what we read."""
     leftover = b""
     while True:
@@ -479,7 +553,7 @@ def drain_body(request: web.Request) -> bytes:
     return leftover
 
 
-def detach_aiohttp(request: web.Request, protocol: asyncio.BaseProtocol) -> None:
+def detach_aiohttp(request: ChannelRequest, protocol: asyncio.BaseProtocol) -> None:
     """Give the request's transport to ``protocol`` and make aiohttp forget it.
 
     Without a transport aiohttp can neither write to nor close it, and
@@ -493,7 +567,7 @@ def detach_aiohttp(request: web.Request, protocol: asyncio.BaseProtocol) -> None
     http_protocol.connection_lost(None)
 
 
-def take_over(request: web.Request, kind: str, body_left: int) -> tuple[ChannelProtocol, bytes]:
+def take_over(request: ChannelRequest, kind: str, body_left: int) -> tuple[ChannelProtocol, bytes]:
     """Switch the request's transport to a ChannelProtocol (see its docstring)."""
     transport = request.transport
     assert transport is not None
@@ -553,7 +627,7 @@ def _host_of_peer(peer: str) -> str:
     return peer.rpartition(":")[0] or peer
 
 
-def host_of(request: web.Request) -> str:
+def host_of(request: ChannelRequest) -> str:
     return _host_of_peer(peer_of(request))
 
 
@@ -562,7 +636,7 @@ def source_of_peer(peer: str) -> str:
     return source_key(_host_of_peer(peer))
 
 
-def source_of(request: web.Request) -> str:
+def source_of(request: ChannelRequest) -> str:
     """The key per-source bounds count the request's client against."""
     return source_of_peer(peer_of(request))
 
@@ -574,7 +648,7 @@ def peer_name(transport: asyncio.BaseTransport | None) -> str:
     return "?"
 
 
-def peer_of(request: web.Request) -> str:
+def peer_of(request: ChannelRequest) -> str:
     """host:port of the request's client (remembered by the protocol, so also after a loss)."""
     known = getattr(request.protocol, "peer", None)
     return known if isinstance(known, str) else peer_name(request.transport)

@@ -37,11 +37,10 @@ import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from aiohttp import web
-
 from ntlm.verifier import Identity
 from rpcproxy.errors import RPC_S_SERVER_TOO_BUSY, ProtocolError, RpcProxyError
 from rpcproxy.http.aiohttp_glue import detach_aiohttp, drain_body, peer_of
+from rpcproxy.http.front import ChannelRequest
 from rpcproxy.http.vc_io import ChannelProtocol
 from rpcproxy.http.wire import RPC_IN_DATA, raw_error_response
 from rpcproxy.rpch import channels
@@ -188,7 +187,7 @@ class WorkerSet:
 # ---- the sending worker ---------------------------------------------------------------------
 
 
-async def hand_off(workers: WorkerSet, request: web.Request, opening: channels.Opening,
+async def hand_off(workers: WorkerSet, request: ChannelRequest, opening: channels.Opening,
                    identity: Identity, target: Target, endpoint: Endpoint) -> str | None:
     """Give a channel whose VC belongs to another worker to that worker; the reason if that
     failed (the client then has its 503 and the connection is closed)."""
@@ -238,7 +237,7 @@ async def hand_off(workers: WorkerSet, request: web.Request, opening: channels.O
     return None
 
 
-def _refuse_hand_off(request: web.Request, transport: asyncio.Transport, why: str) -> str:
+def _refuse_hand_off(request: ChannelRequest, transport: asyncio.Transport, why: str) -> str:
     """The channel cannot reach its owner: the client gets a 503 (server too busy, so it
     retries) and the connection is closed. Returns the reason, for the caller's log."""
     detach_aiohttp(request, _Discard())

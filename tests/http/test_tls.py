@@ -416,7 +416,7 @@ async def test_client_gone_before_its_basic_login_is_not_a_refusal_without_tls(
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         tls = client_context(pair, "1.3").wrap_socket(raw, server_hostname="localhost")
         tls.sendall(b"RPC_OUT_DATA /rpc/rpcproxy.dll?srv:6001 HTTP/1.1\r\nHost: x\r\n"
-                    b"Content-Length: 76\r\nAuthorization: Basic YWxpY2U6d3Jvbmc=\r\n\r\n")
+                    b"Content-Length: 76\r\nAuthorization: Basic YWxpY2U6cHctYWxpY2U=\r\n\r\n")
         tls.unwrap()
         raw.close()
 
