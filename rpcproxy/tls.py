@@ -16,12 +16,14 @@ its first transport before a byte is read; each connection then gets one
   one ``data_received``. A TLS close_notify, or a TCP end without it, is
   ``eof_received``. ``pause_reading`` stops watching the socket;
 * writing: ``write`` hands the plaintext to OpenSSL, which encrypts and sends it record by
-  record. When the socket is full, OpenSSL wants the same write again once it is
-  writable (it keeps the records it made): that write is kept, later ones queue behind it,
-  and the queue drives the application's ``pause_writing`` / ``resume_writing`` at the
-  write buffer limits;
-* ``close`` sends close_notify once the queue is written and closes the socket;
-  ``abort`` closes it at once. ``connection_lost`` reaches the application exactly once.
+  record, ``WRITE_CHUNK`` at a time. When the socket is full, OpenSSL wants the same write
+  again once it is writable (it keeps the records it made): that chunk is kept, the rest
+  and later writes queue behind it, and the queue drives the application's
+  ``pause_writing`` / ``resume_writing`` at the write buffer limits;
+* ``close`` sends close_notify once the queue is written (or aborts after
+  ``CLOSE_TIMEOUT`` if the client never reads it) and closes the socket; ``abort`` closes
+  it at once. ``connection_lost`` reaches the application exactly once. A callback of the
+  application that raises is logged and the connection aborted, as asyncio's transports do.
 
 Why the socket and not memory BIOs (``ssl.MemoryBIO``, as the event loop's TLS transports
 use): a memory BIO keeps the largest burst it ever held, so a channel that once carried a
@@ -49,6 +51,9 @@ READ_BATCH = 256 * 1024  # plaintext taken per readable event before other conne
 READ_RECORDS = 64  # and records: a client sending tiny records gets no more loop time
 HIGH_WATER = 64 * 1024  # write queue limits (as asyncio's transports default to)
 LOW_WATER = 16 * 1024
+WRITE_CHUNK = 64 * 1024  # plaintext given to OpenSSL at a time: what waits there is bounded
+CLOSE_TIMEOUT = 30.0  # a close whose queue the client never reads ends in an abort (asyncio's
+# TLS transports: ssl_shutdown_timeout)
 
 
 class TlsConnection(asyncio.Transport):
@@ -57,7 +62,8 @@ class TlsConnection(asyncio.Transport):
     __slots__ = ("_loop", "_ctx", "_factory", "_sock", "_fd", "_app", "_timer",
                  "_handshake_timeout", "_peername", "_sockname", "_state", "_reading",
                  "_reader_on", "_writer_on", "_pending", "_queue", "_queued", "_paused",
-                 "_high", "_low", "_read_wants_write", "_lost_called", "_closing")
+                 "_high", "_low", "_read_wants_write", "_write_wants_read", "_lost_called",
+                 "_closing", "_close_timer")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext,
                  app_factory: Callable[[], asyncio.BaseProtocol],
@@ -81,8 +87,10 @@ class TlsConnection(asyncio.Transport):
         self._reading = True
         self._reader_on = False
         self._writer_on = False
-        self._read_wants_write = False
+        self._read_wants_write = False  # SSL_read must be called again once writable
+        self._write_wants_read = False  # the kept write must be given again once readable
         self._lost_called = False
+        self._close_timer: asyncio.TimerHandle | None = None
         self._pending: bytes | memoryview | None = None  # the write OpenSSL must be given again
         self._queue: list[bytes] = []  # writes behind it
         self._queued = 0
@@ -135,8 +143,11 @@ class TlsConnection(asyncio.Transport):
     def _on_readable(self) -> None:
         if self._factory is not None:
             self._handshake()
-        else:
-            self._read()
+            return
+        if self._write_wants_read:
+            self._write_wants_read = False
+            self._flush()
+        self._read()
 
     def _on_writable(self) -> None:
         if self._factory is not None:
@@ -144,6 +155,7 @@ class TlsConnection(asyncio.Transport):
             return
         if self._read_wants_write:
             self._read_wants_write = False
+            self._watch_reading(self._reading and not self._closing)
             self._read()
         if self._sock is not None:
             self._flush()
@@ -164,8 +176,10 @@ class TlsConnection(asyncio.Transport):
             sock.do_handshake()
         except ssl.SSLWantReadError:
             self._watch_writing(False)
+            self._watch_reading(True)
             return
         except ssl.SSLWantWriteError:
+            self._watch_reading(False)  # (a readable socket would only wake us for nothing)
             self._watch_writing(True)
             return
         except (ssl.SSLError, OSError, ValueError) as exc:
@@ -174,14 +188,19 @@ class TlsConnection(asyncio.Transport):
             self.abort()
             return
         self._watch_writing(False)
+        self._watch_reading(True)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         factory, self._factory = self._factory, None
         assert factory is not None
-        app = factory()
-        self._app = app  # type: ignore[assignment]
-        app.connection_made(self)
+        try:
+            app = factory()
+            self._app = app  # type: ignore[assignment]
+            app.connection_made(self)
+        except Exception:  # noqa: BLE001 - our bug, not the client's: said, and closed
+            self._app_failed("connection_made")
+            return
         if self._sock is not None and self._reading:
             self._read()  # application data that came with the client's Finished
 
@@ -189,7 +208,7 @@ class TlsConnection(asyncio.Transport):
 
     def _read(self) -> None:
         sock = self._sock
-        if sock is None or not self._reading:
+        if sock is None or not self._reading or self._closing or self._read_wants_write:
             return
         chunks: list[bytes] = []
         size = 0
@@ -208,6 +227,7 @@ class TlsConnection(asyncio.Transport):
             pass
         except ssl.SSLWantWriteError:  # e.g. answering a KeyUpdate into a full socket
             self._read_wants_write = True
+            self._watch_reading(False)
             self._watch_writing(True)
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             eof = True
@@ -225,13 +245,34 @@ class TlsConnection(asyncio.Transport):
                 and self._sock is not None and self._reading):
             self._loop.call_soon(self._read)  # more may sit inside OpenSSL: go on soon
         if eof and self._sock is not None:
-            app = self._app
-            if app is None or not app.eof_received():
-                self.close()
+            self._eof()
+
+    def _eof(self) -> None:
+        """The client's end of data: TLS has no half-close, so the connection closes whatever
+        the application's ``eof_received`` answers."""
+        self._watch_reading(False)
+        app = self._app
+        if app is not None:
+            try:
+                app.eof_received()
+            except Exception:  # noqa: BLE001
+                self._app_failed("eof_received")
+                return
+        self.close()
 
     def _deliver(self, chunks: list[bytes]) -> None:
-        if chunks and self._app is not None:
-            self._app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if chunks and self._app is not None and not self._closing:
+            try:
+                self._app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            except Exception:  # noqa: BLE001
+                self._app_failed("data_received")
+
+    def _app_failed(self, what: str) -> None:
+        """The application raised from a callback: our defect, logged with its traceback;
+        the connection is aborted (as asyncio's transports do) instead of left half-alive."""
+        log.exception("TLS connection from %s: the application's %s failed; closed",
+                      self._peer(), what)
+        self.abort()
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -243,12 +284,26 @@ class TlsConnection(asyncio.Transport):
             self._queued += len(data)
             self._check_high()
             return
-        self._send(data)
+        self._send_all(data)
 
     def writelines(self, list_of_data: Any) -> None:
         chunks = list(list_of_data)
         if chunks:
             self.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _send_all(self, data: bytes | bytearray | memoryview) -> bool:
+        """Give ``data`` to OpenSSL ``WRITE_CHUNK`` at a time; False if the socket filled up:
+        the chunk it refused is kept (``_pending``) and the rest queued behind it."""
+        view = memoryview(data)
+        for pos in range(0, len(view), WRITE_CHUNK):
+            if not self._send(view[pos:pos + WRITE_CHUNK]):
+                rest = view[pos + WRITE_CHUNK:]
+                if len(rest) and self._sock is not None:  # (None: it was aborted)
+                    self._queue.insert(0, bytes(rest))
+                    self._queued += len(rest)
+                    self._check_high()
+                return False
+        return True
 
     def _send(self, data: bytes | bytearray | memoryview) -> bool:
         """Give ``data`` to OpenSSL; False if it must be given again (socket full)."""
@@ -261,9 +316,11 @@ class TlsConnection(asyncio.Transport):
             self._watch_writing(True)
             self._check_high()
             return False
-        except ssl.SSLWantReadError:  # (no renegotiation: not expected, treated alike)
+        except ssl.SSLWantReadError:  # (no renegotiation: not expected) again once readable
             self._pending = data if isinstance(data, bytes) else bytes(data)
-            self._watch_writing(True)
+            self._write_wants_read = True
+            self._watch_reading(True)
+            self._check_high()
             return False
         except ssl.SSLError as exc:
             self.tls_failed("write to", _reason(exc))
@@ -275,17 +332,21 @@ class TlsConnection(asyncio.Transport):
         return True
 
     def _flush(self) -> None:
-        """The socket is writable: the kept write again, then the queue."""
+        """The socket is writable (or readable, if OpenSSL asked): the kept write again,
+        then the queue."""
         while self._sock is not None:
-            data = self._pending
-            if data is None:
-                if not self._queue:
-                    break
-                data = self._queue[0] if len(self._queue) == 1 else b"".join(self._queue)
-                self._queue.clear()
-                self._queued = 0
-            self._pending = None
-            if not self._send(data):
+            pending = self._pending
+            if pending is not None:
+                self._pending = None
+                if not self._send(pending):
+                    return
+                continue
+            if not self._queue:
+                break
+            data = self._queue[0] if len(self._queue) == 1 else b"".join(self._queue)
+            self._queue.clear()
+            self._queued = 0
+            if not self._send_all(data):
                 return
         if self._sock is None:
             return
@@ -301,12 +362,18 @@ class TlsConnection(asyncio.Transport):
     def _check_high(self) -> None:
         if not self._paused and self._buffered() > self._high and self._app is not None:
             self._paused = True
-            self._app.pause_writing()
+            try:
+                self._app.pause_writing()
+            except Exception:  # noqa: BLE001
+                self._app_failed("pause_writing")
 
     def _check_low(self) -> None:
         if self._paused and self._buffered() <= self._low and self._app is not None:
             self._paused = False
-            self._app.resume_writing()
+            try:
+                self._app.resume_writing()
+            except Exception:  # noqa: BLE001
+                self._app_failed("resume_writing")
 
     def can_write_eof(self) -> bool:
         return False
@@ -315,8 +382,13 @@ class TlsConnection(asyncio.Transport):
         raise NotImplementedError("TLS has no half-close")
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._high = HIGH_WATER if high is None else high
-        self._low = (self._high // 4 if high is not None else LOW_WATER) if low is None else low
+        if high is None:
+            high = HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
         self._check_high()
 
     def get_write_buffer_size(self) -> int:
@@ -334,7 +406,8 @@ class TlsConnection(asyncio.Transport):
         self._watch_reading(False)
         if self._pending is None:
             self._finish_close()
-        # else: _flush finishes it once the queue is written
+        else:  # _flush finishes it once the queue is written, or this timer does not
+            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self.abort)
 
     def _finish_close(self) -> None:
         sock = self._sock
@@ -352,9 +425,10 @@ class TlsConnection(asyncio.Transport):
     def _lose(self, exc: Exception | None) -> None:
         """Close the socket now; the application hears of it once, soon."""
         self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._close_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._close_timer = None
         sock, self._sock = self._sock, None
         if sock is None:
             return
@@ -376,7 +450,11 @@ class TlsConnection(asyncio.Transport):
         app, self._app = self._app, None
         if app is not None and not self._lost_called:
             self._lost_called = True
-            app.connection_lost(exc)
+            try:
+                app.connection_lost(exc)
+            except Exception:  # noqa: BLE001 - our defect: said with its traceback
+                log.exception("TLS connection from %s: the application's connection_lost "
+                              "failed", self._peer())
 
     def is_closing(self) -> bool:
         return self._closing

@@ -284,9 +284,11 @@ class ConnectionGuard:
 
         try:
             conn = GuardedTls(sock, ctx, handshake_done, backstop)
-        except (OSError, ValueError):  # the client left before it could be wrapped
-            self.lost(handler)
+        except (OSError, ValueError) as exc:  # the client left before it could be wrapped
             sock.close()
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            # (tls_gave_up also forgets the entry a PROXY header's wait left)
+            self.tls_gave_up(handler, Refusal.TLS_FAILED, f"TLS handshake failed: {why}")
             return
         # Late: the guard ends it like a loop TLS handshake (cancel = abort).
         self.handshakes[handler] = (cast("asyncio.Task[None]", _Abort(conn)),

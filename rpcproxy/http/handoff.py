@@ -215,6 +215,8 @@ async def hand_off(workers: WorkerSet, request: ChannelRequest, opening: channel
         transport.abort()
         return None
     # TLS: keep the TLS connection here and relay its plaintext over a socketpair.
+    if transport.is_closing():  # the client left while its request was being judged
+        raise ConnectionResetError("the client closed the connection before its hand-off")
     try:
         ours, theirs = socket.socketpair()
     except OSError as exc:  # e.g. out of descriptors (EMFILE)
@@ -231,8 +233,16 @@ async def hand_off(workers: WorkerSet, request: ChannelRequest, opening: channel
     client_side, pair_side = _Relay(), _Relay()
     client_side.transport = transport
     client_side.peer, pair_side.peer = pair_side, client_side
-    await loop.connect_accepted_socket(lambda: pair_side, ours)
-    detach_aiohttp(request, client_side)
+    detach_aiohttp(request, client_side)  # before the await: a client leaving reaches the relay
+    try:
+        await loop.connect_accepted_socket(lambda: pair_side, ours)
+    except OSError as exc:
+        ours.close()
+        transport.close()
+        return f"relay socket: {exc.strerror or exc}"
+    if client_side.lost and pair_side.transport is not None:  # it left during the await
+        pair_side.transport.close()
+        return None
     transport.resume_reading()
     return None
 
@@ -257,6 +267,7 @@ class _Relay(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: _Relay | None = None
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -269,6 +280,7 @@ class _Relay(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
             peer.transport.close()

@@ -9,7 +9,7 @@ import ssl
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -149,6 +149,47 @@ def test_tls_transport_setting_checked() -> None:
         config_mod.load(None, {"tls_transport": "fast"})
 
 
+class _Listener:
+    """One loopback listening socket whose accepted connections get a TlsConnection."""
+
+    def __init__(self, pair: certs.CreatedCertificate) -> None:
+        self.ctx = certs.server_ssl_context(str(pair.cert_path), str(pair.key_path))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.setblocking(False)
+        self.address = self.sock.getsockname()
+
+    async def accept(self, make: Any, sndbuf: int | None = None) -> TlsConnection:
+        sock, _ = await asyncio.get_running_loop().sock_accept(self.sock)
+        if sndbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        return TlsConnection(sock, self.ctx, make, 5.0)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Lost(asyncio.Protocol):
+    """Notes connection_lost; ``on_made`` / ``on_data`` run at those callbacks."""
+
+    def __init__(self, on_made: Any = None, on_data: Any = None) -> None:
+        self.on_made, self.on_data = on_made, on_data
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.on_made is not None:
+            self.on_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.on_data is not None:
+            self.on_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
 class _Writer(asyncio.Protocol):
     """Writes ``total`` bytes of a counting pattern as fast as it is let, noting flow control."""
 
@@ -187,34 +228,22 @@ async def test_lean_transport_write_flow_control(pair: certs.CreatedCertificate)
     """A client that does not read: the lean transport's writes wait in its queue (OpenSSL is
     given the same write again once the socket drains), the application is paused above the
     high-water mark and resumed below it, and every byte arrives in order."""
-    ctx = certs.server_ssl_context(str(pair.cert_path), str(pair.key_path))
     total = 8 * 1024 * 1024
     apps: list[_Writer] = []
-    conns: list[TlsConnection] = []
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen()
-    lsock.setblocking(False)
-    loop = asyncio.get_running_loop()
 
-    async def accept() -> None:
-        sock, _ = await loop.sock_accept(lsock)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+    def make() -> asyncio.BaseProtocol:
+        apps.append(_Writer(total))
+        return apps[-1]
 
-        def make() -> asyncio.BaseProtocol:
-            apps.append(_Writer(total))
-            return apps[-1]
-
-        conns.append(TlsConnection(sock, ctx, make, 5.0))
-
-    acceptor = asyncio.create_task(accept())
+    listener = _Listener(pair)
+    accepted = asyncio.create_task(listener.accept(make, sndbuf=32768))
     csock = socket.socket()
     csock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
-    csock.connect(lsock.getsockname())
+    csock.connect(listener.address)
     csock.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=csock, ssl=client_context(pair, "1.3"),
                                                    server_hostname="localhost")
-    await acceptor
+    conns = [await accepted]
     try:
         for _ in range(100):  # the client reads nothing until the server stays paused
             await asyncio.sleep(0.02)
@@ -236,7 +265,7 @@ async def test_lean_transport_write_flow_control(pair: certs.CreatedCertificate)
         writer.close()
         for conn in conns:
             conn.abort()
-        lsock.close()
+        listener.close()
 
 
 async def test_bad_record_after_handshake_is_one_refusal(
@@ -297,26 +326,20 @@ async def test_lean_transport_key_update_and_close_notify(pair: certs.CreatedCer
     """TLS 1.3 KeyUpdate from the client, with an update requested back (as long-lived
     Windows clients send): the channel goes on in both directions; the client's close_notify
     is the application's end of data (a real client: openssl s_client)."""
-    ctx = certs.server_ssl_context(str(pair.cert_path), str(pair.key_path))
     apps: list[_Echo] = []
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen()
-    lsock.setblocking(False)
-    loop = asyncio.get_running_loop()
+
+    def make() -> asyncio.BaseProtocol:
+        apps.append(_Echo())
+        return apps[-1]
+
+    listener = _Listener(pair)
     conns: list[TlsConnection] = []
 
     async def accept() -> None:
-        sock, _ = await loop.sock_accept(lsock)
-
-        def make() -> asyncio.BaseProtocol:
-            apps.append(_Echo())
-            return apps[-1]
-
-        conns.append(TlsConnection(sock, ctx, make, 5.0))
+        conns.append(await listener.accept(make))
 
     acceptor = asyncio.create_task(accept())
-    port = lsock.getsockname()[1]
+    port = listener.address[1]
     proc = await asyncio.create_subprocess_exec(
         "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-brief",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -347,7 +370,7 @@ async def test_lean_transport_key_update_and_close_notify(pair: certs.CreatedCer
             await proc.wait()
         for conn in conns:
             conn.abort()
-        lsock.close()
+        listener.close()
 
 
 async def test_lean_transport_tiny_records_share_the_loop(pair: certs.CreatedCertificate) -> None:
@@ -355,22 +378,17 @@ async def test_lean_transport_tiny_records_share_the_loop(pair: certs.CreatedCer
     READ_RECORDS of them before other connections get the loop; every byte arrives."""
     from rpcproxy.tls import READ_RECORDS
 
-    ctx = certs.server_ssl_context(str(pair.cert_path), str(pair.key_path))
     deliveries: list[bytes] = []
 
     class Count(asyncio.Protocol):
         def data_received(self, data: bytes) -> None:
             deliveries.append(data)
 
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen()
-    lsock.setblocking(False)
-    loop = asyncio.get_running_loop()
+    listener = _Listener(pair)
     count = 1000
 
     def client() -> None:  # TLS over memory BIOs, so that all the records leave in one send
-        raw = socket.create_connection(lsock.getsockname(), timeout=10)
+        raw = socket.create_connection(listener.address, timeout=10)
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = client_context(pair, "1.3").wrap_bio(incoming, outgoing,
                                                    server_hostname="localhost")
@@ -389,8 +407,7 @@ async def test_lean_transport_tiny_records_share_the_loop(pair: certs.CreatedCer
         raw.close()
 
     worker = asyncio.create_task(asyncio.to_thread(client))
-    sock, _ = await loop.sock_accept(lsock)
-    conn = TlsConnection(sock, ctx, Count, 5.0)
+    conn = await listener.accept(Count)
     try:
         for _ in range(250):
             if sum(map(len, deliveries)) >= count:
@@ -401,7 +418,7 @@ async def test_lean_transport_tiny_records_share_the_loop(pair: certs.CreatedCer
     finally:
         conn.abort()
         await asyncio.wait_for(worker, 10)
-        lsock.close()
+        listener.close()
 
 
 async def test_client_gone_before_its_basic_login_is_not_a_refusal_without_tls(
@@ -435,3 +452,97 @@ async def test_client_gone_before_its_basic_login_is_not_a_refusal_without_tls(
         assert all(rec.exc_info is None for rec in caplog.records)
     finally:
         await server.stop()
+
+
+async def test_lean_transport_close_gives_up_on_a_client_that_never_reads(
+        pair: certs.CreatedCertificate, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``close`` with megabytes queued for a client that never reads: after CLOSE_TIMEOUT
+    the connection is aborted (descriptor, OpenSSL state and queue freed) instead of held."""
+    from rpcproxy import tls as tls_mod
+
+    monkeypatch.setattr(tls_mod, "CLOSE_TIMEOUT", 0.5)
+
+    def write_and_close(transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(b"x" * (4 << 20))
+        transport.close()
+
+    app = _Lost(on_made=write_and_close)
+    listener = _Listener(pair)
+    csock = socket.socket()
+    csock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    csock.connect(listener.address)
+    csock.setblocking(False)
+    accepted = asyncio.create_task(listener.accept(lambda: app, sndbuf=32768))
+    _, writer = await asyncio.open_connection(sock=csock, ssl=client_context(pair, "1.3"),
+                                              server_hostname="localhost")
+    conn = await accepted
+    try:
+        cast(asyncio.Transport, writer.transport).pause_reading()  # the client reads no more
+        assert await asyncio.wait_for(app.lost, 10) is None
+        assert conn.is_closing() and conn.get_extra_info("socket") is None
+        assert conn.get_write_buffer_size() == 0
+    finally:
+        writer.transport.abort()
+        conn.abort()
+        listener.close()
+
+
+async def test_lean_transport_application_failure_aborts(
+        pair: certs.CreatedCertificate, caplog: pytest.LogCaptureFixture) -> None:
+    """An application callback that raises (our defect, never the client's input alone):
+    logged with its traceback, and the connection aborted, not left half-alive."""
+    def boom(data: bytes) -> None:
+        raise RuntimeError("a defect in the application")
+
+    app = _Lost(on_data=boom)
+    listener = _Listener(pair)
+    accepted = asyncio.create_task(listener.accept(lambda: app))
+    reader, writer = await asyncio.open_connection(
+        *listener.address, ssl=client_context(pair, "1.3"), server_hostname="localhost")
+    conn = await accepted
+    try:
+        with caplog.at_level(logging.ERROR, logger="rpcproxy"):
+            writer.write(b"hello")
+            assert await asyncio.wait_for(app.lost, 10) is None
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        (rec,) = [r for r in caplog.records if "data_received failed" in r.getMessage()]
+        assert rec.exc_info is not None and conn.is_closing()
+    finally:
+        writer.close()
+        conn.abort()
+        listener.close()
+
+
+async def test_lean_tls_wrap_failure_forgets_the_connection(
+        pair: certs.CreatedCertificate) -> None:
+    """A socket that cannot be wrapped (the client reset it while a PROXY header was
+    awaited): the guard forgets the connection and its handshake entry, and counts it."""
+    from rpcproxy.http.aiohttp_glue import ConnectionGuard
+    from rpcproxy.ratelimit import Refusal
+
+    guard = ConnectionGuard(10, 5.0)
+    refused: list[Refusal] = []
+    guard.on_refused = lambda reason, *rest: refused.append(reason)
+    class Handler(asyncio.Protocol):  # (the guard keeps weak references to handlers)
+        pass
+
+    handler = Handler()
+    raw = socket.socket()
+    raw.bind(("127.0.0.1", 0))
+
+    class Accepted(asyncio.Transport):
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ("127.0.0.1", 4242) if name == "peername" else default
+
+        def close(self) -> None:
+            pass
+
+    assert guard.admit(handler, Accepted())
+    waiting: Any = asyncio.get_running_loop().create_future()  # the header's wait, done
+    guard.handshakes[handler] = (waiting, raw, Refusal.PROXY_HEADER)
+    raw.close()  # gone: wrapping it fails
+    guard.lean_tls(handler, raw, certs.server_ssl_context(str(pair.cert_path),
+                                                          str(pair.key_path)))
+    assert not guard.pending and not guard.handshakes and not guard.per_source
+    assert guard.tls_failed == 1 and refused == [Refusal.TLS_FAILED]

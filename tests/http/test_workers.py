@@ -14,8 +14,10 @@ import dataclasses
 import hashlib
 import logging
 import os
+import socket
 import ssl
 import struct
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -201,7 +203,6 @@ async def test_tls_hand_off_out_of_descriptors_is_a_503(
     descriptors (no socketpair for the relay): the client gets a 503 (server too busy) and
     the proxy one refusal line naming the reason, not a traceback."""
     import errno
-    import socket
 
     def no_pair(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.EMFILE, "Too many open files")
@@ -225,6 +226,57 @@ async def test_tls_hand_off_out_of_descriptors_is_a_503(
             server._flush_refusals(final=True)
         assert all(rec.exc_info is None for rec in caplog.records), caplog.text
         assert "Too many open files" in caplog.text and "hand-off" in caplog.text
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_tls_client_leaving_with_its_first_pdu_is_not_handed_off(
+        backend: EchoBackend, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A TLS channel whose first RTS PDU arrives together with the client's close_notify and
+    FIN, for a VC the other worker owns: it is not handed off (no channel adopted for a
+    client that is gone) and the proxy says client_disconnected once, with no traceback."""
+    a, b, _ = await make_tls_pair(backend, tmp_path)
+    pa = a.bound[0][1]  # type: ignore[attr-defined]
+    cookie = next(c for c in iter(lambda: os.urandom(16), b"") if owner_of(c, 2) == 1)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+
+    def client() -> None:  # TLS over memory BIOs: the PDU and close_notify in one send
+        raw = socket.create_connection(("127.0.0.1", pa), timeout=10)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname="proxy.example.com")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                incoming.write(raw.recv(65536))
+        tls.write(f"RPC_OUT_DATA /rpc/rpcproxy.dll?srv:6001 HTTP/1.1\r\nHost: x\r\n"
+                  f"Content-Length: 76\r\nAuthorization: {ALICE}\r\n\r\n".encode())
+        raw.sendall(outgoing.read())
+        time.sleep(0.3)  # the request is judged; the proxy waits for the first PDU
+        tls.write(rts.conn_a1(cookie, os.urandom(16), 0x40000))
+        try:
+            tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        raw.sendall(outgoing.read())
+        raw.shutdown(socket.SHUT_WR)
+        time.sleep(0.3)
+        raw.close()
+
+    try:
+        caplog.set_level(logging.INFO, logger="rpcproxy")
+        await asyncio.wait_for(asyncio.to_thread(client), 20)
+        await asyncio.sleep(0.5)
+        a._flush_refusals(final=True)
+        assert all(rec.exc_info is None for rec in caplog.records), caplog.text
+        assert "Error handling request" not in caplog.text
+        assert b.workers is not None and b.workers.received == 0
+        assert a.metrics.refused["client_disconnected"] == 1, a.metrics.refused
     finally:
         await a.stop()
         await b.stop()
