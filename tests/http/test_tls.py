@@ -18,6 +18,7 @@ from rpcproxy import config as config_mod
 from rpcproxy.http.vc_io import ChannelProtocol
 from rpcproxy.server import ProxyServer
 from rpcproxy.tls import TlsConnection
+from tests.support.bio_tls import BioTlsClient
 from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
 from tests.support.rpch_raw import open_vc
 
@@ -387,24 +388,11 @@ async def test_lean_transport_tiny_records_share_the_loop(pair: certs.CreatedCer
     listener = _Listener(pair)
     count = 1000
 
-    def client() -> None:  # TLS over memory BIOs, so that all the records leave in one send
-        raw = socket.create_connection(listener.address, timeout=10)
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = client_context(pair, "1.3").wrap_bio(incoming, outgoing,
-                                                   server_hostname="localhost")
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                raw.sendall(outgoing.read())
-                incoming.write(raw.recv(65536))
-        raw.sendall(outgoing.read())
-        for i in range(count):  # one record each
-            tls.write(bytes([i % 256]))
-        raw.sendall(outgoing.read())
-        raw.recv(1)  # until the server closes
-        raw.close()
+    def client() -> None:  # every record leaves in one send
+        c = BioTlsClient(listener.address, client_context(pair, "1.3"), "localhost")
+        c.raw.sendall(c.records(*(bytes([i % 256]) for i in range(count))))
+        c.raw.recv(1)  # until the server closes
+        c.raw.close()
 
     worker = asyncio.create_task(asyncio.to_thread(client))
     conn = await listener.accept(Count)

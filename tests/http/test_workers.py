@@ -30,6 +30,7 @@ from rpcproxy.http.handoff import Handoff, WorkerSet, owner_of
 from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
 from rpcproxy.workers import make_inboxes
+from tests.support.bio_tls import BioTlsClient
 from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
 from tests.support.rpch_raw import RawChannel, open_vc
 
@@ -243,30 +244,17 @@ async def test_tls_client_leaving_with_its_first_pdu_is_not_handed_off(
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
 
-    def client() -> None:  # TLS over memory BIOs: the PDU and close_notify in one send
-        raw = socket.create_connection(("127.0.0.1", pa), timeout=10)
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = ctx.wrap_bio(incoming, outgoing, server_hostname="proxy.example.com")
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                raw.sendall(outgoing.read())
-                incoming.write(raw.recv(65536))
-        tls.write(f"RPC_OUT_DATA /rpc/rpcproxy.dll?srv:6001 HTTP/1.1\r\nHost: x\r\n"
-                  f"Content-Length: 76\r\nAuthorization: {ALICE}\r\n\r\n".encode())
-        raw.sendall(outgoing.read())
+    def client() -> None:  # the PDU and close_notify in one send
+        c = BioTlsClient(("127.0.0.1", pa), ctx, "proxy.example.com")
+        c.raw.sendall(c.records(
+            f"RPC_OUT_DATA /rpc/rpcproxy.dll?srv:6001 HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: 76\r\nAuthorization: {ALICE}\r\n\r\n".encode()))
         time.sleep(0.3)  # the request is judged; the proxy waits for the first PDU
-        tls.write(rts.conn_a1(cookie, os.urandom(16), 0x40000))
-        try:
-            tls.unwrap()
-        except ssl.SSLWantReadError:
-            pass
-        raw.sendall(outgoing.read())
-        raw.shutdown(socket.SHUT_WR)
+        c.raw.sendall(c.records(rts.conn_a1(cookie, os.urandom(16), 0x40000))
+                      + c.close_notify())
+        c.raw.shutdown(socket.SHUT_WR)
         time.sleep(0.3)
-        raw.close()
+        c.raw.close()
 
     try:
         caplog.set_level(logging.INFO, logger="rpcproxy")
