@@ -166,6 +166,16 @@ class ConnectionGuard:
                 if guard.on_lost is not None:
                     guard.on_lost(self)
 
+            def pause_writing(self) -> None:
+                super().pause_writing()
+                if self.front is not None:
+                    self.front.pause_writing()
+
+            def resume_writing(self) -> None:
+                super().resume_writing()
+                if self.front is not None:
+                    self.front.resume_writing()
+
             def close(self) -> None:
                 if self.front is not None:
                     self.front.close()
@@ -570,9 +580,11 @@ def detach_aiohttp(request: ChannelRequest, protocol: asyncio.BaseProtocol) -> N
 
 
 def take_over(request: ChannelRequest, kind: str, body_left: int) -> tuple[ChannelProtocol, bytes]:
-    """Switch the request's transport to a ChannelProtocol (see its docstring)."""
+    """Switch the request's transport to a ChannelProtocol (see its docstring);
+    ConnectionResetError if the client has already left (its transport is gone)."""
     transport = request.transport
-    assert transport is not None
+    if transport is None:
+        raise ConnectionResetError("the client closed the connection")
     leftover = drain_body(request)
     channel = ChannelProtocol(kind, transport, body_left, "?")
     detach_aiohttp(request, channel)

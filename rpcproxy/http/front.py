@@ -161,7 +161,10 @@ class Body:
 
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes as soon as any are there (all of the body if ``n < 0``);
-        b"" at its end."""
+        b"" at its end. Once the connection is lost every read raises, buffered bytes or
+        not (as aiohttp's reader does)."""
+        if self._exc is not None:
+            raise self._exc
         if n < 0:
             while not self._eof:
                 await self._wait()
@@ -173,6 +176,8 @@ class Body:
         return self._take(n)
 
     async def readexactly(self, n: int) -> bytes:
+        if self._exc is not None:
+            raise self._exc
         while len(self._buffer) < n and not self._eof:
             await self._wait()
         if len(self._buffer) < n:
@@ -227,9 +232,10 @@ class FrontRequest:
 class FrontConnection:
     """Serves a connection's channel requests until its first request that is not ours."""
 
-    __slots__ = ("_keepalive_at", "_keepalive_handle", "_loop", "_paused", "buffer", "closed",
-                 "closing", "fall_back", "handler", "keepalive_timeout", "limits", "owner",
-                 "request", "task", "transport")
+    __slots__ = ("_drained", "_keepalive_at", "_keepalive_handle", "_loop", "_paused",
+                 "_scanned", "_write_paused", "buffer", "closed", "closing", "fall_back",
+                 "handler", "keepalive_timeout", "limits", "owner", "request", "task",
+                 "transport")
 
     def __init__(self, owner: RequestHandler, transport: asyncio.Transport,
                  handler: ChannelHandler, limits: HeadLimits, keepalive_timeout: float,
@@ -246,6 +252,9 @@ class FrontConnection:
         self.closed = False  # lost, closing, or given to aiohttp or to a channel
         self.closing = False  # close once the request under way is answered
         self._paused = False
+        self._write_paused = False  # the transport's write buffer is over its high-water mark
+        self._drained: asyncio.Future[None] | None = None  # an answer waits for resume_writing
+        self._scanned = 0  # bytes of ``buffer`` the parser has seen without a whole head
         self._loop = asyncio.get_running_loop()
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._keepalive_at = 0.0
@@ -268,9 +277,22 @@ class FrontConnection:
         self.buffer += data
         self._next_request()
 
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drained()
+
+    def _wake_drained(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
     def connection_lost(self, exc: BaseException | None) -> None:
         """The connection ended, or its transport was given to a channel (``exc`` None)."""
         self.closed = True
+        self._wake_drained()
         self._stop_keepalive()
         request = self.request
         if request is not None:
@@ -301,9 +323,11 @@ class FrontConnection:
         if self.closing:
             self._close_transport()
             return
-        result = parse(self.buffer, self.limits)
+        result = parse(self.buffer, self.limits, self._scanned)
         if result is Verdict.NEED_MORE:
+            self._scanned = len(self.buffer)  # the next bytes are looked at from here
             return
+        self._scanned = 0
         if isinstance(result, Verdict):  # NOT_OURS: aiohttp serves the connection from here
             self.closed = True
             self._stop_keepalive()
@@ -345,6 +369,13 @@ class FrontConnection:
         if not keep_alive or not request.content.is_eof() or self.closing:
             self._close_transport()  # (an unread body: aiohttp's lingering_time=0)
             return
+        if self._write_paused:  # a client that does not read its answers: no more requests
+            # until it does (meanwhile what it sends stays bounded by _flow, the request
+            # being still under way), as aiohttp's writer drains
+            self._drained = self._loop.create_future()
+            await self._drained
+            if self.closed:
+                return
         self.request = None
         if self.keepalive_timeout > 0:
             self._keepalive_at = self._loop.time() + self.keepalive_timeout

@@ -192,7 +192,8 @@ async def hand_off(workers: WorkerSet, request: ChannelRequest, opening: channel
     """Give a channel whose VC belongs to another worker to that worker; the reason if that
     failed (the client then has its 503 and the connection is closed)."""
     transport = request.transport
-    assert transport is not None
+    if transport is None:  # the client left while its request was being judged
+        raise ConnectionResetError("the client closed the connection before its hand-off")
     transport.pause_reading()
     leftover = drain_body(request)
     owner = workers.owner(opening.vc_cookie)

@@ -49,6 +49,7 @@ _REFUSED_NAMES = frozenset({"transfer-encoding", "content-encoding", "upgrade",
 _CONNECTION_TOKENS = frozenset({"keep-alive", "close"})
 _CRLF = b"\r\n"
 _END = b"\r\n\r\n"
+_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # (a CR that ends the data may still be)
 
 
 class Verdict(enum.Enum):
@@ -86,11 +87,16 @@ class RequestHead:
     size: int  # bytes the head took, the empty line that ends it included
 
 
-def parse(data: bytes | bytearray, limits: HeadLimits) -> RequestHead | Verdict:
-    """The channel request head at the start of ``data``, or what to do (module docstring)."""
-    end = data.find(_END, 0, limits.max_head)
+def parse(data: bytes | bytearray, limits: HeadLimits,
+          scanned: int = 0) -> RequestHead | Verdict:
+    """The channel request head at the start of ``data``, or what to do (module docstring).
+
+    ``scanned``: how many bytes of ``data`` an earlier call saw and answered NEED_MORE for;
+    only what follows is searched again, so a head that arrives a byte at a time costs
+    linear time, not quadratic."""
+    end = data.find(_END, max(0, scanned - 3), limits.max_head)
     if end < 0:
-        return _incomplete(data, limits)
+        return _incomplete(data, limits, scanned)
     head = bytes(data[:end])
     lines = head.split(_CRLF)
     if len(lines) + 1 > limits.max_lines:
@@ -151,16 +157,18 @@ def parse(data: bytes | bytearray, limits: HeadLimits) -> RequestHead | Verdict:
                        tuple(headers), content_length, keep_alive, end + len(_END))
 
 
-def _incomplete(data: bytes | bytearray, limits: HeadLimits) -> Verdict:
-    """No end of head yet: NEED_MORE only while this can still become one of ours."""
+def _incomplete(data: bytes | bytearray, limits: HeadLimits, scanned: int) -> Verdict:
+    """No end of head yet: NEED_MORE only while this can still become one of ours (the
+    bytes before ``scanned`` were judged so already)."""
     if len(data) >= limits.max_head:
         return Verdict.NOT_OURS
     start = bytes(data[:13])  # "RPC_OUT_DATA " is the longest method and its space
     if not any((m + b" ").startswith(start) or start.startswith(m + b" ") for m in METHODS):
         return Verdict.NOT_OURS
-    crlf = data.count(_CRLF)
-    if data.count(b"\n") != crlf or data.rstrip(b"\r").count(b"\r") != crlf:
+    bare = _BARE_CR_OR_LF.search(data, max(0, scanned - 1))
+    if bare is not None and not (bare.group() == b"\r" and bare.end() == len(data)):
         return Verdict.NOT_OURS  # a bare LF or CR: never ours, whatever follows
-    if not crlf and len(data) > limits.max_line:
-        return Verdict.NOT_OURS
+    if (len(data) > limits.max_line and scanned <= limits.max_line + 2
+            and data.find(_CRLF, 0, limits.max_line + 2) < 0):
+        return Verdict.NOT_OURS  # the request line is too long already (judged once)
     return Verdict.NEED_MORE

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 
 from rpcproxy import config as config_mod
 from rpcproxy.http import front
+from rpcproxy.rpch import rts
 from rpcproxy.server import ProxyServer
 from tests.support.fakes import EchoBackend, TableAuthenticator, basic, request_pdu
 from tests.support.proxy_env import Env
@@ -288,3 +291,72 @@ async def test_server_stop_closes_front_connections() -> None:
         idle.close()
         partial.close()
         await e.backend.stop()
+
+
+async def test_a_client_that_does_not_read_its_answers_is_not_served_more(
+        env: Env, served: collections.Counter[str]) -> None:
+    """Pipelined requests from a client that never reads the answers: once the answers fill
+    the connection's write buffer, the front serves no more and stops reading (as aiohttp's
+    writer drains), so one connection cannot make the proxy buffer without bound."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", env.port))
+    await _until(lambda: len(env.server.guard.pending) == 1)
+    (handler,) = env.server.guard.pending  # the one connection, not yet authenticated
+    transport = handler.transport  # type: ignore[attr-defined]
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.setblocking(False)
+    one = head(length=0)  # unauthenticated: a 401 each, at once
+    burst = one * 1000
+    sent = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3
+    try:
+        while loop.time() < deadline and sent < 40 * len(burst):
+            try:
+                sent += sock.send(burst)
+            except BlockingIOError:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        asked = sent // len(one)
+        assert asked > 5000, asked  # the client did pipeline a lot
+        assert served["front"] < 3000, (served, asked)  # answered only as far as it reads
+        assert transport.get_write_buffer_size() < 1 << 20
+    finally:
+        sock.close()
+
+
+class _SlowAuthenticator(TableAuthenticator):
+    """Judges like TableAuthenticator, 0.2 s late (as while waiting for an NTLM helper)."""
+
+    async def authenticate(self, *args: Any, **kw: Any) -> Any:
+        await asyncio.sleep(0.2)
+        return await super().authenticate(*args, **kw)
+
+
+@pytest.mark.parametrize("method", ["RPC_IN_DATA", "RPC_OUT_DATA"])
+async def test_client_gone_while_judged_with_its_first_pdu_sent(
+        method: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The head and the first RTS PDU in one write, then the client leaves while its login is
+    judged: one client_disconnected line, counted, no traceback (the buffered PDU must not be
+    read as if the connection were still there)."""
+    backend = await EchoBackend().start()
+    cfg = {"listen": "127.0.0.1:0", "backend": backend.endpoint, "targets": ["srv:6001"],
+           "basic_over_http": True}
+    server = ProxyServer(config_mod.load(None, cfg), authenticator=_SlowAuthenticator())
+    port = (await server.start())[0][1]
+    try:
+        pdu = (rts.conn_b1(os.urandom(16), os.urandom(16), os.urandom(16))
+               if method == "RPC_IN_DATA" else rts.conn_a1(os.urandom(16), os.urandom(16),
+                                                            0x40000))
+        conn = await Conn.open(port)
+        conn.send(head(method, length=GIB if method == "RPC_IN_DATA" else 76,
+                       extra=(f"Authorization: {ALICE}",)) + pdu)
+        await asyncio.sleep(0.05)  # being judged
+        conn.close()
+        await _until(lambda: server.metrics.refused["client_disconnected"] >= 1)
+        assert not [r for r in caplog.records if r.exc_info], caplog.text
+        assert "Error handling request" not in caplog.text
+    finally:
+        await server.stop()
+        await backend.stop()
