@@ -134,8 +134,7 @@ class Body:
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _wake(waiter)
 
     async def _wait(self) -> None:
         if self._exc is not None:
@@ -286,8 +285,7 @@ class FrontConnection:
 
     def _wake_drained(self) -> None:
         drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_result(None)
+        _wake(drained)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """The connection ended, or its transport was given to a channel (``exc`` None)."""
@@ -420,6 +418,12 @@ class FrontConnection:
         self._stop_keepalive()
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    """Let whoever awaits ``waiter`` go on (if anyone still does)."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 def _error(status: int, reason: str) -> web.Response:
