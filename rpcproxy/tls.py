@@ -60,7 +60,7 @@ class TlsConnection(asyncio.Transport):
     """One server-side TLS connection on its own socket (see the module docstring)."""
 
     __slots__ = ("_loop", "_ctx", "_factory", "_sock", "_fd", "_app", "_timer",
-                 "_handshake_timeout", "_peername", "_sockname", "_state", "_reading",
+                 "_handshake_timeout", "_peername", "_sockname", "_reading",
                  "_reader_on", "_writer_on", "_pending", "_queue", "_queued", "_paused",
                  "_high", "_low", "_read_wants_write", "_write_wants_read", "_lost_called",
                  "_closing", "_close_timer")
@@ -91,7 +91,7 @@ class TlsConnection(asyncio.Transport):
         self._write_wants_read = False  # the kept write must be given again once readable
         self._lost_called = False
         self._close_timer: asyncio.TimerHandle | None = None
-        self._pending: bytes | memoryview | None = None  # the write OpenSSL must be given again
+        self._pending: bytes | None = None  # the write OpenSSL must be given again
         self._queue: list[bytes] = []  # writes behind it
         self._queued = 0
         self._paused = False
@@ -100,10 +100,10 @@ class TlsConnection(asyncio.Transport):
             handshake_timeout, self._handshake_expired)
         self._watch_reading(True)  # the ClientHello wakes _handshake
 
-    def closed(self) -> None:
-        """The socket was closed (handshake done or not): a hook for the owner."""
+    # ---- reports and hooks (the guard overrides them) ------------------------------------
 
-    # ---- reports (the guard overrides them) ----------------------------------------------
+    def closed(self) -> None:
+        """The socket was closed (handshake done or not)."""
 
     def _peer(self) -> str:
         peer = self._peername
@@ -311,15 +311,13 @@ class TlsConnection(asyncio.Transport):
         assert sock is not None
         try:
             sock.send(data)  # all of it, or nothing yet (no partial writes)
-        except ssl.SSLWantWriteError:
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
             self._pending = data if isinstance(data, bytes) else bytes(data)
-            self._watch_writing(True)
-            self._check_high()
-            return False
-        except ssl.SSLWantReadError:  # (no renegotiation: not expected) again once readable
-            self._pending = data if isinstance(data, bytes) else bytes(data)
-            self._write_wants_read = True
-            self._watch_reading(True)
+            if isinstance(exc, ssl.SSLWantReadError):  # (no renegotiation: not expected)
+                self._write_wants_read = True  # again once readable
+                self._watch_reading(True)
+            else:
+                self._watch_writing(True)
             self._check_high()
             return False
         except ssl.SSLError as exc:
@@ -433,10 +431,7 @@ class TlsConnection(asyncio.Transport):
         if sock is None:
             return
         self._watch_reading(False)
-        if self._writer_on:
-            self._loop.remove_writer(self._fd)
-            self._writer_on = False
-        self._reader_on = False
+        self._watch_writing(False)
         self._pending = None
         self._queue.clear()
         self._queued = 0
