@@ -279,10 +279,8 @@ class ConnectionGuard:
                 guard.tls_gave_up(handler, Refusal.TLS_FAILED, f"TLS handshake failed: {reason}")
 
             def tls_failed(self, what: str, reason: str) -> None:
-                peer = getattr(handler, "peer", None) or self._peer()
-                if guard.on_refused is not None:  # one aggregated line, rate-limited
-                    guard.on_refused(Refusal.TLS_ERROR, source_of_peer(peer), peer,
-                                     f"TLS {what} the client: {reason}")
+                guard.refuse_peer(Refusal.TLS_ERROR, getattr(handler, "peer", None) or self._peer(),
+                                  f"TLS {what} the client: {reason}")
 
             def closed(self) -> None:
                 guard.handshakes.pop(handler, None)
@@ -472,10 +470,13 @@ class ConnectionGuard:
             detail = f"client went away mid-request ({type(exc).__name__})"
         else:
             return False
-        peer = getattr(protocol, "peer", None) or "?"
+        self.refuse_peer(reason, getattr(protocol, "peer", None) or "?", detail)
+        return True
+
+    def refuse_peer(self, reason: Refusal, peer: str, detail: str) -> None:
+        """One refusal of the client named ``host:port`` (aggregated, rate-limited)."""
         if self.on_refused is not None:
             self.on_refused(reason, source_of_peer(peer), peer, detail)
-        return True
 
     def _remove(self, protocol: asyncio.BaseProtocol) -> bool:
         entry = self.pending.pop(protocol, None)
