@@ -85,7 +85,10 @@ async def _serve(args: argparse.Namespace, *, workers: Any = None,
     waits: list[asyncio.Task[Any]] = [loop.create_task(stop.wait())]
     if workers is not None and workers.heartbeat is not None:
         # As rpcproxy serve's workers do: a worker silent for the stall timeout is killed.
-        waits.append(loop.create_task(_heartbeat(workers.heartbeat, workers.heartbeat_interval)))
+        from rpcproxy.workers import beat_forever
+
+        waits.append(loop.create_task(beat_forever(workers.heartbeat,
+                                                   workers.heartbeat_interval)))
     if workers is None:  # single process: we talk to the bench ourselves
         host, port = bound[0]
         print(f"LISTENING {host} {port}", flush=True)
@@ -102,14 +105,6 @@ async def _serve(args: argparse.Namespace, *, workers: Any = None,
         pass
     if authenticator is not None:
         authenticator.close()
-
-
-async def _heartbeat(sock: socket.socket, interval: float) -> None:
-    from rpcproxy.workers import send_heartbeat
-
-    while True:
-        send_heartbeat(sock)
-        await asyncio.sleep(interval)
 
 
 def _run(coro: Any, loop_name: str) -> None:

@@ -62,7 +62,7 @@ from rpcproxy.prometheus import MetricsListener
 from rpcproxy.server import ProxyServer
 from rpcproxy.targets import parse_endpoint
 from rpcproxy.workers import EXIT_CONFIG as EXIT_CONFIG  # the unit's RestartPreventExitStatus=
-from rpcproxy.workers import send_heartbeat, supervise
+from rpcproxy.workers import beat_forever, supervise
 
 log = logging.getLogger("rpcproxy")
 
@@ -223,7 +223,8 @@ class ProxyProcess:
     async def _serve(self, *, reload_now: bool) -> None:
         try:
             if self.heartbeat is not None:
-                self._tasks.append(asyncio.create_task(self._heartbeat()))
+                self._tasks.append(asyncio.create_task(
+                    beat_forever(self.heartbeat, self.heartbeat_interval)))
             if self.notifier.watchdog_interval:
                 self._tasks.append(asyncio.create_task(
                     self._watchdog(self.notifier.watchdog_interval)))
@@ -238,13 +239,6 @@ class ProxyProcess:
         where = ", ".join(f"{h}:{p}" for h, p in self.bound)
         tls = "TLS" if self.config.tls_cert else "HTTP"
         return f"serving {tls} on {where}; backend {self.config.backend}"
-
-    async def _heartbeat(self) -> None:
-        """Tell the supervisor this worker's loop runs (rpcproxy.workers.WorkerWatch)."""
-        assert self.heartbeat is not None
-        while True:
-            send_heartbeat(self.heartbeat)
-            await asyncio.sleep(self.heartbeat_interval)
 
     async def _watchdog(self, interval: float) -> None:
         while True:

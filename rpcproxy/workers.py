@@ -27,6 +27,7 @@ after ``on_reload`` ran or gets the signal.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import select
@@ -55,6 +56,13 @@ def send_heartbeat(sock: socket.socket) -> None:
         pass
     except OSError:
         pass  # the supervisor is gone: SIGTERM follows or the worker is orphaned anyway
+
+
+async def beat_forever(sock: socket.socket, interval: float) -> None:
+    """A worker's heartbeat task: one beat every ``interval`` seconds while its loop runs."""
+    while True:
+        send_heartbeat(sock)
+        await asyncio.sleep(interval)
 
 
 class WorkerWatch:
