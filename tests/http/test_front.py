@@ -30,11 +30,12 @@ TIMEOUT = 5.0
 ALICE = basic("alice", "pw-alice")
 
 
-async def make_env(**overrides: Any) -> Env:
+async def make_env(authenticator: TableAuthenticator | None = None, **overrides: Any) -> Env:
     backend = await EchoBackend().start()
     cfg: dict[str, Any] = {"listen": "127.0.0.1:0", "backend": backend.endpoint,
                            "targets": ["srv:6001"], "basic_over_http": True, **overrides}
-    server = ProxyServer(config_mod.load(None, cfg), authenticator=TableAuthenticator())
+    server = ProxyServer(config_mod.load(None, cfg),
+                         authenticator=authenticator or TableAuthenticator())
     return Env(server, (await server.start())[0][1], backend)
 
 
@@ -340,23 +341,19 @@ async def test_client_gone_while_judged_with_its_first_pdu_sent(
     """The head and the first RTS PDU in one write, then the client leaves while its login is
     judged: one client_disconnected line, counted, no traceback (the buffered PDU must not be
     read as if the connection were still there)."""
-    backend = await EchoBackend().start()
-    cfg = {"listen": "127.0.0.1:0", "backend": backend.endpoint, "targets": ["srv:6001"],
-           "basic_over_http": True}
-    server = ProxyServer(config_mod.load(None, cfg), authenticator=_SlowAuthenticator())
-    port = (await server.start())[0][1]
+    e = await make_env(_SlowAuthenticator())
     try:
         pdu = (rts.conn_b1(os.urandom(16), os.urandom(16), os.urandom(16))
                if method == "RPC_IN_DATA" else rts.conn_a1(os.urandom(16), os.urandom(16),
                                                             0x40000))
-        conn = await Conn.open(port)
+        conn = await Conn.open(e.port)
         conn.send(head(method, length=GIB if method == "RPC_IN_DATA" else 76,
                        extra=(f"Authorization: {ALICE}",)) + pdu)
         await asyncio.sleep(0.05)  # being judged
         conn.close()
-        await _until(lambda: server.metrics.refused["client_disconnected"] >= 1)
+        await _until(lambda: e.server.metrics.refused["client_disconnected"] >= 1)
         assert not [r for r in caplog.records if r.exc_info], caplog.text
         assert "Error handling request" not in caplog.text
     finally:
-        await server.stop()
-        await backend.stop()
+        await e.server.stop()
+        await e.backend.stop()
