@@ -294,6 +294,8 @@ class TlsConnection(asyncio.Transport):
     def _send_all(self, data: bytes | bytearray | memoryview) -> bool:
         """Give ``data`` to OpenSSL ``WRITE_CHUNK`` at a time; False if the socket filled up:
         the chunk it refused is kept (``_pending``) and the rest queued behind it."""
+        if len(data) <= WRITE_CHUNK:  # (most writes: no slicing, and a refused bytes is kept)
+            return self._send(data)
         view = memoryview(data)
         for pos in range(0, len(view), WRITE_CHUNK):
             if not self._send(view[pos:pos + WRITE_CHUNK]):
