@@ -142,9 +142,8 @@ class ProxyProcess:
             raise StartupError(f"TLS certificate: {exc.reason}", config=True) from None
         except OSError as exc:
             raise _listen_error(config.listen, exc) from None
-        tls = "TLS" if config.tls_cert else "HTTP"
-        for host, port in self.bound:
-            log.info("listening on %s:%d (%s)", host, port, tls)
+        for (host, port), tls in zip(self.bound, self.server.bound_tls, strict=True):
+            log.info("listening on %s:%d (%s)", host, port, "TLS" if tls else "HTTP")
         log.info("backend %s, NTLM judged by %s (up to %d at once), %d target rule(s): %s",
                  config.backend_endpoint(), " ".join(config.ntlm_helper), config.ntlm_helpers,
                  len(self.server.allow_list),

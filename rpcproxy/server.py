@@ -127,6 +127,7 @@ class ProxyServer:
         self.runner: web.AppRunner | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.ssl_context: ssl.SSLContext | None = None
+        self.bound_tls: list[bool] = []  # of each address start() returned: TLS or plain
         self.autodiscover = AutodiscoverService(self)  # /autodiscover/autodiscover.xml
 
     @property
@@ -188,6 +189,7 @@ class ProxyServer:
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
                 bound.append((host, port))
+                self.bound_tls.append(tls)
         if self.workers is not None:
             self.workers.start_receiving(loop, self._on_handoff)
         await self.autodiscover.start()

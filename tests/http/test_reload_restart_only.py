@@ -68,3 +68,21 @@ async def test_respawned_process_with_an_unusable_reloaded_certificate_keeps_its
     assert process.config is base and process.bound
     assert ("respawned after a reload, applying the last configuration that loaded: reload "
             "failed, keeping the running configuration and certificate") in caplog.text
+
+
+async def test_each_listener_is_logged_as_what_it_is(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With TLS on and an ``http_listen`` next to it, start-up names the TLS listener TLS and
+    the plain one HTTP (both used to read TLS)."""
+    certs.create_self_signed("proxy.example.com", tmp_path)
+    cfg = config_mod.load(None, {"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0",
+                                 "backend": "127.0.0.1:9",
+                                 "tls_cert": str(tmp_path / "cert.pem"),
+                                 "tls_key": str(tmp_path / "key.pem")})
+    process = ProxyProcess(cfg, notifier=sdnotify.Notifier(env={}))
+    process.stop_event.set()  # start, then stop at once
+    with caplog.at_level(logging.INFO, logger="rpcproxy"):
+        await process.run()
+    (_, tls_port), (_, plain_port) = process.bound
+    assert f"listening on 127.0.0.1:{tls_port} (TLS)" in caplog.text
+    assert f"listening on 127.0.0.1:{plain_port} (HTTP)" in caplog.text
