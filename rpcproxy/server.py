@@ -86,6 +86,7 @@ from rpcproxy.http.wire import (
 from rpcproxy.metrics import ServerMetrics
 from rpcproxy.ratelimit import Exemptions, Refusal, RefusalLog, unavailable_refusal
 from rpcproxy.rpch import channels, rts
+from rpcproxy.rpch.actions import Action, CloseChannel, VcClosed
 from rpcproxy.rpch.channels import VcSettings
 from rpcproxy.targets import AllowList, Endpoint, Target, parse_endpoint, parse_target_query
 
@@ -477,6 +478,11 @@ class ProxyServer:
         channel.label = rt.label
         actions = rt.vc.open_channel(channel, opening, identity=identity, target=target,
                                      now=rt.now())
+        refused = _refused_alone(actions, channel)
+        if refused is not None:  # e.g. another user's VC cookie: the VC goes on, this is said
+            self.refuse(Refusal.CHANNEL_REFUSED, source_of_peer(peer), peer,
+                        f"{channel.kind} channel user={identity.principal} vc={rt.label}: "
+                        f"{refused.reason}")
         channel.runtime = rt
         rt.execute(actions)
         early, channel._early = channel._early, b""
@@ -493,6 +499,17 @@ class ProxyServer:
             channel, opening = adopted
             self._attach(channel, opening, record.identity(), record.target(),
                          record.endpoint(), record.peer, record.leftover)
+
+
+def _refused_alone(actions: list[Action], channel: ChannelProtocol) -> RpcProxyError | None:
+    """Why the core refused ``channel`` on its own while its VC goes on (None if it did not:
+    a VC that ends says why in its own log line)."""
+    if any(isinstance(a, VcClosed) for a in actions):
+        return None
+    for action in actions:
+        if isinstance(action, CloseChannel) and action.channel is channel and action.error:
+            return action.error
+    return None
 
 
 def _backend_connect(config: Config) -> BackendConnect:

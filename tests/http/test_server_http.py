@@ -310,6 +310,27 @@ async def test_channels_of_different_users_do_not_pair(env: Env) -> None:
     inp.close()
 
 
+async def test_a_channel_with_another_users_cookie_is_one_refusal_line(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """Bob's channel carrying the cookie of Alice's VC: refused alone (Alice's VC goes on)
+    and said in one channel_refused line naming Bob and the VC, so that an admin sees the
+    attempt."""
+    with caplog.at_level("INFO", logger="rpcproxy"):
+        vc = await open_vc(env.port, ALICE)
+        out = await RawChannel.connect(env.port)
+        out.request("RPC_OUT_DATA", PATH, content_length=76, headers={"Authorization": BOB},
+                    body=rts.conn_a1(vc.vc_cookie, os.urandom(16), 0x10000))
+        assert (await out.head()).status == 503
+        env.server._flush_refusals(final=True)
+        vc.inp.send(request_pdu(1, b"still Alice's"))
+        assert (await vc.rpc_pdu())[2] == 2  # her VC goes on
+    lines = [r.getMessage() for r in caplog.records if "channel_refused" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "user=TEST\\bob" in lines[0] and "another user" in lines[0], lines
+    assert env.server.metrics.refused["channel_refused"] == 1
+    vc.close()
+
+
 async def test_pairing_timeout() -> None:
     e = await make_env(setup_timeout=0.3)
     try:
